@@ -1,0 +1,107 @@
+"""Assembles a running meterhub: storage, writer, protocol services, MQTT listeners.
+
+``Hub`` is what ``meterhub serve`` runs and what tests start in-process (``await hub.start()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from typing import Any
+
+from meterhub.config import Settings
+from meterhub.core.auth import GatewayAuthenticator
+from meterhub.logs import get_logger
+from meterhub.mqtt.server import Limits, MQTTServer
+from meterhub.storage.database import GroupCommitWriter, create_db_engine, migrate
+from meterhub.tools.echo import EchoHandler
+
+log = get_logger(__name__)
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_port is None:
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ValueError("tls_port is set but tls_cert / tls_key are not")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return ctx
+
+
+class Hub:
+    """One meterhub process. ``handler`` is ``"protocol"`` (the edge protocol) or ``"echo"``."""
+
+    def __init__(self, settings: Settings, *, handler: str = "protocol") -> None:
+        self.settings = settings
+        self.handler_name = handler
+        self.engine = create_db_engine(
+            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+        )
+        self.writer: GroupCommitWriter | None = None
+        self.mqtt: MQTTServer | None = None
+        self.handler: Any = None
+        self.mqtt_port: int | None = None
+        self.tls_port: int | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(migrate, self.engine)
+        loop = asyncio.get_running_loop()
+        self.writer = GroupCommitWriter(self.engine, loop, batch_max=settings.batch_max)
+        self.writer.start()
+        writer = self.writer
+        authenticator = GatewayAuthenticator(self.engine, healthy=lambda: writer.healthy)
+        limits = Limits.from_settings(settings)
+        if self.handler_name == "echo":
+            self.handler = EchoHandler()
+            self.mqtt = MQTTServer(authenticator, self.handler, limits)
+            self.handler.southbound = self.mqtt
+        else:
+            from meterhub.core.service import ProtocolService
+
+            self.handler = ProtocolService(settings, self.engine, self.writer)
+            self.mqtt = MQTTServer(authenticator, self.handler, limits)
+            await self.handler.start(self.mqtt)
+        self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
+        ctx = make_ssl_context(settings)
+        if ctx is not None and settings.tls_port is not None:
+            self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
+
+    async def stop(self) -> None:
+        if self.mqtt is not None:
+            await self.mqtt.close()
+        if self.handler is not None and hasattr(self.handler, "stop"):
+            await self.handler.stop()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+        self.engine.dispose()
+
+
+async def serve(settings: Settings, *, handler: str = "protocol") -> None:
+    """Run until SIGINT/SIGTERM."""
+    hub = Hub(settings, handler=handler)
+    await hub.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("meterhub running", mqtt_port=hub.mqtt_port, tls_port=hub.tls_port, handler=handler)
+    try:
+        await stop.wait()
+    finally:
+        log.info("meterhub stopping")
+        await hub.stop()
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)

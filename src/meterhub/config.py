@@ -1,0 +1,113 @@
+"""Configuration: defaults < TOML file < environment (``METERHUB_*``) < command-line flags.
+
+A config file is TOML with the settings at top level, for example::
+
+    data_dir = "/var/lib/meterhub"
+    mqtt_port = 21883
+    tls_cert = "/etc/meterhub/cert.pem"
+    tls_key = "/etc/meterhub/key.pem"
+
+Every setting can also be given as an environment variable, e.g. ``METERHUB_MQTT_PORT=1884``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    """All of meterhub's settings, with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="METERHUB_", extra="forbid")
+
+    data_dir: Path = Field(Path("./data"), description="Directory for the SQLite database and state.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/meterhub.db"
+    )
+    sqlite_synchronous: str = Field("FULL", description="SQLite synchronous pragma: FULL or NORMAL.")
+
+    mqtt_host: str = "0.0.0.0"
+    mqtt_port: int = 21883
+    tls_port: int | None = Field(None, description="Second listener with TLS; None = no TLS listener.")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+
+    # MQTT protection limits
+    max_packet_size: int = 64 * 1024
+    max_inflight: int = Field(
+        32, description="Outbound QoS 1/2 messages awaiting acknowledgement per client."
+    )
+    max_pending_inbound: int = Field(
+        256, description="Inbound QoS>0 messages being processed per client before reading pauses."
+    )
+    max_queued: int = Field(1000, description="Messages queued per client (offline or slow); oldest dropped.")
+    write_buffer_high: int = Field(
+        256 * 1024, description="Socket write buffer above which a client is paused."
+    )
+    slow_client_timeout: float = Field(
+        60.0, description="Seconds a client may stay above the high-water mark."
+    )
+    connect_timeout: float = 10.0
+    max_client_id_length: int = 128
+    max_topic_length: int = 256
+    max_connections: int = 100_000
+    keepalive_max: int = Field(3600, description="Largest keep-alive accepted (seconds); 0 = unlimited.")
+
+    # Protocol behaviour
+    default_model: str | None = Field(
+        "smart-meter", description="Model for products not registered; None refuses unknown products."
+    )
+    models_dir: Path | None = None
+    command_timeout: float = 10.0
+    presence_timeout: float = Field(180.0, description="Seconds of silence after which a device is offline.")
+    dedupe_window: int = Field(100_000, description="Recent (gateway, request_id) answers remembered.")
+    batch_max: int = Field(2000, description="Most operations per storage commit.")
+
+    log_level: str = "INFO"
+    log_format: str = Field("console", description="console or json")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _CONFIG_FILE.get("path")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'meterhub.db').resolve()}"
+
+
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from file, environment and explicit overrides (``None`` overrides are ignored)."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _CONFIG_FILE["path"] = None

@@ -1,0 +1,332 @@
+"""Database access: engine set-up, migrations, and the group-commit writer.
+
+Callers never see SQL dialects: :class:`Database` picks SQLite or PostgreSQL flavours of the few
+statements that differ (upserts), and everything else is SQLAlchemy Core.
+
+Writes on the message hot path go through :class:`GroupCommitWriter`: a thread that takes every
+operation queued since its last commit, applies them in one transaction, commits, and only then
+tells the callers (in the event loop) that their data is durable. Many reports share one fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, create_engine, event, insert, update
+from sqlalchemy.engine import Connection
+
+from meterhub.logs import get_logger
+from meterhub.storage import schema
+
+log = get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+class StorageError(Exception):
+    """The database could not do what was asked (unavailable, full, locked)."""
+
+
+def create_db_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
+    """Create an engine; for SQLite, turn on WAL and the chosen durability level."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+        sync_mode = sqlite_synchronous.upper()
+        if sync_mode not in {"FULL", "NORMAL", "EXTRA"}:
+            raise ValueError(f"sqlite_synchronous must be FULL, NORMAL or EXTRA, not {sqlite_synchronous!r}")
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={sync_mode}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+    )
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema up to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def upsert(
+    conn: Connection,
+    table: Any,
+    keys: Sequence[str],
+    rows: list[dict[str, Any]],
+    update_cols: Sequence[str],
+    where_newer: str | None = None,
+) -> None:
+    """INSERT ... ON CONFLICT DO UPDATE for SQLite and PostgreSQL alike.
+
+    ``where_newer`` names a column: the row is only updated when the new value of that column is not
+    older than the stored one (so buffered, older reports do not overwrite the latest state).
+    """
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(table)
+    set_ = {c: stmt.excluded[c] for c in update_cols}
+    where = None
+    if where_newer is not None:
+        where = table.c[where_newer] <= stmt.excluded[where_newer]
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=set_, where=where)
+    conn.execute(stmt, rows)
+
+
+def insert_ignore(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """INSERT that silently skips rows violating a unique constraint (QoS 1 redeliveries)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    conn.execute(dialect_insert(table).on_conflict_do_nothing(), rows)
+
+
+# --- operations the writer understands -------------------------------------------------------------
+# Each kind is applied in this order within a batch, so a device sync in the same batch as its first
+# report is written first. Within a kind, submission order is kept.
+
+
+def _apply_devices(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    # Syncs are rare and each carries its own set of fields: fields a sync leaves out are kept.
+    for row in rows:
+        cols = [k for k in row if k not in {"cid", "first_seen", "online"}]
+        upsert(conn, schema.devices, ["cid"], [row], cols)
+
+
+def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    conn.execute(insert(schema.device_rebinds), rows)
+
+
+def _apply_reports(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    insert_ignore(conn, schema.reports, rows)
+
+
+def _apply_latest(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    upsert(conn, schema.latest, ["cid", "dp_id"], rows, ["value", "num", "t", "received_at"], where_newer="t")
+
+
+def _apply_presence(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    conn.execute(insert(schema.presence), rows)
+    for row in rows:
+        conn.execute(
+            update(schema.devices).where(schema.devices.c.cid == row["cid"]).values(online=row["online"])
+        )
+
+
+def _apply_device_seen(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    latest_by_cid: dict[str, float] = {}
+    for row in rows:
+        latest_by_cid[row["cid"]] = max(row["last_seen"], latest_by_cid.get(row["cid"], 0.0))
+    conn.execute(
+        update(schema.devices)
+        .where(schema.devices.c.cid == bindparam("b_cid"))
+        .values(last_seen=bindparam("b_last_seen")),
+        [{"b_cid": c, "b_last_seen": t} for c, t in latest_by_cid.items()],
+    )
+
+
+def _apply_commands_new(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    conn.execute(insert(schema.commands), rows)
+
+
+def _apply_commands_update(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        values = {k: v for k, v in row.items() if k != "request_id"}
+        conn.execute(
+            update(schema.commands).where(schema.commands.c.request_id == row["request_id"]).values(**values)
+        )
+
+
+def _apply_gateways(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        cols = [k for k in row if k != "gateway_id"]
+        upsert(conn, schema.gateways, ["gateway_id"], [row], cols)
+
+
+APPLY_ORDER: dict[str, Callable[[Connection, list[dict[str, Any]]], None]] = {
+    "gateway": _apply_gateways,
+    "device": _apply_devices,
+    "rebind": _apply_rebinds,
+    "report": _apply_reports,
+    "latest": _apply_latest,
+    "seen": _apply_device_seen,
+    "presence": _apply_presence,
+    "command_new": _apply_commands_new,
+    "command_update": _apply_commands_update,
+}
+
+DoneCallback = Callable[[BaseException | None], None]
+
+
+@dataclass(slots=True)
+class WriterStats:
+    batches: int = 0
+    operations: int = 0
+    failures: int = 0
+    last_batch_size: int = 0
+    last_commit_seconds: float = 0.0
+    commit_seconds_total: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class GroupCommitWriter:
+    """A thread applying queued write operations in batches, one transaction and one commit each.
+
+    ``submit(ops, callback)`` queues a group of operations ``[(kind, row), ...]`` that must be
+    committed together; ``callback(None)`` (or ``callback(exc)``) runs in the event loop once the
+    batch holding them has committed (or failed).
+    """
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, batch_max: int = 2000) -> None:
+        self._engine = engine
+        self._loop = loop
+        self._batch_max = batch_max
+        self._queue: queue.SimpleQueue[
+            tuple[list[tuple[str, dict[str, Any]]], DoneCallback | None] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="meterhub-writer", daemon=True)
+        self.stats = WriterStats()
+        self.healthy = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit everything queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, ops: list[tuple[str, dict[str, Any]]], callback: DoneCallback | None = None) -> None:
+        self._queue.put((ops, callback))
+
+    def write(self, ops: list[tuple[str, dict[str, Any]]]) -> asyncio.Future[None]:
+        """Queue ``ops``; the returned future completes when they are committed."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        self.submit(ops, done)
+        return fut
+
+    # --- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self._batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(batch)
+
+    def _commit_batch(
+        self, batch: list[tuple[list[tuple[str, dict[str, Any]]], DoneCallback | None]]
+    ) -> None:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            self._apply(batch)
+        except Exception as exc:
+            error = exc
+        results: list[tuple[DoneCallback, BaseException | None]] = []
+        if error is None:
+            results = [(cb, None) for _, cb in batch if cb is not None]
+            self.healthy = True
+        else:
+            # One bad group must not fail its neighbours: retry each group in its own transaction.
+            log.warning("storage batch failed, retrying one by one", error=str(error), size=len(batch))
+            for ops, cb in batch:
+                try:
+                    self._apply([(ops, cb)])
+                    res: BaseException | None = None
+                except Exception as exc:
+                    self.stats.failures += 1
+                    res = StorageError(str(exc))
+                    log.error("storage write failed", error=str(exc), ops=[k for k, _ in ops])
+                if cb is not None:
+                    results.append((cb, res))
+            self.healthy = any(r is None for _, r in results) or not results
+        elapsed = time.perf_counter() - started
+        st = self.stats
+        st.batches += 1
+        st.operations += len(batch)
+        st.last_batch_size = len(batch)
+        st.last_commit_seconds = elapsed
+        st.commit_seconds_total += elapsed
+        if results:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                self._loop.call_soon_threadsafe(_run_callbacks, results)
+
+    def _apply(self, batch: list[tuple[list[tuple[str, dict[str, Any]]], DoneCallback | None]]) -> None:
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for ops, _ in batch:
+            for kind, row in ops:
+                grouped.setdefault(kind, []).append(row)
+        with self._engine.begin() as conn:
+            for kind, apply in APPLY_ORDER.items():
+                rows = grouped.get(kind)
+                if rows:
+                    apply(conn, rows)
+
+
+def _run_callbacks(results: list[tuple[DoneCallback, BaseException | None]]) -> None:
+    for cb, exc in results:
+        try:
+            cb(exc)
+        except Exception:
+            log.exception("storage callback failed")

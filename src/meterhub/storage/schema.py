@@ -1,0 +1,181 @@
+"""The database schema, as SQLAlchemy Core tables (the one place that names tables and columns).
+
+JSON values are stored as text (:class:`JSONText`). Times are stored as Unix seconds (float) so that SQLite and PostgreSQL behave alike and range queries
+stay simple. Schema changes go through Alembic migrations
+in ``meterhub/storage/migrations``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class JSONText(TypeDecorator[Any]):
+    """A JSON value kept as text, encoded with msgspec.
+
+    Not SQLAlchemy's ``JSON``: SQLite gives a column typed JSON numeric affinity, which turns the
+    stored text ``"1"`` into the integer 1.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else _encode(value).decode()
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else _decode(value)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# An integer primary key that is SQLite's rowid and PostgreSQL's bigint identity.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+vendors = Table(
+    "vendors",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("username", String(128), nullable=False, unique=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("allowlist_enabled", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)
+
+gateways = Table(
+    "gateways",
+    metadata,
+    Column("gateway_id", String(128), primary_key=True),
+    Column("vendor_id", Integer, ForeignKey("vendors.id"), nullable=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("allowed", Boolean, nullable=False, default=False),
+    Column("connected", Boolean, nullable=False, default=False),
+    Column("client_address", String(64)),
+    Column("first_seen", Float),
+    Column("last_seen", Float),
+    Column("last_connected_at", Float),
+    Column("last_disconnected_at", Float),
+)
+
+products = Table(
+    "products",
+    metadata,
+    Column("product_id", String(128), primary_key=True),
+    Column("model", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("gateway_id", String(128), nullable=False, index=True),
+    Column("product_id", String(128), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("vendor_code", String(255)),
+    Column("comm_type", String(255)),
+    Column("device_ip", String(255)),
+    Column("mac_address", String(255)),
+    Column("device_name", String(255)),
+    Column("device_desc", Text),
+    Column("install_location", String(255)),
+    Column("device_server_id", String(255)),
+    Column("product_sub_type", String(255)),
+    Column("online", Boolean, nullable=False, default=False),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("synced_at", Float, nullable=False),
+)
+
+device_rebinds = Table(
+    "device_rebinds",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("cid", String(128), nullable=False, index=True),
+    Column("old_gateway_id", String(128), nullable=False),
+    Column("new_gateway_id", String(128), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+latest = Table(
+    "latest_values",
+    metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("dp_id", String(16), primary_key=True),
+    Column("value", JSONText, nullable=False),
+    Column("num", Float),
+    Column("t", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+reports = Table(
+    "reports",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("gateway_id", String(128), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("cid", String(128), nullable=False),
+    Column("dp_id", String(16), nullable=False),
+    Column("value", JSONText, nullable=False),
+    Column("num", Float),
+    Column("t", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    UniqueConstraint("gateway_id", "request_id", name="uq_reports_gateway_request"),
+    Index("ix_reports_cid_dp_t", "cid", "dp_id", "t"),
+)
+
+presence = Table(
+    "presence",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("cid", String(128), nullable=False),
+    Column("online", Boolean, nullable=False),
+    Column("cause", String(32), nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_presence_cid_at", "cid", "at"),
+)
+
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(128), nullable=False, unique=True),
+    Column("cid", String(128), nullable=False, index=True),
+    Column("gateway_id", String(128)),
+    Column("dp_id", String(16), nullable=False),
+    Column("value", JSONText),
+    Column("status", String(16), nullable=False),
+    Column("code", Integer),
+    Column("msg", Text),
+    Column("created_at", Float, nullable=False),
+    Column("answered_at", Float),
+    Column("late", Boolean, nullable=False, default=False),
+)

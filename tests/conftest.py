@@ -1,0 +1,228 @@
+"""Shared fixtures: a real meterhub running in a background thread, and real MQTT clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from meterhub.app import Hub
+from meterhub.config import Settings, load_settings
+from meterhub.core.auth import gateway_password
+from meterhub.storage import registry
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningHub:
+    """A :class:`meterhub.app.Hub` on its own event loop thread, for tests to talk to over loopback."""
+
+    def __init__(self, settings: Settings, handler: str = "protocol") -> None:
+        self.settings = settings
+        self.hub = Hub(settings, handler=handler)
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()  # what `meterhub serve` runs on
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="hub-loop", daemon=True)
+
+    def start(self) -> RunningHub:
+        self._thread.start()
+        self.call(self.hub.start())
+        return self
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine in the hub's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, fn: Callable[[], Any], timeout: float = 30) -> Any:
+        """Run a plain function in the hub's loop thread (to read state safely)."""
+        fut: Future[Any] = Future()
+
+        def wrapper() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(wrapper)
+        return fut.result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.hub.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    @property
+    def port(self) -> int:
+        assert self.hub.mqtt_port is not None
+        return self.hub.mqtt_port
+
+    @property
+    def engine(self) -> Any:
+        return self.hub.engine
+
+    @property
+    def stats(self) -> Any:
+        assert self.hub.mqtt is not None
+        return self.hub.mqtt.stats
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "data_dir": data_dir,
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": 0,
+        "http_port": 0,
+        "sqlite_synchronous": "NORMAL",
+    }
+    base.update(overrides)
+    return load_settings(None, **base)
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
+    started: list[RunningHub] = []
+
+    def factory(handler: str = "protocol", **overrides: Any) -> RunningHub:
+        settings = make_settings(tmp_path / f"data{len(started)}", **overrides)
+        hub = RunningHub(settings, handler=handler)
+        hub.start()
+        assert hub.hub.mqtt is not None
+        hub.hub.mqtt.limits.sweep_interval = 0.1
+        started.append(hub)
+        return hub
+
+    yield factory
+    for hub in started:
+        hub.stop()
+
+
+@pytest.fixture
+def echo_hub(hub_factory: Callable[..., RunningHub]) -> RunningHub:
+    return hub_factory("echo")
+
+
+@pytest.fixture
+def vendor(echo_hub: RunningHub) -> registry.Vendor:
+    return registry.add_vendor(echo_hub.engine, "acme")
+
+
+class Client:
+    """A paho-mqtt client (MQTT 3.1.1) with a message queue and blocking helpers."""
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        *,
+        clean_session: bool = True,
+        keepalive: int = 60,
+        tls_ca: str | None = None,
+        will: tuple[str, bytes, int] | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.connack: queue.Queue[Any] = queue.Queue()
+        self.disconnects: queue.Queue[Any] = queue.Queue()
+        self.subacks: queue.Queue[list[Any]] = queue.Queue()
+        self.port = port
+        self.keepalive = keepalive
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+        )
+        if username is not None:
+            c.username_pw_set(username, password)
+        if tls_ca:
+            c.tls_set(ca_certs=tls_ca)
+        if will:
+            c.will_set(will[0], will[1], will[2])
+        c.on_connect = lambda _c, _u, flags, rc, _p: self.connack.put((rc, flags))
+        c.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: self.disconnects.put(rc)
+        c.on_subscribe = lambda _c, _u, _mid, rcs, _p: self.subacks.put(rcs)
+        self.c = c
+
+    def connect(self, timeout: float = 5) -> tuple[Any, Any]:
+        self.c.connect("127.0.0.1", self.port, keepalive=self.keepalive)
+        self.c.loop_start()
+        return self.connack.get(timeout=timeout)
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5) -> list[Any]:
+        self.c.subscribe(topic, qos)
+        return self.subacks.get(timeout=timeout)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 5) -> None:
+        info = self.c.publish(topic, payload, qos)
+        if qos:
+            info.wait_for_publish(timeout)
+            assert info.is_published(), "publish not acknowledged"
+
+    def get(self, timeout: float = 5) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=timeout)
+
+    def close(self) -> None:
+        try:
+            self.c.disconnect()
+        finally:
+            self.c.loop_stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def make(
+        port: int,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        **kw: Any,
+    ) -> Client:
+        cid = client_id or f"gw-{uuid.uuid4().hex[:8]}"
+        if username is not None and password is None:
+            password = gateway_password(cid, username)
+        c = Client(port, cid, username, password, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        with contextlib.suppress(Exception):
+            c.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Poll until ``predicate()`` is truthy; return its value or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
