@@ -1,6 +1,7 @@
 """The database schema, as SQLAlchemy Core tables (the one place that names tables and columns).
 
-JSON values are stored as text (:class:`JSONText`). Times are stored as Unix seconds (float) so that SQLite and PostgreSQL behave alike and range queries
+JSON values are stored as text (:class:`JSONText`). Times are stored as Unix seconds (float) so that
+SQLite and PostgreSQL behave alike and range queries
 stay simple. Schema changes go through Alembic migrations
 in ``meterhub/storage/migrations``.
 """
