@@ -1,0 +1,753 @@
+"""The edge protocol service: what meterhub does with each gateway message, and commands.
+
+It implements :class:`meterhub.transport.ApplicationHandler` and talks to gateways only through
+:class:`meterhub.transport.Southbound`, so it runs the same behind meterhub's own MQTT server or an
+external broker.
+
+Per message kind:
+- ``devices/sync``: create or update the device (a change of gateway is allowed and recorded);
+  answered after the commit.
+- ``properties/report``: decode, validate against the device's product model, store (history + latest
+  value, one group commit), then answer code 0. A QoS 1 redelivery (same gateway and request_id) gets
+  the first answer again and is stored once.
+- ``devices/status``: presence; no response topic exists, so invalid items are logged and counted.
+- ``commands/response``: completes the waiting command (or is recorded as a late answer).
+
+Presence: online on ``status: true`` or any report; offline on ``status: false``, the gateway's
+disconnect, or ``presence_timeout`` seconds of silence. Every transition is stored with its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+
+from meterhub.config import Settings
+from meterhub.logs import get_logger
+from meterhub.model.datapoint import DataPoint, ProductModel
+from meterhub.model.errors import ValueRejected
+from meterhub.model.loader import ModelRegistry
+from meterhub.protocol.errors import ErrorCode, ProtocolError
+from meterhub.protocol.messages import (
+    decode_command_response,
+    decode_report,
+    decode_status,
+    decode_sync,
+    encode_command,
+    encode_response,
+)
+from meterhub.protocol.topics import Kind, commands_topic, parse_topic, response_topic
+from meterhub.storage import registry, schema
+from meterhub.storage.database import GroupCommitWriter
+from meterhub.transport import Principal, Southbound
+
+log = get_logger(__name__)
+
+_REPORT = Kind.REPORT
+_SYNC = Kind.SYNC
+
+
+class DeviceState:
+    """What the hot path needs to know about a device, kept in memory."""
+
+    __slots__ = ("cid", "gateway_id", "last_heard", "model", "name", "online", "product_id")
+
+    def __init__(
+        self,
+        cid: str,
+        gateway_id: str,
+        product_id: str,
+        model: ProductModel,
+        online: bool,
+        last_heard: float,
+        name: str | None = None,
+    ) -> None:
+        self.cid = cid
+        self.gateway_id = gateway_id
+        self.product_id = product_id
+        self.model = model
+        self.online = online
+        self.last_heard = last_heard
+        self.name = name
+
+
+@dataclass(slots=True)
+class CommandResult:
+    """The outcome of a command. ``status``: ok, failed (the device answered a non-zero code),
+    timeout, rejected (never sent: validation, unknown or offline device)."""
+
+    request_id: str
+    cid: str
+    dp_id: str
+    status: str
+    code: int | None
+    msg: str | None
+    value: Any = None
+    elapsed: float | None = None
+
+
+@dataclass(slots=True)
+class _PendingCommand:
+    cid: str
+    dp_id: str
+    future: asyncio.Future[tuple[int, str]]
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+class ProtocolService:
+    """Handles the edge protocol for every connected gateway."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        writer: GroupCommitWriter,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.writer = writer
+        self.clock = clock
+        self.models = ModelRegistry(settings.models_dir)
+        self.default_model: ProductModel | None = None
+        if settings.default_model:
+            self.default_model = self.models.get(settings.default_model)
+            if self.default_model is None:
+                raise ValueError(f"default_model {settings.default_model!r} is not a known model")
+        self.products: dict[str, str] = {}
+        self.devices: dict[str, DeviceState] = {}
+        self.by_gateway: dict[str, set[str]] = {}
+        self.southbound: Southbound | None = None
+        self.stats: Counter[str] = Counter()
+        self.pending_commands: dict[str, _PendingCommand] = {}
+        self.timed_out: OrderedDict[str, str] = OrderedDict()
+        self._dedupe: OrderedDict[tuple[str, str], int | asyncio.Future[Any]] = OrderedDict()
+        self._dirty_seen: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.presence_interval = min(5.0, max(0.05, settings.presence_timeout / 10))
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, southbound: Southbound) -> None:
+        self.southbound = southbound
+        await asyncio.to_thread(self._load)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._presence_loop()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._flush_seen()
+        for pending in self.pending_commands.values():
+            if not pending.future.done():
+                pending.future.cancel()
+
+    def _load(self) -> None:
+        """Read products and devices; devices left online by a previous run are set offline."""
+        self.products = registry.list_products(self.engine)
+        now = self.clock()
+        d = schema.devices
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(
+                    d.c.cid,
+                    d.c.gateway_id,
+                    d.c.product_id,
+                    d.c.model,
+                    d.c.online,
+                    d.c.last_seen,
+                    d.c.device_name,
+                )
+            ).all()
+            stale = [r.cid for r in rows if r.online]
+            if stale:
+                conn.execute(update(d).where(d.c.online.is_(True)).values(online=False))
+                conn.execute(
+                    schema.presence.insert(),
+                    [{"cid": c, "online": False, "cause": "server-restart", "at": now} for c in stale],
+                )
+            conn.execute(update(schema.gateways).values(connected=False))
+        for r in rows:
+            model = self.models.get(r.model) or self.default_model
+            if model is None:
+                log.warning("device model unknown, device ignored until it syncs", cid=r.cid, model=r.model)
+                continue
+            self._remember(
+                DeviceState(r.cid, r.gateway_id, r.product_id, model, False, r.last_seen, r.device_name)
+            )
+        log.info("devices loaded", devices=len(self.devices), products=len(self.products))
+
+    def _remember(self, dev: DeviceState) -> None:
+        self.devices[dev.cid] = dev
+        self.by_gateway.setdefault(dev.gateway_id, set()).add(dev.cid)
+
+    # --- ApplicationHandler ----------------------------------------------------------------------
+
+    def client_connected(self, principal: Principal, peer: str) -> None:
+        if principal.kind != "gateway":
+            return
+        now = self.clock()
+        self.stats["gateway.connected"] += 1
+        self.writer.submit(
+            [
+                (
+                    "gateway",
+                    {
+                        "gateway_id": principal.client_id,
+                        "vendor_id": principal.extra.get("vendor_id"),
+                        "connected": True,
+                        "client_address": peer,
+                        "last_connected_at": now,
+                        "last_seen": now,
+                    },
+                )
+            ]
+        )
+        self._emit("gateway", {"gateway_id": principal.client_id, "connected": True, "peer": peer})
+
+    def client_disconnected(self, principal: Principal, reason: str) -> None:
+        if principal.kind != "gateway":
+            return
+        gw = principal.client_id
+        if reason == "takeover":  # the same gateway is connected again on a new socket
+            return
+        now = self.clock()
+        self.stats["gateway.disconnected"] += 1
+        ops: list[tuple[str, dict[str, Any]]] = [
+            (
+                "gateway",
+                {
+                    "gateway_id": gw,
+                    "connected": False,
+                    "last_disconnected_at": now,
+                    "last_seen": now,
+                },
+            )
+        ]
+        for cid in self.by_gateway.get(gw, ()):
+            dev = self.devices[cid]
+            if dev.online:
+                self._set_presence(dev, False, "gateway-disconnect", now, ops)
+        self.writer.submit(ops)
+        self._emit("gateway", {"gateway_id": gw, "connected": False, "reason": reason})
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> Any:
+        parsed = parse_topic(topic)
+        if parsed is None or parsed[0] != principal.client_id:
+            self.stats["rejected.unknown_topic"] += 1
+            log.info("message on an unknown topic ignored", gateway_id=principal.client_id, topic=topic[:200])
+            return None
+        gw, kind = parsed
+        try:
+            if kind is _REPORT:
+                return self._on_report(gw, payload)
+            if kind is Kind.STATUS:
+                return self._on_status(gw, payload)
+            if kind is _SYNC:
+                return asyncio.ensure_future(self._on_sync(gw, payload))
+            return self._on_command_response(gw, payload)
+        except Exception:
+            self.stats["errors.unexpected"] += 1
+            log.exception("unexpected failure handling a message", gateway_id=gw, topic=topic)
+            if kind in (_REPORT, _SYNC):
+                self._reply(gw, kind, None, None, ErrorCode.SYSTEM)
+            return None
+
+    # --- replies ---------------------------------------------------------------------------------
+
+    def _reply(self, gw: str, kind: Kind, request_id: str | None, cid: str | None, code: int) -> None:
+        self.stats[f"{kind.name.lower()}.code.{code}"] += 1
+        assert self.southbound is not None
+        self.southbound.publish(
+            gw, response_topic(gw, kind), encode_response(request_id, cid, code, self.clock()), 1
+        )
+
+    def _dedupe_lookup(self, key: tuple[str, str]) -> int | asyncio.Future[Any] | None:
+        return self._dedupe.get(key)
+
+    def _dedupe_store(self, key: tuple[str, str], answer: int | asyncio.Future[Any]) -> None:
+        dd = self._dedupe
+        dd[key] = answer
+        if len(dd) > self.settings.dedupe_window:
+            dd.popitem(last=False)
+
+    def _repeat(
+        self, gw: str, kind: Kind, request_id: str, cid: str | None, previous: int | asyncio.Future[Any]
+    ) -> Any:
+        """Answer a redelivered request with its first answer, storing nothing."""
+        self.stats[f"{kind.name.lower()}.duplicate"] += 1
+        if isinstance(previous, int):
+            self._reply(gw, kind, request_id, cid, previous)
+            return None
+
+        def again(fut: asyncio.Future[Any]) -> None:
+            answer = self._dedupe.get((gw, request_id))
+            self._reply(gw, kind, request_id, cid, answer if isinstance(answer, int) else ErrorCode.SYSTEM)
+
+        previous.add_done_callback(again)
+        return previous
+
+    # --- properties/report -----------------------------------------------------------------------
+
+    def _on_report(self, gw: str, payload: bytes) -> Any:
+        now = self.clock()
+        try:
+            req = decode_report(payload, now)
+        except ProtocolError as exc:
+            self._reject(gw, _REPORT, exc)
+            return None
+        key = (gw, req.request_id)
+        previous = self._dedupe.get(key)
+        if previous is not None:
+            return self._repeat(gw, _REPORT, req.request_id, req.cid, previous)
+        dev = self.devices.get(req.cid)
+        if dev is None or dev.gateway_id != gw:
+            return self._answer_now(
+                key,
+                gw,
+                _REPORT,
+                req.cid,
+                ErrorCode.DEVICE_NOT_EXIST,
+                "report for a device this gateway never synced",
+            )
+        dp = dev.model.get(req.dp_id)
+        if dp is None:
+            return self._answer_now(
+                key, gw, _REPORT, req.cid, ErrorCode.NOT_SUPPORTED, f"unknown data point {req.dp_id}"
+            )
+        try:
+            value = dp.coerce(req.value)
+        except ValueRejected as exc:
+            return self._answer_now(key, gw, _REPORT, req.cid, exc.code, exc.message)
+        num = _numeric(dp, value)
+        t = req.t
+        ops: list[tuple[str, dict[str, Any]]] = [
+            (
+                "report",
+                {
+                    "gateway_id": gw,
+                    "request_id": req.request_id,
+                    "cid": req.cid,
+                    "dp_id": dp.id_str,
+                    "value": value,
+                    "num": num,
+                    "t": t,
+                    "received_at": now,
+                },
+            ),
+            (
+                "latest",
+                {"cid": req.cid, "dp_id": dp.id_str, "value": value, "num": num, "t": t, "received_at": now},
+            ),
+        ]
+        dev.last_heard = now
+        self._dirty_seen[dev.cid] = now
+        if not dev.online:
+            self._set_presence(dev, True, "report", now, ops)
+        fut = self.writer.write(ops)
+        self._dedupe_store(key, fut)
+        fut.add_done_callback(partial(self._report_committed, gw, key, req.cid))
+        if self.listeners:
+            self._emit(
+                "report",
+                {"cid": req.cid, "dp": dp, "value": value, "num": num, "t": t, "product_id": dev.product_id},
+            )
+        return fut
+
+    def _report_committed(self, gw: str, key: tuple[str, str], cid: str, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            code = ErrorCode.SYSTEM
+            log.error(
+                "report not stored",
+                gateway_id=gw,
+                request_id=key[1],
+                error=None if fut.cancelled() else str(fut.exception()),
+            )
+            self._dedupe.pop(key, None)  # a redelivery may try again
+        else:
+            code = ErrorCode.SUCCESS
+            self._dedupe[key] = code
+        self._reply(gw, _REPORT, key[1], cid, code)
+
+    def _answer_now(
+        self, key: tuple[str, str], gw: str, kind: Kind, cid: str | None, code: int, detail: str
+    ) -> None:
+        self.stats[f"rejected.{kind.name.lower()}"] += 1
+        log.info(
+            "request rejected",
+            gateway_id=gw,
+            kind=kind.name.lower(),
+            request_id=key[1],
+            cid=cid,
+            code=int(code),
+            detail=detail,
+        )
+        self._dedupe_store(key, int(code))
+        self._reply(gw, kind, key[1], cid, code)
+
+    def _reject(self, gw: str, kind: Kind, exc: ProtocolError) -> None:
+        self.stats[f"rejected.{kind.name.lower()}"] += 1
+        log.info(
+            "request rejected",
+            gateway_id=gw,
+            kind=kind.name.lower(),
+            request_id=exc.request_id,
+            cid=exc.cid,
+            code=int(exc.code),
+            detail=exc.detail,
+        )
+        self._reply(gw, kind, exc.request_id, exc.cid, exc.code)
+
+    # --- devices/sync ----------------------------------------------------------------------------
+
+    async def _on_sync(self, gw: str, payload: bytes) -> None:
+        now = self.clock()
+        try:
+            req = decode_sync(payload, now)
+        except ProtocolError as exc:
+            self._reject(gw, _SYNC, exc)
+            return
+        key = (gw, req.request_id)
+        previous = self._dedupe.get(key)
+        if previous is not None:
+            result = self._repeat(gw, _SYNC, req.request_id, req.cid, previous)
+            if result is not None:
+                await asyncio.shield(result)
+            return
+        model = await self._model_for(req.product_id)
+        if model is None:
+            self._answer_now(
+                key,
+                gw,
+                _SYNC,
+                req.cid,
+                ErrorCode.PARAMS_RANGE_INVALID,
+                f"unknown product {req.product_id!r} and no default model",
+            )
+            return
+        dev = self.devices.get(req.cid)
+        ops: list[tuple[str, dict[str, Any]]] = []
+        row: dict[str, Any] = {
+            "cid": req.cid,
+            "gateway_id": gw,
+            "product_id": req.product_id,
+            "model": model.model,
+            "synced_at": now,
+            "last_seen": now,
+            "first_seen": now,
+            "online": False,
+        }
+        row.update(req.fields)
+        ops.append(("device", row))
+        name_changed = False
+        created = dev is None
+        if dev is None:
+            dev = DeviceState(req.cid, gw, req.product_id, model, False, now, req.fields.get("device_name"))
+            self._remember(dev)
+            self.stats["devices.created"] += 1
+        else:
+            if dev.gateway_id != gw:
+                ops.append(
+                    (
+                        "rebind",
+                        {"cid": dev.cid, "old_gateway_id": dev.gateway_id, "new_gateway_id": gw, "at": now},
+                    )
+                )
+                log.info("device moved to another gateway", cid=dev.cid, old=dev.gateway_id, new=gw)
+                self.by_gateway.get(dev.gateway_id, set()).discard(dev.cid)
+                self.by_gateway.setdefault(gw, set()).add(dev.cid)
+                dev.gateway_id = gw
+                self.stats["devices.rebound"] += 1
+            dev.product_id = req.product_id
+            dev.model = model
+            if "device_name" in req.fields and req.fields["device_name"] != dev.name:
+                name_changed = dev.name is not None or req.fields["device_name"] is not None
+                dev.name = req.fields["device_name"]
+        fut = self.writer.write(ops)
+        self._dedupe_store(key, fut)
+        try:
+            await fut
+        except Exception as exc:
+            log.error("sync not stored", gateway_id=gw, cid=req.cid, error=str(exc))
+            self._dedupe.pop(key, None)
+            if created:
+                self.devices.pop(dev.cid, None)
+                self.by_gateway.get(gw, set()).discard(dev.cid)
+            self._reply(gw, _SYNC, req.request_id, req.cid, ErrorCode.SYSTEM)
+            return
+        self._dedupe[key] = ErrorCode.SUCCESS
+        self._reply(gw, _SYNC, req.request_id, req.cid, ErrorCode.SUCCESS)
+        self._emit(
+            "sync",
+            {
+                "cid": dev.cid,
+                "gateway_id": gw,
+                "product_id": dev.product_id,
+                "name": dev.name,
+                "name_changed": name_changed,
+            },
+        )
+
+    async def _model_for(self, product_id: str) -> ProductModel | None:
+        name = self.products.get(product_id)
+        if name is None:
+            # An operator may have registered it from the CLI since we last looked.
+            self.products = await asyncio.to_thread(registry.list_products, self.engine)
+            name = self.products.get(product_id)
+        if name is not None:
+            model = self.models.get(name)
+            if model is not None:
+                return model
+            log.warning("product refers to an unknown model", product_id=product_id, model=name)
+        return self.models.for_product(product_id) or self.default_model
+
+    # --- devices/status --------------------------------------------------------------------------
+
+    def _on_status(self, gw: str, payload: bytes) -> Any:
+        now = self.clock()
+        try:
+            req = decode_status(payload, now)
+        except ProtocolError as exc:
+            self.stats["rejected.status"] += 1
+            log.info(
+                "status message rejected",
+                gateway_id=gw,
+                code=int(exc.code),
+                detail=exc.detail,
+                request_id=exc.request_id,
+            )
+            return None
+        for reason in req.rejected:
+            self.stats["rejected.status_item"] += 1
+            log.info("status item rejected", gateway_id=gw, request_id=req.request_id, detail=reason)
+        ops: list[tuple[str, dict[str, Any]]] = []
+        for cid, online in req.items:
+            dev = self.devices.get(cid)
+            if dev is None or dev.gateway_id != gw:
+                self.stats["rejected.status_item"] += 1
+                log.info("status for a device this gateway never synced", gateway_id=gw, cid=cid)
+                continue
+            if online:
+                dev.last_heard = now
+                self._dirty_seen[cid] = now
+            if dev.online != online:
+                self._set_presence(dev, online, "status", now, ops)
+        self.stats["status.accepted"] += 1
+        return self.writer.write(ops) if ops else None
+
+    # --- presence --------------------------------------------------------------------------------
+
+    def _set_presence(
+        self, dev: DeviceState, online: bool, cause: str, now: float, ops: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        dev.online = online
+        self.stats[f"presence.{'online' if online else 'offline'}.{cause}"] += 1
+        ops.append(("presence", {"cid": dev.cid, "online": online, "cause": cause, "at": now}))
+        self._emit(
+            "presence",
+            {"cid": dev.cid, "online": online, "cause": cause, "at": now, "product_id": dev.product_id},
+        )
+
+    async def _presence_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_interval)
+            try:
+                self.check_presence()
+                self._flush_seen()
+            except Exception:
+                log.exception("presence check failed")
+
+    def check_presence(self) -> int:
+        """Set offline every online device silent for ``presence_timeout``; returns how many."""
+        now = self.clock()
+        limit = now - self.settings.presence_timeout
+        ops: list[tuple[str, dict[str, Any]]] = []
+        for dev in self.devices.values():
+            if dev.online and dev.last_heard < limit:
+                self._set_presence(dev, False, "silence", now, ops)
+        if ops:
+            self.writer.submit(ops)
+        return len(ops)
+
+    def _flush_seen(self) -> None:
+        """Write devices' last-seen times in one batch (not on every report)."""
+        if not self._dirty_seen:
+            return
+        seen, self._dirty_seen = self._dirty_seen, {}
+        self.writer.submit([("seen", {"cid": cid, "last_seen": t}) for cid, t in seen.items()])
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def _on_command_response(self, gw: str, payload: bytes) -> Any:
+        now = self.clock()
+        try:
+            resp = decode_command_response(payload, now)
+        except ProtocolError as exc:
+            self.stats["rejected.command_response"] += 1
+            log.info(
+                "command response rejected",
+                gateway_id=gw,
+                code=int(exc.code),
+                detail=exc.detail,
+                request_id=exc.request_id,
+            )
+            return None
+        pending = self.pending_commands.pop(resp.request_id, None)
+        msg = resp.msg
+        status = "ok" if resp.code == 0 else "failed"
+        if pending is not None:
+            values: dict[str, Any] = {"status": status}
+        elif resp.request_id in self.timed_out:
+            self.timed_out.pop(resp.request_id, None)
+            self.stats["commands.late_answer"] += 1
+            log.info(
+                "late command answer recorded", gateway_id=gw, request_id=resp.request_id, code=resp.code
+            )
+            values = {"late": True}
+        else:
+            self.stats["rejected.command_response_unknown"] += 1
+            log.info("answer to an unknown command", gateway_id=gw, request_id=resp.request_id)
+            return None
+        values.update(request_id=resp.request_id, code=resp.code, msg=msg, answered_at=now)
+        written = self.writer.write([("command_update", values)])
+        if pending is not None:
+            # The caller learns the outcome once it is in the command log.
+            def complete(_: asyncio.Future[None]) -> None:
+                if not pending.future.done():
+                    pending.future.set_result((resp.code, msg or ""))
+
+            written.add_done_callback(complete)
+        return written
+
+    def resolve_data_point(self, model: ProductModel, dp: str | int) -> DataPoint | None:
+        """A data point by id ("1", 1) or by code ("switch")."""
+        found = model.get(dp)
+        if found is None and isinstance(dp, str):
+            found = model.by_code(dp)
+        return found
+
+    async def send_command(
+        self, cid: str, dp: str | int, value: Any, timeout: float | None = None
+    ) -> CommandResult:
+        """Validate, send and await a command. Every command and its outcome goes to the command log."""
+        timeout = self.settings.command_timeout if timeout is None else timeout
+        request_id = str(uuid.uuid4())
+        now = self.clock()
+        dev = self.devices.get(cid)
+        dp_obj = self.resolve_data_point(dev.model, dp) if dev is not None else None
+        dp_id = dp_obj.id_str if dp_obj is not None else str(dp)
+        log_row = {
+            "request_id": request_id,
+            "cid": cid,
+            "gateway_id": dev.gateway_id if dev else None,
+            "dp_id": dp_id[:16],
+            "value": _jsonable(value),
+            "created_at": now,
+            "late": False,
+        }
+
+        async def rejected(code: int, msg: str) -> CommandResult:
+            self.stats[f"commands.rejected.{code}"] += 1
+            await self.writer.write(
+                [("command_new", {**log_row, "status": "rejected", "code": code, "msg": msg})]
+            )
+            return CommandResult(request_id, cid, dp_id, "rejected", code, msg, value)
+
+        if dev is None:
+            return await rejected(ErrorCode.DEVICE_NOT_EXIST, "device not exist")
+        if dp_obj is None:
+            return await rejected(ErrorCode.NOT_SUPPORTED, f"unknown data point {dp!r}")
+        try:
+            canonical = dp_obj.check_command(value)
+        except ValueRejected as exc:
+            return await rejected(exc.code, exc.message)
+        assert self.southbound is not None
+        gw = dev.gateway_id
+        if not dev.online or not self.southbound.is_connected(gw):
+            return await rejected(ErrorCode.DEVICE_OFFLINE, "device is offline")
+        log_row["value"] = _jsonable(canonical)
+        await self.writer.write([("command_new", {**log_row, "status": "pending"})])
+        loop = asyncio.get_running_loop()
+        pending = _PendingCommand(cid, dp_id, loop.create_future())
+        self.pending_commands[request_id] = pending
+        wire = dp_obj.to_wire(canonical)
+        payload = encode_command(cid, request_id, dp_obj.id_str, wire, self.clock())
+        started = time.monotonic()
+        if not self.southbound.publish(gw, commands_topic(gw), payload, 1):
+            self.pending_commands.pop(request_id, None)
+            self.stats["commands.undeliverable"] += 1
+            msg = "gateway is not subscribed to its commands topic"
+            await self.writer.write(
+                [
+                    (
+                        "command_update",
+                        {
+                            "request_id": request_id,
+                            "status": "rejected",
+                            "code": ErrorCode.DEVICE_OFFLINE,
+                            "msg": msg,
+                        },
+                    )
+                ]
+            )
+            return CommandResult(request_id, cid, dp_id, "rejected", ErrorCode.DEVICE_OFFLINE, msg, canonical)
+        self.stats["commands.sent"] += 1
+        try:
+            code, msg = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except TimeoutError:
+            self.pending_commands.pop(request_id, None)
+            self.timed_out[request_id] = cid
+            if len(self.timed_out) > 10_000:
+                self.timed_out.popitem(last=False)
+            self.stats["commands.timeout"] += 1
+            await self.writer.write([("command_update", {"request_id": request_id, "status": "timeout"})])
+            return CommandResult(
+                request_id,
+                cid,
+                dp_id,
+                "timeout",
+                None,
+                f"no answer within {timeout:g}s",
+                canonical,
+                time.monotonic() - started,
+            )
+        status = "ok" if code == 0 else "failed"
+        self.stats[f"commands.{status}"] += 1
+        return CommandResult(request_id, cid, dp_id, status, code, msg, canonical, time.monotonic() - started)
+
+    # --- events for other components (open hub, live dashboard) ----------------------------------
+
+    def _emit(self, kind: str, event: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, event)
+            except Exception:
+                log.exception("event listener failed", kind=kind)
+
+
+def _numeric(dp: DataPoint, value: Any) -> float | None:
+    """The number to chart for a stored value: scaled value, 1/0 for bool, else None."""
+    if dp.type == "value":
+        return float(dp.scaled(value))
+    if dp.type == "bool":
+        return 1.0 if value else 0.0
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, list, dict)):
+        return value
+    return repr(value)
