@@ -45,6 +45,11 @@ class Hub:
         self.handler: Any = None
         self.mqtt_port: int | None = None
         self.tls_port: int | None = None
+        self.api: Any = None
+        self.alarms: Any = None
+        self.http_port: int | None = None
+        self.openhub: Any = None
+        self.http_routers: list[Any] = []
 
     async def start(self) -> None:
         settings = self.settings
@@ -54,7 +59,7 @@ class Hub:
         self.writer = GroupCommitWriter(self.engine, loop, batch_max=settings.batch_max)
         self.writer.start()
         writer = self.writer
-        authenticator = GatewayAuthenticator(self.engine, healthy=lambda: writer.healthy)
+        authenticator: Any = GatewayAuthenticator(self.engine, healthy=lambda: writer.healthy)
         limits = Limits.from_settings(settings)
         if self.handler_name == "echo":
             self.handler = EchoHandler()
@@ -62,16 +67,30 @@ class Hub:
             self.handler.southbound = self.mqtt
         else:
             from meterhub.core.service import ProtocolService
+            from meterhub.openhub.component import OpenHub
+            from meterhub.openhub.http import OpenHubAPI
 
             self.handler = ProtocolService(settings, self.engine, self.writer)
-            self.mqtt = MQTTServer(authenticator, self.handler, limits)
+            self.openhub = OpenHub(self)
+            self.mqtt = MQTTServer(self.openhub.authenticator(authenticator), self.handler, limits)
             await self.handler.start(self.mqtt)
         self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
         ctx = make_ssl_context(settings)
         if ctx is not None and settings.tls_port is not None:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
+        if self.openhub is not None:
+            await self.openhub.start()
+            self.http_routers = [OpenHubAPI(self).router]
+        from meterhub.api.server import ApiServer
+
+        self.api = ApiServer(self)
+        self.http_port = await self.api.start()
 
     async def stop(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
+        if self.openhub is not None:
+            await self.openhub.stop()
         if self.mqtt is not None:
             await self.mqtt.close()
         if self.handler is not None and hasattr(self.handler, "stop"):

@@ -314,6 +314,127 @@ def models_cmd(ctx: Context) -> None:
         click.echo(f"{m.model}\t{len(m)} data points\t{m.name}")
 
 
+# --- open hub ------------------------------------------------------------------------------------
+
+
+@main.group()
+def openhub() -> None:
+    """Open hub: applications, users and the devices they see."""
+
+
+def _openhub_call(fn: Any, *args: Any) -> Any:
+    from meterhub.openhub.store import OpenHubError
+
+    try:
+        return fn(*args)
+    except OpenHubError as exc:
+        raise click.ClickException(exc.msg) from None
+
+
+@openhub.command("app-create")
+@_common
+@click.argument("name")
+@pass_ctx
+def openhub_app_create(ctx: Context, name: str) -> None:
+    """Create application credentials (access id and secret) for the signed API."""
+    from meterhub.openhub import store
+
+    app = _openhub_call(store.create_app, ctx.engine(), name)
+    click.echo(f"access_id: {app.access_id}")
+    click.echo(f"secret:    {app.secret}")
+
+
+@openhub.command("user-add")
+@_common
+@click.argument("username")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=False)
+@pass_ctx
+def openhub_user_add(ctx: Context, username: str, password: str) -> None:
+    """Create an end user; prints the uid."""
+    from meterhub.openhub import store
+
+    click.echo(_openhub_call(store.add_user, ctx.engine(), username, password))
+
+
+@openhub.command("users")
+@_common
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def openhub_users(ctx: Context, as_json: bool) -> None:
+    """List users and their devices."""
+    from meterhub.openhub import store
+
+    users = store.list_users(ctx.engine())
+    if as_json:
+        click.echo(json.dumps(users))
+        return
+    click.echo(f"{'UID':<18} {'USERNAME':<24} DEVICES")
+    for u in users:
+        click.echo(f"{u['uid']:<18} {u['username']:<24} {', '.join(u['devices'])}")
+
+
+@openhub.command("bind")
+@_common
+@click.argument("uid")
+@click.argument("cid")
+@pass_ctx
+def openhub_bind(ctx: Context, uid: str, cid: str) -> None:
+    """Let user UID see device CID (a running server picks it up within 10 s)."""
+    from meterhub.openhub import store
+
+    _openhub_call(store.bind, ctx.engine(), uid, cid)
+    click.echo(f"{cid} bound to {uid}")
+
+
+@openhub.command("unbind")
+@_common
+@click.argument("uid")
+@click.argument("cid")
+@pass_ctx
+def openhub_unbind(ctx: Context, uid: str, cid: str) -> None:
+    """Stop user UID seeing device CID."""
+    from meterhub.openhub import store
+
+    if not store.unbind(ctx.engine(), uid, cid):
+        raise click.ClickException(f"{cid} is not bound to {uid}")
+    click.echo(f"{cid} unbound from {uid}")
+
+
+@main.command("tail")
+@click.option("--uid", required=True, help="The user whose devices to follow.")
+@click.option("--url", envvar="METERHUB_URL", default="http://127.0.0.1:8080", show_default=True)
+@click.option("--access-id", envvar="METERHUB_ACCESS_ID", required=True)
+@click.option("--secret", envvar="METERHUB_SECRET", required=True)
+@click.option("--link-type", type=click.Choice(["mqtt", "websocket"]), default="mqtt", show_default=True)
+@click.option("--version", "msg_version", type=click.Choice(["1.0", "2.0"]), default="2.0", show_default=True)
+@click.option("--count", type=int, default=0, help="Stop after this many events (0 = never).")
+def tail(
+    url: str, uid: str, access_id: str, secret: str, link_type: str, msg_version: str, count: int
+) -> None:
+    """Print a user's decrypted open hub events live (one JSON line each)."""
+    import asyncio
+
+    from meterhub.openhub.client import OpenHubClient, OpenHubClientError
+
+    client = OpenHubClient(url, access_id, secret)
+
+    async def follow() -> None:
+        seen = 0
+        async for event in client.events(uid, link_type=link_type, version=msg_version):
+            click.echo(json.dumps(event), nl=True)
+            seen += 1
+            if count and seen >= count:
+                return
+
+    try:
+        client.project_login()
+        asyncio.run(follow())
+    except OpenHubClientError as exc:
+        raise click.ClickException(f"open hub refused: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
 # --- tools ---------------------------------------------------------------------------------------
 
 
@@ -343,6 +464,15 @@ def password(client_id: str, username: str) -> None:
     """Print the MQTT password of a gateway: md5(clientId + username)."""
     click.echo(password_for(client_id, username))
 
+
+def _register_ops() -> None:
+    from meterhub.cli_ops import OPS_COMMANDS
+
+    for command in OPS_COMMANDS:
+        main.add_command(command)
+
+
+_register_ops()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,6 +43,21 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    http_docs_public: bool = Field(
+        True, description="Serve /docs and /openapi.json without a token (they hold no data)."
+    )
+    ws_port: int | None = Field(
+        None, description="MQTT over WebSocket listener (open hub websocket links); None = off."
+    )
+    openhub_host: str | None = Field(
+        None, description="Host name put in open hub link URLs; default: the host the HTTP client used."
+    )
+    openhub_tls: bool = Field(False, description="Give open hub mqtt links ssl:// URLs (needs tls_port).")
+    openhub_link_ttl: float = Field(7200, description="Seconds open hub link credentials stay valid.")
+    openhub_backlog: int = Field(100_000, description="Open hub events waiting to be sent; oldest dropped.")
+    timezone: str = Field(
+        "UTC", description="IANA time zone for days and months in energy reports, e.g. Europe/Berlin."
+    )
 
     # MQTT protection limits
     max_packet_size: int = 64 * 1024
@@ -91,6 +107,15 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. Europe/Berlin)") from None
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -198,6 +198,7 @@ class ProtocolService:
 
     def client_connected(self, principal: Principal, peer: str) -> None:
         if principal.kind != "gateway":
+            self._emit("client", {"principal": principal, "connected": True, "peer": peer})
             return
         now = self.clock()
         self.stats["gateway.connected"] += 1
@@ -220,6 +221,7 @@ class ProtocolService:
 
     def client_disconnected(self, principal: Principal, reason: str) -> None:
         if principal.kind != "gateway":
+            self._emit("client", {"principal": principal, "connected": False, "reason": reason})
             return
         gw = principal.client_id
         if reason == "takeover":  # the same gateway is connected again on a new socket

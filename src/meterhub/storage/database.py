@@ -179,6 +179,26 @@ def _apply_gateways(conn: Connection, rows: list[dict[str, Any]]) -> None:
         upsert(conn, schema.gateways, ["gateway_id"], [row], cols)
 
 
+def _apply_alarm_raise(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    conn.execute(insert(schema.alarms), rows)
+
+
+def _apply_alarm_update(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Change columns of an alarm by id (clear, level change, acknowledge)."""
+    for row in rows:
+        values = {k: v for k, v in row.items() if k != "id"}
+        conn.execute(update(schema.alarms).where(schema.alarms.c.id == row["id"]).values(**values))
+
+
+def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        conn.execute(
+            update(schema.api_tokens)
+            .where(schema.api_tokens.c.id == row["id"])
+            .values(last_used_at=row["last_used_at"])
+        )
+
+
 APPLY_ORDER: dict[str, Callable[[Connection, list[dict[str, Any]]], None]] = {
     "gateway": _apply_gateways,
     "device": _apply_devices,
@@ -189,6 +209,10 @@ APPLY_ORDER: dict[str, Callable[[Connection, list[dict[str, Any]]], None]] = {
     "presence": _apply_presence,
     "command_new": _apply_commands_new,
     "command_update": _apply_commands_update,
+    "alarm_raise": _apply_alarm_raise,
+    "alarm_clear": _apply_alarm_update,
+    "alarm_update": _apply_alarm_update,
+    "token_used": _apply_token_used,
 }
 
 DoneCallback = Callable[[BaseException | None], None]

@@ -180,3 +180,38 @@ commands = Table(
     Column("answered_at", Float),
     Column("late", Boolean, nullable=False, default=False),
 )
+
+# --- API and alarms (migration 0002) ----------------------------------------------------------------
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    # sha256 hex of the token; the token itself is shown once and never stored.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("scope", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("revoked_at", Float),
+)
+
+alarms = Table(
+    "alarms",
+    metadata,
+    # Ids are given out by the alarm monitor (the only writer of this table), so that an alarm can be
+    # raised and cleared in the same group commit.
+    Column("id", _BigId, primary_key=True, autoincrement=False),
+    Column("cid", String(128), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("level", String(32)),
+    Column("raised_at", Float, nullable=False),
+    Column("cleared_at", Float),
+    Column("acknowledged_at", Float),
+    Column("acknowledged_by", String(128)),
+    Column("details", JSONText),
+    Index("ix_alarms_cid_raised_at", "cid", "raised_at"),
+    Index("ix_alarms_cleared_at", "cleared_at"),
+)

@@ -1,0 +1,71 @@
+"""The FastAPI application: ``create_app(hub)``.
+
+Routes:
+
+- ``GET /healthz`` (no token) and ``GET /metrics`` (read token, Prometheus text).
+- ``/api/v1/...`` (bearer token; read scope may GET, admin may do everything): vendors, gateways,
+  products and models, devices (list, detail, presence, history), commands, energy, alarms.
+- ``/docs`` and ``/openapi.json`` (public unless ``http_docs_public = false``, then not served).
+
+Errors are always ``{"error": {"message", "code"}}`` (see :mod:`meterhub.api.errors`).
+
+Other components can add routes: routers in ``hub.http_routers`` (a list of APIRouter, set before
+``Hub.start()``) are included as they are, without the token check or the error handlers' prefix
+(the handlers are app-wide, but only change errors raised as exceptions, not returned responses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from meterhub import __version__
+from meterhub.api.errors import install_error_handlers
+from meterhub.api.responses import AUTHED
+from meterhub.api.routers import alarms, commands, devices, energy, registry, system, users
+from meterhub.api.security import Authorizer
+from meterhub.core.metrics import Metrics
+
+DESCRIPTION = """
+meterhub's REST API: gateways, devices and their data, commands, energy, alarms.
+
+**Authentication**: `Authorization: Bearer <token>`; create tokens with
+`meterhub token create NAME --scope read|admin`. Read tokens may only GET. `/healthz` is open;
+`/metrics` needs a read token.
+
+**Errors**: `{"error": {"message": "...", "code": <protocol code or null>}}`: 404 with code 2003
+for an unknown device, 409 with 2001 for an offline one, 422 with 1101/1102/1103 for a bad value,
+400 with 2002 for an unknown or read-only data point, 504 when a command gets no answer in time.
+
+**Times** are Unix seconds, with `*_iso` twins in the server's configured time zone. Time query
+parameters take Unix seconds or ISO 8601.
+"""
+
+
+def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> FastAPI:
+    """The API for a running :class:`meterhub.app.Hub` (its engine, writer, MQTT server, handler)."""
+    docs = bool(getattr(hub.settings, "http_docs_public", True))
+    app = FastAPI(
+        title="meterhub",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.hub = hub
+    app.state.metrics = Metrics(hub)
+    app.state.jobs = commands.CommandJobs(app.state.metrics)
+    install_error_handlers(app)
+    authorize = Authorizer(hub)
+
+    app.include_router(system.health_router)
+    app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
+    for module in (registry, devices, commands, energy, alarms, users):
+        api.include_router(module.router)
+    app.include_router(api)
+    for extra in extra_routers or []:
+        app.include_router(extra)
+    return app

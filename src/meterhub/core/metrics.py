@@ -1,0 +1,188 @@
+"""Prometheus metrics, read from the counters the components already keep, at scrape time.
+
+Nothing here runs per message: :class:`HubCollector` reads ``MQTTServer.stats``,
+``ProtocolService.stats``, ``GroupCommitWriter.stats`` and a few sizes when ``/metrics`` is scraped
+(the endpoint runs in the event loop, so it reads them safely). The only metric observed as it
+happens is the command round-trip histogram, fed by the API's command path.
+
+Metrics (all prefixed ``meterhub_``):
+
+- MQTT: ``mqtt_connections_opened_total``, ``mqtt_connections_closed_total``,
+  ``mqtt_messages_received_total``, ``mqtt_messages_sent_total``, ``mqtt_connack_total{code}``,
+  ``mqtt_rejections_total{reason}`` (refused publishes/subscriptions, protocol errors, closes for
+  keep-alive / slow client / connect timeout, CONNACK codes other than 0), ``mqtt_events_total{event}``
+  (every counter of the server, raw), gauges ``mqtt_connected_clients``, ``mqtt_sessions``,
+  ``mqtt_session_queue_messages`` (queued for offline or slow clients), ``mqtt_inflight_messages``.
+- Protocol: ``protocol_responses_total{kind,code}`` (answers sent, e.g. kind="report", code="0"),
+  ``protocol_events_total{event}`` (the service's other counters), gauges ``devices{state}``,
+  ``pending_commands``, ``alarms_active``.
+- Storage: ``storage_batches_total``, ``storage_operations_total``, ``storage_failures_total``,
+  ``storage_commit_seconds_total``, gauges ``storage_last_batch_size``, ``storage_last_commit_seconds``,
+  ``storage_queue_depth``, ``storage_healthy``.
+- Commands: histogram ``command_duration_seconds{status}`` (commands sent through the API that reached
+  a gateway: ok, failed, timeout).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_RESPONSE_KEY = re.compile(r"^([a-z_]+)\.code\.(-?\d+)$")
+_REJECTION_PREFIXES = ("rejected.", "protocol_error.", "closed.")
+
+
+class HubCollector(Collector):
+    """Builds the metric families from a running :class:`meterhub.app.Hub` at scrape time."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._mqtt()
+        yield from self._protocol()
+        yield from self._storage()
+
+    def _mqtt(self) -> Iterator[Metric]:
+        mqtt = getattr(self.hub, "mqtt", None)
+        if mqtt is None:
+            return
+        stats = dict(mqtt.stats)
+        simple = (
+            ("mqtt_connections_opened", "connections.opened", "MQTT connections accepted at TCP level."),
+            ("mqtt_connections_closed", "connections.closed", "MQTT connections closed."),
+            ("mqtt_messages_received", "publish.in", "PUBLISH packets received from clients."),
+            ("mqtt_messages_sent", "publish.out", "PUBLISH packets queued or sent to clients."),
+        )
+        for name, key, doc in simple:
+            c = CounterMetricFamily(f"meterhub_{name}", doc)
+            c.add_metric([], stats.get(key, 0))
+            yield c
+        connack = CounterMetricFamily("meterhub_mqtt_connack", "CONNACK return codes sent.", labels=["code"])
+        rejections = CounterMetricFamily(
+            "meterhub_mqtt_rejections", "Refusals and forced closes, by reason.", labels=["reason"]
+        )
+        events = CounterMetricFamily(
+            "meterhub_mqtt_events", "Every counter of the MQTT server.", labels=["event"]
+        )
+        for key, value in sorted(stats.items()):
+            events.add_metric([key], value)
+            if key.startswith("connack."):
+                code = key[len("connack.") :]
+                connack.add_metric([code], value)
+                if code != "0":
+                    rejections.add_metric([key], value)
+            elif key.startswith(_REJECTION_PREFIXES):
+                rejections.add_metric([key], value)
+        yield connack
+        yield rejections
+        yield events
+        queued = inflight = 0
+        for session in list(mqtt.sessions.values()):
+            if session.queue:
+                queued += len(session.queue)
+            inflight += len(session.inflight)
+        for name, value, doc in (
+            ("mqtt_connected_clients", len(mqtt.connected), "Clients connected now."),
+            ("mqtt_sessions", len(mqtt.sessions), "MQTT sessions (connected or kept for offline clients)."),
+            ("mqtt_session_queue_messages", queued, "Messages queued in sessions (offline or slow)."),
+            ("mqtt_inflight_messages", inflight, "Outbound QoS 1/2 messages awaiting acknowledgement."),
+        ):
+            g = GaugeMetricFamily(f"meterhub_{name}", doc)
+            g.add_metric([], value)
+            yield g
+
+    def _protocol(self) -> Iterator[Metric]:
+        handler = getattr(self.hub, "handler", None)
+        stats = getattr(handler, "stats", None)
+        if stats is None:
+            return
+        responses = CounterMetricFamily(
+            "meterhub_protocol_responses",
+            "Protocol answers sent to gateways, by message kind and result code.",
+            labels=["kind", "code"],
+        )
+        events = CounterMetricFamily(
+            "meterhub_protocol_events", "Other counters of the protocol service.", labels=["event"]
+        )
+        for key, value in sorted(dict(stats).items()):
+            m = _RESPONSE_KEY.match(key)
+            if m:
+                responses.add_metric([m.group(1), m.group(2)], value)
+            else:
+                events.add_metric([key], value)
+        yield responses
+        yield events
+        devices = getattr(handler, "devices", None)
+        if devices is not None:
+            online = sum(1 for d in devices.values() if d.online)
+            g = GaugeMetricFamily("meterhub_devices", "Known devices, by presence.", labels=["state"])
+            g.add_metric(["online"], online)
+            g.add_metric(["offline"], len(devices) - online)
+            yield g
+        pending = getattr(handler, "pending_commands", None)
+        if pending is not None:
+            g = GaugeMetricFamily("meterhub_pending_commands", "Commands sent and awaiting an answer.")
+            g.add_metric([], len(pending))
+            yield g
+        alarms = getattr(self.hub, "alarms", None)
+        if alarms is not None:
+            g = GaugeMetricFamily("meterhub_alarms_active", "Alarms raised and not cleared.")
+            g.add_metric([], alarms.active_count())
+            yield g
+
+    def _storage(self) -> Iterator[Metric]:
+        writer = getattr(self.hub, "writer", None)
+        if writer is None:
+            return
+        st = writer.stats
+        for name, value, doc in (
+            ("storage_batches", st.batches, "Group commits done."),
+            (
+                "storage_operations",
+                st.operations,
+                "Write groups committed (a group is one message's writes).",
+            ),
+            ("storage_failures", st.failures, "Write groups that could not be stored."),
+            (
+                "storage_commit_seconds",
+                st.commit_seconds_total,
+                "Time spent applying and committing batches.",
+            ),
+        ):
+            c = CounterMetricFamily(f"meterhub_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        for name, value, doc in (
+            ("storage_last_batch_size", st.last_batch_size, "Write groups in the last commit."),
+            ("storage_last_commit_seconds", st.last_commit_seconds, "Duration of the last commit."),
+            ("storage_queue_depth", writer.depth, "Write groups waiting for the writer."),
+            ("storage_healthy", 1 if writer.healthy else 0, "1 while the last commit succeeded."),
+        ):
+            g = GaugeMetricFamily(f"meterhub_{name}", doc)
+            g.add_metric([], value)
+            yield g
+
+
+class Metrics:
+    """A registry per hub (tests run several hubs in one process), with the command histogram."""
+
+    def __init__(self, hub: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(HubCollector(hub))
+        self.command_duration = Histogram(
+            "meterhub_command_duration_seconds",
+            "Command round trip (sent to the gateway -> answer or timeout), commands sent via the API.",
+            labelnames=["status"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+
+    def observe_command(self, status: str, elapsed: float | None) -> None:
+        if elapsed is not None and status in ("ok", "failed", "timeout"):
+            self.command_duration.labels(status).observe(elapsed)
