@@ -564,6 +564,24 @@ def token_revoke(ctx: click.Context, name: str, config: Path | None, data_dir: P
 
 
 #: For ``meterhub.cli`` to register: ``for c in OPS_COMMANDS: main.add_command(c)``.
+@click.command("conformance")
+@_api_options
+@click.argument("gateway_id")
+def conformance_cmd(url: str, token: str | None, as_json: bool, gateway_id: str) -> None:
+    """The gateway's conformance report card: what the document expects, what the gateway did."""
+    card = ApiClient(url, token).get(f"/api/v1/gateways/{gateway_id}/conformance")
+    if as_json:
+        _print_json(card)
+        return
+    marks = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "unknown": " ?  "}
+    state = "connected" if card["connected"] else "not connected"
+    click.echo(f"gateway {card['gateway_id']} ({state}): {card['verdict'].upper()}")
+    for f in card["findings"]:
+        click.echo(f"  [{marks[f['verdict']]}] {f['title']}")
+        click.echo(f"         expected: {f['expected']}")
+        click.echo(f"         observed: {f['observed']}")
+
+
 OPS_COMMANDS: list[click.Command] = [
     devices_cmd,
     show_cmd,
@@ -572,6 +590,7 @@ OPS_COMMANDS: list[click.Command] = [
     energy_cmd,
     alarms_cmd,
     token_cmd,
+    conformance_cmd,
 ]
 
 

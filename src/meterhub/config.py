@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     openhub_tls: bool = Field(False, description="Give open hub mqtt links ssl:// URLs (needs tls_port).")
     openhub_link_ttl: float = Field(7200, description="Seconds open hub link credentials stay valid.")
     openhub_backlog: int = Field(100_000, description="Open hub events waiting to be sent; oldest dropped.")
+    conformance_status_interval: float = Field(
+        60.0, description="Longest expected gap between a gateway's devices/status messages (report card)."
+    )
     timezone: str = Field(
         "UTC", description="IANA time zone for days and months in energy reports, e.g. Europe/Berlin."
     )

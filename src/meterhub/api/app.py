@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from meterhub import __version__
 from meterhub.api.errors import install_error_handlers
 from meterhub.api.responses import AUTHED
-from meterhub.api.routers import alarms, commands, devices, energy, registry, system, users
+from meterhub.api.routers import alarms, commands, conformance, devices, energy, registry, system, users
 from meterhub.api.security import Authorizer
 from meterhub.core.metrics import Metrics
 
@@ -63,7 +63,7 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(system.health_router)
     app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
-    for module in (registry, devices, commands, energy, alarms, users):
+    for module in (registry, devices, commands, energy, alarms, users, conformance):
         api.include_router(module.router)
     app.include_router(api)
     for extra in extra_routers or []:

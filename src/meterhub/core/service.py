@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -80,6 +80,20 @@ class DeviceState:
         self.name = name
 
 
+class GatewayRecord:
+    """What a gateway did at the protocol level, kept for its conformance report card (bounded)."""
+
+    __slots__ = ("codes", "command_latencies", "commands", "status_rejected", "status_times", "unknown_topic")
+
+    def __init__(self) -> None:
+        self.codes: dict[str, Counter[int]] = {"sync": Counter(), "report": Counter()}
+        self.status_times: deque[float] = deque(maxlen=64)
+        self.status_rejected = 0
+        self.unknown_topic = 0
+        self.commands: Counter[str] = Counter()  # sent, ok, failed, timeout, late_answer
+        self.command_latencies: deque[float] = deque(maxlen=256)
+
+
 @dataclass(slots=True)
 class CommandResult:
     """The outcome of a command. ``status``: ok, failed (the device answered a non-zero code),
@@ -128,6 +142,10 @@ class ProtocolService:
         self.by_gateway: dict[str, set[str]] = {}
         self.southbound: Southbound | None = None
         self.stats: Counter[str] = Counter()
+        self.gateway_records: dict[str, GatewayRecord] = {}
+        self._stat_keys = {
+            (k, c): f"{k.name.lower()}.code.{int(c)}" for k in (_SYNC, _REPORT) for c in ErrorCode
+        }
         self.pending_commands: dict[str, _PendingCommand] = {}
         self.timed_out: OrderedDict[str, str] = OrderedDict()
         self._dedupe: OrderedDict[tuple[str, str], int | asyncio.Future[Any]] = OrderedDict()
@@ -250,6 +268,7 @@ class ProtocolService:
         parsed = parse_topic(topic)
         if parsed is None or parsed[0] != principal.client_id:
             self.stats["rejected.unknown_topic"] += 1
+            self.record(principal.client_id).unknown_topic += 1
             log.info("message on an unknown topic ignored", gateway_id=principal.client_id, topic=topic[:200])
             return None
         gw, kind = parsed
@@ -270,8 +289,20 @@ class ProtocolService:
 
     # --- replies ---------------------------------------------------------------------------------
 
+    def record(self, gw: str) -> GatewayRecord:
+        """The gateway's conformance record (created on first use; at most 100,000 kept)."""
+        records = self.gateway_records
+        rec = records.get(gw)
+        if rec is None:
+            if len(records) >= 100_000:
+                del records[next(iter(records))]
+            rec = records[gw] = GatewayRecord()
+        return rec
+
     def _reply(self, gw: str, kind: Kind, request_id: str | None, cid: str | None, code: int) -> None:
-        self.stats[f"{kind.name.lower()}.code.{code}"] += 1
+        key = self._stat_keys.get((kind, code)) or f"{kind.name.lower()}.code.{code}"
+        self.stats[key] += 1
+        self.record(gw).codes[kind.name.lower()][int(code)] += 1
         assert self.southbound is not None
         self.southbound.publish(
             gw, response_topic(gw, kind), encode_response(request_id, cid, code, self.clock()), 1
@@ -524,6 +555,7 @@ class ProtocolService:
             req = decode_status(payload, now)
         except ProtocolError as exc:
             self.stats["rejected.status"] += 1
+            self.record(gw).status_rejected += 1
             log.info(
                 "status message rejected",
                 gateway_id=gw,
@@ -548,6 +580,7 @@ class ProtocolService:
             if dev.online != online:
                 self._set_presence(dev, online, "status", now, ops)
         self.stats["status.accepted"] += 1
+        self.record(gw).status_times.append(now)
         return self.writer.write(ops) if ops else None
 
     # --- presence --------------------------------------------------------------------------------
@@ -615,6 +648,7 @@ class ProtocolService:
         elif resp.request_id in self.timed_out:
             self.timed_out.pop(resp.request_id, None)
             self.stats["commands.late_answer"] += 1
+            self.record(gw).commands["late_answer"] += 1
             log.info(
                 "late command answer recorded", gateway_id=gw, request_id=resp.request_id, code=resp.code
             )
@@ -707,6 +741,8 @@ class ProtocolService:
             )
             return CommandResult(request_id, cid, dp_id, "rejected", ErrorCode.DEVICE_OFFLINE, msg, canonical)
         self.stats["commands.sent"] += 1
+        rec = self.record(gw)
+        rec.commands["sent"] += 1
         try:
             code, msg = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
         except TimeoutError:
@@ -715,6 +751,7 @@ class ProtocolService:
             if len(self.timed_out) > 10_000:
                 self.timed_out.popitem(last=False)
             self.stats["commands.timeout"] += 1
+            rec.commands["timeout"] += 1
             await self.writer.write([("command_update", {"request_id": request_id, "status": "timeout"})])
             return CommandResult(
                 request_id,
@@ -728,6 +765,8 @@ class ProtocolService:
             )
         status = "ok" if code == 0 else "failed"
         self.stats[f"commands.{status}"] += 1
+        rec.commands[status] += 1
+        rec.command_latencies.append(time.monotonic() - started)
         return CommandResult(request_id, cid, dp_id, status, code, msg, canonical, time.monotonic() - started)
 
     # --- events for other components (open hub, live dashboard) ----------------------------------

@@ -83,6 +83,20 @@ def client_id_problem(client_id: str, max_length: int) -> str | None:
     return None
 
 
+class ClientRecord:
+    """What a client did on the wire, kept for its conformance report card (bounded)."""
+
+    __slots__ = ("acl_rejected", "clean_session", "connects", "keepalive", "keepalive_expired", "qos")
+
+    def __init__(self) -> None:
+        self.connects: deque[tuple[float, int]] = deque(maxlen=64)  # (wall time, CONNACK code)
+        self.keepalive = 0
+        self.clean_session = True
+        self.qos = [0, 0, 0]  # inbound PUBLISH count per QoS
+        self.acl_rejected = 0
+        self.keepalive_expired = 0
+
+
 class Session:
     """MQTT session state that outlives a connection when clean_session is 0."""
 
@@ -155,6 +169,7 @@ class MQTTConnection(asyncio.Protocol):
         "pending",
         "principal",
         "read_pause",
+        "record",
         "server",
         "session",
         "state",
@@ -183,6 +198,7 @@ class MQTTConnection(asyncio.Protocol):
         self.peer = ""
         self.pending: list[Any] | None = None
         self.write_paused_since: float | None = None
+        self.record: ClientRecord | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -342,6 +358,12 @@ class MQTTConnection(asyncio.Protocol):
         if self.state == "closed":
             return
         server.stats[f"connack.{code}"] += 1
+        if code != CONNACK_BAD_PROTOCOL and code != CONNACK_ID_REJECTED:
+            record = server.client_record(packet.client_id)
+            record.connects.append((time.time(), code))
+            record.keepalive = packet.keep_alive
+            record.clean_session = packet.clean_session
+            self.record = record
         if code != CONNACK_ACCEPTED:
             log.info(
                 "connection refused",
@@ -387,8 +409,13 @@ class MQTTConnection(asyncio.Protocol):
         qos = packet.qos
         pid = packet.packet_id
         result: Any = None
+        record = self.record
+        if record is not None:
+            record.qos[qos] += 1
         if len(topic) > server.limits.max_topic_length or not principal.may_publish(topic):
             stats["rejected.publish_acl"] += 1
+            if record is not None:
+                record.acl_rejected += 1
             log.info("publish refused", client_id=principal.client_id, topic=topic[:200])
         elif qos == 2 and session.inbound_qos2 is not None and pid in session.inbound_qos2:
             stats["publish.in_duplicate_qos2"] += 1
@@ -536,6 +563,7 @@ class MQTTServer:
         self.connected: dict[str, MQTTConnection] = {}
         self.connections: set[MQTTConnection] = set()
         self.stats: Counter[str] = Counter()
+        self.client_records: dict[str, ClientRecord] = {}
         self.background: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self._servers: list[asyncio.base_events.Server] = []
@@ -620,6 +648,15 @@ class MQTTServer:
         conn.session = session
         self.connected[cid] = conn
         return present
+
+    def client_record(self, client_id: str) -> ClientRecord:
+        records = self.client_records
+        record = records.get(client_id)
+        if record is None:
+            if len(records) >= 100_000:  # forget the oldest client
+                del records[next(iter(records))]
+            record = records[client_id] = ClientRecord()
+        return record
 
     # --- delivery --------------------------------------------------------------------------------
 
@@ -740,6 +777,8 @@ class MQTTServer:
                 continue
             if conn.keep_alive and now - conn.last_rx > conn.keep_alive * 1.5:
                 stats["closed.keepalive"] += 1
+                if conn.record is not None:
+                    conn.record.keepalive_expired += 1
                 log.info("keep-alive expired", client_id=conn._cid(), peer=conn.peer)
                 conn.abort("keepalive-timeout")
             elif (

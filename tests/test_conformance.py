@@ -1,0 +1,150 @@
+"""The conformance report card flags each misbehaviour and passes a well-behaved gateway."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+import mqttraw
+from conftest import RunningHub, wait_for
+from meterhub.api.security import create_token
+from meterhub.core.auth import gateway_password
+from meterhub.core.conformance import report_card
+from meterhub.storage import registry
+from test_protocol_e2e import answer_commands
+
+
+@pytest.fixture
+def hub(hub_factory) -> RunningHub:
+    return hub_factory("protocol", http_port=0, conformance_status_interval=1.0)
+
+
+@pytest.fixture
+def vendor(hub: RunningHub) -> registry.Vendor:
+    return registry.add_vendor(hub.engine, "conf")
+
+
+def envelope(param: Any) -> str:
+    return json.dumps({"t": int(time.time()), "request_id": str(uuid.uuid4()), "param": param})
+
+
+def verdicts(hub: RunningHub, gw: str) -> dict[str, str]:
+    card = hub.run(lambda: report_card(hub.hub, gw))
+    return {f["rule"]: f["verdict"] for f in card["findings"]}
+
+
+def good_gateway(hub: RunningHub, vendor: registry.Vendor, clients, gw: str, keepalive: int = 30) -> Any:
+    c = clients(hub.port, gw, vendor.username, keepalive=keepalive)
+    assert c.connect()[0] == 0
+    for topic in ("commands", "devices/sync/response", "properties/report/response"):
+        c.subscribe(f"gateway_id/{gw}/{topic}")
+    c.publish(f"gateway_id/{gw}/devices/sync", envelope({"cid": f"{gw}-m1", "product_id": "p"}))
+    assert json.loads(c.get().payload)["param"]["code"] == 0
+    return c
+
+
+def test_well_behaved_gateway_passes(hub: RunningHub, vendor: registry.Vendor, clients) -> None:
+    c = good_gateway(hub, vendor, clients, "gw-good")
+    stop = threading.Event()
+    for i in range(4):
+        c.publish("gateway_id/gw-good/devices/status", envelope([{"cid": "gw-good-m1", "status": True}]))
+        c.publish(
+            "gateway_id/gw-good/properties/report",
+            envelope({"cid": "gw-good-m1", "id": "5", "value": 2300000 + i}),
+        )
+        assert json.loads(c.get().payload)["param"]["code"] == 0
+        time.sleep(0.25)
+    answer_commands(c, stop=stop)
+    result = hub.call(hub.hub.handler.send_command("gw-good-m1", "switch", True, timeout=5))
+    stop.set()
+    assert result.status == "ok"
+    c.publish("gateway_id/gw-good/devices/status", envelope([{"cid": "gw-good-m1", "status": True}]))
+    time.sleep(0.1)
+    v = verdicts(hub, "gw-good")
+    assert v == {rule: "pass" for rule in v}, v
+    assert len(v) == 9
+
+
+def test_each_misbehaviour_is_flagged(hub: RunningHub, vendor: registry.Vendor, clients) -> None:
+    # reports before sync, QoS 0, invalid values, foreign topics, no commands subscription, no status
+    c = clients(hub.port, "gw-bad", vendor.username, keepalive=0)
+    assert c.connect()[0] == 0
+    c.subscribe("gateway_id/gw-bad/properties/report/response")
+    c.publish(
+        "gateway_id/gw-bad/properties/report", envelope({"cid": "never-synced", "id": "1", "value": True})
+    )
+    c.publish("gateway_id/gw-bad/devices/sync", envelope({"cid": "m", "product_id": "p"}))
+    c.publish("gateway_id/gw-bad/properties/report", envelope({"cid": "m", "id": "5", "value": -1}), qos=0)
+    c.publish("gateway_id/gw-other/properties/report", b"{}")
+    c.publish("gateway_id/gw-bad/whatever", b"{}")
+    wait_for(lambda: hub.run(lambda: sum(hub.hub.handler.record("gw-bad").codes["report"].values())) == 2)
+    v = verdicts(hub, "gw-bad")
+    assert v["sync-before-report"] == "fail"
+    assert v["qos-1"] == "fail"
+    assert v["valid-messages"] == "fail"
+    assert v["topics"] == "fail"
+    assert v["subscribes-downlink"] == "fail"
+    assert v["status-every-minute"] == "unknown"
+    assert v["answers-commands"] == "unknown"
+    assert v["keep-alive"] == "warn"  # 0 disables dead-connection detection
+    card = hub.run(lambda: report_card(hub.hub, "gw-bad"))
+    valid = next(f for f in card["findings"] if f["rule"] == "valid-messages")
+    assert "1101" in valid["observed"] and "params range invalid" in valid["observed"]
+    assert card["verdict"] == "fail"
+
+
+def test_status_gaps_and_unanswered_commands(hub: RunningHub, vendor: registry.Vendor, clients) -> None:
+    c = good_gateway(hub, vendor, clients, "gw-slow")
+    c.publish("gateway_id/gw-slow/devices/status", envelope([{"cid": "gw-slow-m1", "status": True}]))
+    result = hub.call(hub.hub.handler.send_command("gw-slow-m1", "switch", True, timeout=0.3))
+    assert result.status == "timeout"
+    time.sleep(1.7)  # longer than 1.5 x the expected 1 s interval
+    c.publish("gateway_id/gw-slow/devices/status", envelope([{"cid": "gw-slow-m1", "status": True}]))
+    wait_for(lambda: hub.run(lambda: len(hub.hub.handler.record("gw-slow").status_times)) == 2)
+    v = verdicts(hub, "gw-slow")
+    assert v["status-every-minute"] == "fail"
+    assert v["answers-commands"] == "fail"
+
+
+def test_keepalive_expiry_and_reconnect_storm(hub: RunningHub, vendor: registry.Vendor) -> None:
+    user = vendor.username
+    raw = mqttraw.RawClient(hub.port)
+    raw.send(mqttraw.connect("gw-storm", user, gateway_password("gw-storm", user), keepalive=1))
+    assert raw.read_packet()[0] == 0x20
+    assert raw.closed_within(4) is not None
+    for _ in range(4):
+        r = mqttraw.RawClient(hub.port)
+        r.send(mqttraw.connect("gw-storm", user, gateway_password("gw-storm", user), keepalive=1))
+        assert r.read_packet()[0] == 0x20
+        r.close()
+    v = verdicts(hub, "gw-storm")
+    assert v["keep-alive"] == "fail"
+    assert v["reconnect-politely"] == "fail"
+
+
+def test_report_card_api_and_cli(hub: RunningHub, vendor: registry.Vendor, clients) -> None:
+    good_gateway(hub, vendor, clients, "gw-api")
+    token, _ = create_token(hub.engine, "reader", "read")
+    base = f"http://127.0.0.1:{hub.hub.http_port}"
+    r = httpx.get(f"{base}/api/v1/gateways/gw-api/conformance", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200
+    card = r.json()
+    assert card["gateway_id"] == "gw-api" and card["connected"] is True
+    assert {f["rule"] for f in card["findings"]} >= {"sync-before-report", "qos-1", "answers-commands"}
+    assert all(f["expected"] and f["observed"] for f in card["findings"])
+    r = httpx.get(f"{base}/api/v1/gateways/nobody/conformance", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 404
+    from click.testing import CliRunner
+
+    from meterhub.cli import main
+
+    out = CliRunner().invoke(main, ["conformance", "gw-api", "--url", base, "--token", token])
+    assert out.exit_code == 0, out.output
+    assert "gateway gw-api (connected)" in out.output and "[PASS] Devices are synced" not in out.output
+    assert "expected:" in out.output and "observed:" in out.output
