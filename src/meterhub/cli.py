@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -106,6 +107,70 @@ def serve(ctx: Context, handler: str, **overrides: Any) -> None:
     from meterhub.app import serve as serve_coro
 
     run(serve_coro(settings, handler=handler))
+
+
+@main.command()
+@_common
+@click.option("--mqtt-port", type=int, default=None, help="MQTT port for gateways (default 21883).")
+@click.option(
+    "--http-port", type=int, default=None, help="HTTP port for the API and dashboard (default 8080)."
+)
+@click.option("--gateways", type=click.IntRange(1), default=3, show_default=True, help="Simulated gateways.")
+@click.option("--meters", type=click.IntRange(1), default=4, show_default=True, help="Meters per gateway.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05),
+    default=2.0,
+    show_default=True,
+    help="Seconds between a meter's reports.",
+)
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
+@pass_ctx
+def demo(
+    ctx: Context, gateways: int, meters: int, interval: float, duration: float | None, **overrides: Any
+) -> None:
+    """Run the server with a simulated fleet of three-phase meters, so data flows at once."""
+    import asyncio
+    import time
+
+    from meterhub.api.security import create_token
+    from meterhub.app import Hub, run
+    from meterhub.storage import registry
+    from meterhub.tools.simulator import run_fleet
+
+    settings = ctx.settings(**overrides)
+    configure_logging("WARNING", settings.log_format)
+    engine = ctx.engine()
+    vendor = registry.get_vendor(engine, "demo") or registry.add_vendor(engine, "demo")
+    token, _ = create_token(engine, f"demo-{int(time.time())}", "admin")
+    engine.dispose()
+
+    async def main_task() -> None:
+        hub = Hub(settings)
+        await hub.start()
+        base = f"http://127.0.0.1:{hub.http_port}"
+        click.echo(f"meterhub demo: MQTT for gateways on port {hub.mqtt_port}, API and dashboard at {base}/")
+        click.echo(f"  dashboard / API token (admin): {token}")
+        click.echo(f"  try: curl -H 'Authorization: Bearer {token}' {base}/api/v1/devices")
+        click.echo(
+            f"  simulating {gateways} gateways x {meters} meters, a report every {interval:g} s; Ctrl-C stops"
+        )
+        try:
+            await run_fleet(
+                "127.0.0.1",
+                hub.mqtt_port or 21883,
+                vendor.username,
+                gateways=gateways,
+                meters=meters,
+                interval=interval,
+                duration=duration,
+                progress=True,
+            )
+        finally:
+            await hub.stop()
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        run(main_task())
 
 
 # --- vendors -------------------------------------------------------------------------------------
