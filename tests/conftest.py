@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import socket
 import threading
@@ -87,6 +88,34 @@ class RunningHub:
         return self.hub.mqtt.stats
 
 
+#: ``METERHUB_TEST_DB=postgresql`` runs the hub fixtures on a fresh PostgreSQL database each
+#: (server from ``METERHUB_TEST_PG``, default the local one); anything else: SQLite in a temp dir.
+TEST_DB = os.environ.get("METERHUB_TEST_DB", "sqlite")
+TEST_PG = os.environ.get("METERHUB_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def fresh_postgres_url() -> str:
+    """Create an empty database on the test PostgreSQL server and return its SQLAlchemy URL."""
+    from sqlalchemy import create_engine, text
+
+    name = f"meterhub_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{TEST_PG}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{TEST_PG}/{name}"
+
+
+def drop_postgres(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(f"{TEST_PG}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "data_dir": data_dir,
@@ -104,6 +133,9 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
     started: list[RunningHub] = []
 
     def factory(handler: str = "protocol", **overrides: Any) -> RunningHub:
+        if TEST_DB == "postgresql" and "database_url" not in overrides:
+            overrides["database_url"] = fresh_postgres_url()
+            databases.append(overrides["database_url"])
         settings = make_settings(tmp_path / f"data{len(started)}", **overrides)
         hub = RunningHub(settings, handler=handler)
         hub.start()
@@ -112,9 +144,12 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
         started.append(hub)
         return hub
 
+    databases: list[str] = []
     yield factory
     for hub in started:
         hub.stop()
+    for url in databases:
+        drop_postgres(url)
 
 
 @pytest.fixture

@@ -485,7 +485,11 @@ def test_operator_cli(api: Api, tmp_path: Any) -> None:
     gw.sync("c1", device_name="Pump", install_location="Cellar")
     gw.report("c1", "5", 2301234)
     gw.report("c1", "19", 1)
-    runner = CliRunner()
+    runner = CliRunner(
+        env={"METERHUB_DATABASE_URL": api.hub.settings.database_url}
+        if api.hub.settings.database_url
+        else None
+    )
     conn = ["--url", api.base, "--token", api.admin_token]
 
     def run(*args: str) -> str:

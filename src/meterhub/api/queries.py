@@ -85,9 +85,9 @@ def devices(
         pattern = _like(q)
         conds.append(
             or_(
-                d.c.cid.like(pattern, escape="\\"),
-                d.c.device_name.like(pattern, escape="\\"),
-                d.c.install_location.like(pattern, escape="\\"),
+                d.c.cid.ilike(pattern, escape="\\"),
+                d.c.device_name.ilike(pattern, escape="\\"),
+                d.c.install_location.ilike(pattern, escape="\\"),
             )
         )
     where = and_(*conds) if conds else None
