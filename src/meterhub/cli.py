@@ -535,6 +535,9 @@ def _register_ops() -> None:
 
     for command in OPS_COMMANDS:
         main.add_command(command)
+    from meterhub.tools.simulator import simulate_command
+
+    main.add_command(simulate_command)
 
 
 _register_ops()
