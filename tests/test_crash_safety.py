@@ -11,8 +11,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from conftest import Client, free_port, wait_for
@@ -49,7 +51,18 @@ def start_server(data: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def test_kill_9_loses_no_acknowledged_report(tmp_path: Path) -> None:
+@pytest.fixture
+def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Server processes started by the test; all killed at the end, whatever happened."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_kill_9_loses_no_acknowledged_report(tmp_path: Path, servers: list[subprocess.Popen[bytes]]) -> None:
     data = tmp_path / "data"
     username = subprocess.run(
         [sys.executable, "-m", "meterhub", "vendor", "add", "crashco", "--data-dir", str(data)],
@@ -59,6 +72,7 @@ def test_kill_9_loses_no_acknowledged_report(tmp_path: Path) -> None:
     ).stdout.strip()
     port = free_port()
     proc = start_server(data, port)
+    servers.append(proc)
     acked: set[str] = set()
     client = Client(port, "gw-crash", username, gateway_password("gw-crash", username))
     assert client.connect()[0] == 0
@@ -104,6 +118,7 @@ def test_kill_9_loses_no_acknowledged_report(tmp_path: Path) -> None:
     assert len(acked) >= 500, f"only {len(acked)} of {sent} reports answered before the kill"
 
     proc = start_server(data, port)  # restart: migrations and recovery run on the same files
+    servers.append(proc)
     try:
         engine = create_engine(f"sqlite:///{data / 'meterhub.db'}")
         with engine.connect() as conn:

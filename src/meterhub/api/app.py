@@ -26,6 +26,8 @@ from meterhub.api.responses import AUTHED
 from meterhub.api.routers import alarms, commands, conformance, devices, energy, registry, system, users
 from meterhub.api.security import Authorizer
 from meterhub.core.metrics import Metrics
+from meterhub.web.router import router as dashboard_router
+from meterhub.web.router import static_files as dashboard_static
 
 DESCRIPTION = """
 meterhub's REST API: gateways, devices and their data, commands, energy, alarms.
@@ -68,4 +70,7 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(api)
     for extra in extra_routers or []:
         app.include_router(extra)
+    # The operator dashboard (meterhub.web): the page at /, its files, the live event stream.
+    app.include_router(dashboard_router)
+    app.mount("/static", dashboard_static(), name="static")
     return app
