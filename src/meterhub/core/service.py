@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import msgspec
 from sqlalchemy import Engine, select, update
 
 from meterhub.config import Settings
@@ -53,6 +54,7 @@ from meterhub.transport import Principal, Southbound
 log = get_logger(__name__)
 
 _REPORT = Kind.REPORT
+_json = msgspec.json.Encoder().encode
 _SYNC = Kind.SYNC
 
 
@@ -246,7 +248,7 @@ class ProtocolService:
             return
         now = self.clock()
         self.stats["gateway.disconnected"] += 1
-        ops: list[tuple[str, dict[str, Any]]] = [
+        ops: list[tuple[str, Any]] = [
             (
                 "gateway",
                 {
@@ -367,24 +369,12 @@ class ProtocolService:
             return self._answer_now(key, gw, _REPORT, req.cid, exc.code, exc.message)
         num = _numeric(dp, value)
         t = req.t
-        ops: list[tuple[str, dict[str, Any]]] = [
-            (
-                "report",
-                {
-                    "gateway_id": gw,
-                    "request_id": req.request_id,
-                    "cid": req.cid,
-                    "dp_id": dp.id_str,
-                    "value": value,
-                    "num": num,
-                    "t": t,
-                    "received_at": now,
-                },
-            ),
-            (
-                "latest",
-                {"cid": req.cid, "dp_id": dp.id_str, "value": value, "num": num, "t": t, "received_at": now},
-            ),
+        dp_id = dp.id_str
+        stored = _json(value).decode()
+        # Rows as tuples in column order, for the writer's prepared statements (see storage.database).
+        ops: list[tuple[str, Any]] = [
+            ("report", (gw, req.request_id, req.cid, dp_id, stored, num, t, now)),
+            ("latest", (req.cid, dp_id, stored, num, t, now)),
         ]
         dev.last_heard = now
         self._dirty_seen[dev.cid] = now
@@ -472,7 +462,7 @@ class ProtocolService:
             )
             return
         dev = self.devices.get(req.cid)
-        ops: list[tuple[str, dict[str, Any]]] = []
+        ops: list[tuple[str, Any]] = []
         row: dict[str, Any] = {
             "cid": req.cid,
             "gateway_id": gw,
@@ -567,7 +557,7 @@ class ProtocolService:
         for reason in req.rejected:
             self.stats["rejected.status_item"] += 1
             log.info("status item rejected", gateway_id=gw, request_id=req.request_id, detail=reason)
-        ops: list[tuple[str, dict[str, Any]]] = []
+        ops: list[tuple[str, Any]] = []
         for cid, online in req.items:
             dev = self.devices.get(cid)
             if dev is None or dev.gateway_id != gw:
@@ -586,7 +576,7 @@ class ProtocolService:
     # --- presence --------------------------------------------------------------------------------
 
     def _set_presence(
-        self, dev: DeviceState, online: bool, cause: str, now: float, ops: list[tuple[str, dict[str, Any]]]
+        self, dev: DeviceState, online: bool, cause: str, now: float, ops: list[tuple[str, Any]]
     ) -> None:
         dev.online = online
         self.stats[f"presence.{'online' if online else 'offline'}.{cause}"] += 1
@@ -609,7 +599,7 @@ class ProtocolService:
         """Set offline every online device silent for ``presence_timeout``; returns how many."""
         now = self.clock()
         limit = now - self.settings.presence_timeout
-        ops: list[tuple[str, dict[str, Any]]] = []
+        ops: list[tuple[str, Any]] = []
         for dev in self.devices.values():
             if dev.online and dev.last_heard < limit:
                 self._set_presence(dev, False, "silence", now, ops)

@@ -106,17 +106,6 @@ def upsert(
     conn.execute(stmt, rows)
 
 
-def insert_ignore(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
-    """INSERT that silently skips rows violating a unique constraint (QoS 1 redeliveries)."""
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    conn.execute(dialect_insert(table).on_conflict_do_nothing(), rows)
-
-
 # --- operations the writer understands -------------------------------------------------------------
 # Each kind is applied in this order within a batch, so a device sync in the same batch as its first
 # report is written first. Within a kind, submission order is kept.
@@ -133,12 +122,44 @@ def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
     conn.execute(insert(schema.device_rebinds), rows)
 
 
-def _apply_reports(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    insert_ignore(conn, schema.reports, rows)
+# The two statements every report runs go to the driver directly: rows are tuples in column order,
+# values already JSON text. SQLAlchemy's per-row parameter processing for executemany cost more CPU
+# than the rest of the report's path (measured: docs/benchmarks.md).
+_REPORTS_SQL = (
+    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at) "
+    "VALUES ({p}) ON CONFLICT (gateway_id, request_id) DO NOTHING"
+)
+_LATEST_SQL = (
+    "INSERT INTO latest_values (cid, dp_id, value, num, t, received_at) VALUES ({p}) "
+    "ON CONFLICT (cid, dp_id) DO UPDATE SET value = excluded.value, num = excluded.num, t = excluded.t, "
+    "received_at = excluded.received_at WHERE latest_values.t <= excluded.t"
+)
+_MARKERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 
 
-def _apply_latest(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    upsert(conn, schema.latest, ["cid", "dp_id"], rows, ["value", "num", "t", "received_at"], where_newer="t")
+def _driver_sql(conn: Connection, template: str, columns: int) -> str:
+    marker = _MARKERS.get(conn.dialect.paramstyle)
+    if marker is None:  # pragma: no cover - the drivers meterhub supports use one of the above
+        raise StorageError(f"unsupported DBAPI paramstyle {conn.dialect.paramstyle}")
+    return template.format(p=", ".join([marker] * columns))
+
+
+def _apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """History rows ``(gateway_id, request_id, cid, dp_id, value_json, num, t, received_at)``;
+    a QoS 1 redelivery (same gateway and request_id) is skipped by the unique index."""
+    conn.exec_driver_sql(_driver_sql(conn, _REPORTS_SQL, 8), rows)
+
+
+def _apply_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Latest values ``(cid, dp_id, value_json, num, t, received_at)``: only the newest per data point
+    in the batch is written, and never over a newer stored one (buffered reports arrive late)."""
+    newest: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for row in rows:
+        key = (row[0], row[1])
+        seen = newest.get(key)
+        if seen is None or seen[4] <= row[4]:
+            newest[key] = row
+    conn.exec_driver_sql(_driver_sql(conn, _LATEST_SQL, 6), list(newest.values()))
 
 
 def _apply_presence(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -199,7 +220,7 @@ def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
         )
 
 
-APPLY_ORDER: dict[str, Callable[[Connection, list[dict[str, Any]]], None]] = {
+APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "gateway": _apply_gateways,
     "device": _apply_devices,
     "rebind": _apply_rebinds,
@@ -241,9 +262,9 @@ class GroupCommitWriter:
         self._engine = engine
         self._loop = loop
         self._batch_max = batch_max
-        self._queue: queue.SimpleQueue[
-            tuple[list[tuple[str, dict[str, Any]]], DoneCallback | None] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[list[tuple[str, Any]], DoneCallback | None] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._run, name="meterhub-writer", daemon=True)
         self.stats = WriterStats()
         self.healthy = True
@@ -260,10 +281,10 @@ class GroupCommitWriter:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, ops: list[tuple[str, dict[str, Any]]], callback: DoneCallback | None = None) -> None:
+    def submit(self, ops: list[tuple[str, Any]], callback: DoneCallback | None = None) -> None:
         self._queue.put((ops, callback))
 
-    def write(self, ops: list[tuple[str, dict[str, Any]]]) -> asyncio.Future[None]:
+    def write(self, ops: list[tuple[str, Any]]) -> asyncio.Future[None]:
         """Queue ``ops``; the returned future completes when they are committed."""
         fut: asyncio.Future[None] = self._loop.create_future()
 
@@ -298,9 +319,7 @@ class GroupCommitWriter:
                 batch.append(nxt)
             self._commit_batch(batch)
 
-    def _commit_batch(
-        self, batch: list[tuple[list[tuple[str, dict[str, Any]]], DoneCallback | None]]
-    ) -> None:
+    def _commit_batch(self, batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]]) -> None:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -336,7 +355,7 @@ class GroupCommitWriter:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 self._loop.call_soon_threadsafe(_run_callbacks, results)
 
-    def _apply(self, batch: list[tuple[list[tuple[str, dict[str, Any]]], DoneCallback | None]]) -> None:
+    def _apply(self, batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]]) -> None:
         grouped: dict[str, list[dict[str, Any]]] = {}
         for ops, _ in batch:
             for kind, row in ops:
