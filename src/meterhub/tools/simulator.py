@@ -863,37 +863,11 @@ async def run_fleet(
     return summary
 
 
-async def simulate(
-    host: str,
-    port: int,
-    username: str,
-    gateways: int = 2,
-    meters: int = 5,
-    interval: float = 5.0,
-    duration: float | None = None,
-    seed: int | str | None = None,
-    tls_ca: Any = None,
-    phase_encoding: str = "mixed",
-    progress: bool | Callable[[str], None] = True,
-    gateway_prefix: str = "sim-gw",
-    **options: Any,
-) -> FleetSummary:
-    """Run a simulated fleet against ``host:port`` (see the module docstring); progress on stderr."""
-    return await run_fleet(
-        host,
-        port,
-        username,
-        gateways=gateways,
-        meters=meters,
-        interval=interval,
-        duration=duration,
-        seed=seed,
-        tls_ca=tls_ca,
-        phase_encoding=phase_encoding,
-        progress=progress,
-        gateway_prefix=gateway_prefix,
-        **options,
-    )
+async def simulate(host: str, port: int, username: str, **options: Any) -> FleetSummary:
+    """Run a simulated fleet against ``host:port`` with progress lines on stderr (``run_fleet``'s
+    options: gateways, meters, interval, duration, seed, tls_ca, phase_encoding, ...)."""
+    options.setdefault("progress", True)
+    return await run_fleet(host, port, username, **options)
 
 
 # --- command line ---------------------------------------------------------------------------------
