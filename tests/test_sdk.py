@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from conftest import RunningHub, free_port, wait_for
 from meterhub.model import builtin_model
+from meterhub.protocol.messages import encode_response
 from meterhub.protocol.topics import commands_topic
 from meterhub.sdk import (
     Gateway,
@@ -35,6 +36,7 @@ from meterhub.sdk import (
 )
 from meterhub.storage import registry
 from meterhub.tools.devcert import make_dev_cert
+from meterhub.transport import Principal, Southbound
 
 MODEL = builtin_model("smart-meter")
 
@@ -445,3 +447,62 @@ def test_a_burst_survives_connection_losses_and_is_stored_exactly_once(
         c=cid,
     )
     assert tuple(stored[0]) == (n, n, (n - 1) / 10)
+
+
+# --- a server slower than the SDK's response timeout ----------------------------------------------
+
+
+class SlowSyncServer:
+    """Application handler for meterhub's MQTT server: answers every devices/sync with code 0 after
+    ``answer_after`` s and acknowledges it (PUBACK) after ``ack_after`` s, like a server whose storage
+    is busy with a whole fleet re-syncing at once."""
+
+    def __init__(self, southbound: Southbound, answer_after: float, ack_after: float) -> None:
+        self.southbound = southbound
+        self.answer_after = answer_after
+        self.ack_after = ack_after
+        self.syncs = 0
+
+    def client_connected(self, principal: Principal, peer: str) -> None:
+        pass
+
+    def client_disconnected(self, principal: Principal, reason: str) -> None:
+        pass
+
+    def message(self, principal: Principal, topic: str, payload: bytes) -> Any:
+        if not topic.endswith("/devices/sync"):
+            return None
+        self.syncs += 1
+        request = json.loads(payload)
+        answer = encode_response(request["request_id"], request["param"]["cid"], 0, time.time())
+        asyncio.get_running_loop().call_later(
+            self.answer_after, self.southbound.publish, principal.client_id, topic + "/response", answer, 1
+        )
+        return asyncio.ensure_future(asyncio.sleep(self.ack_after))
+
+
+def test_sync_answers_slower_than_the_response_timeout_still_count(
+    echo_hub: RunningHub, vendor: registry.Vendor
+) -> None:
+    """The PUBACK and the answer both come after ``response_timeout``: sync() with a longer timeout
+    gets the answer, and a re-sync after a reconnection waits instead of dropping the connection."""
+    mqtt = echo_hub.hub.mqtt
+    assert mqtt is not None
+    slow = SlowSyncServer(mqtt, answer_after=0.8, ack_after=0.5)
+    echo_hub.run(lambda: setattr(mqtt, "handler", slow))
+
+    async def main() -> None:
+        gw = Gateway("127.0.0.1", echo_hub.port, "gw-slow", vendor.username, response_timeout=0.2)
+        gw.reconnect_base, gw.reconnect_cap = 0.05, 0.3
+        await gw.start(timeout=5)
+        try:
+            assert await gw.sync("m-slow", "p", timeout=5) == 0
+            assert gw.devices == {"m-slow": True}
+            assert await asyncio.to_thread(echo_hub.run, lambda: mqtt.disconnect("gw-slow"))
+            await until(lambda: gw.stats.connects == 2 and gw.connected, timeout=10)
+            await asyncio.sleep(1.5)  # a timed-out re-sync would have dropped the connection by now
+            assert (gw.stats.connects, gw.connected, slow.syncs) == (2, True, 2)
+        finally:
+            await gw.close(flush_timeout=0)
+
+    run(main())

@@ -100,6 +100,11 @@ STABLE_SECONDS = 10.0
 SEND_BATCH = 100
 #: Most devices listed in one devices/status message (keeps it well under the server's packet limit).
 STATUS_CHUNK = 500
+#: How long a QoS 1 sync/status/command-response publish waits for its PUBACK: for as long as the
+#: connection lives. meterhub acknowledges after the durable commit, which can take long while a whole
+#: fleet re-syncs at once; timing out there would drop the connection and make the herd bigger. A dead
+#: connection is noticed by the keep-alive, and the wait is cancelled with the session.
+PUBACK_WAIT = math.inf
 #: CONNACK codes (3.1.1 and their MQTT 5 reason codes as paho reports them) that retrying cannot fix.
 _PERMANENT_REFUSALS = {1, 2, 4, 5, 0x84, 0x85, 0x86, 0x87}
 _REFUSAL_TEXT = {
@@ -776,13 +781,15 @@ class Gateway:
         payload = encode_sync(request_id, cid, device.product_id, time.time(), **device.fields)
         self.stats.syncs += 1
         try:
-            await client.publish(self._t_sync, payload, qos=1)
+            await client.publish(self._t_sync, payload, qos=1, timeout=PUBACK_WAIT)
             code = await asyncio.wait_for(fut, self.response_timeout)
         except TimeoutError:
-            log.warning("gateway %s: no answer to the sync of %s", self.gateway_id, cid)
+            # The request stays in _sync_requests until its answer comes or the connection ends, so a
+            # late answer (a server busy with a whole fleet re-syncing) still reaches sync() callers
+            # that wait longer than response_timeout.
+            log.warning("gateway %s: no answer to the sync of %s yet", self.gateway_id, cid)
             return None
         finally:
-            self._sync_requests.pop(request_id, None)
             waiters = self._sync_waiters.get(cid)
             if waiters is not None and fut in waiters:
                 waiters.remove(fut)
@@ -802,7 +809,7 @@ class Gateway:
             payload = encode_status(str(uuid.uuid4()), chunk, time.time())
             for cid, _ in chunk:
                 devices[cid].announced = True
-            await client.publish(self._t_status, payload, qos=1)
+            await client.publish(self._t_status, payload, qos=1, timeout=PUBACK_WAIT)
             self.stats.statuses += 1
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
@@ -973,6 +980,7 @@ class Gateway:
             self._t_command_response,
             encode_command_response(request_id, cid, code, time.time(), msg=msg),
             qos=1,
+            timeout=PUBACK_WAIT,
         )
 
     async def _execute(self, cid: str, param: Any) -> int:
