@@ -281,6 +281,62 @@ def test_storage_failure_answers_500(hub: RunningHub, gw: Gateway) -> None:
     assert rows(hub, "select count(*) from reports where cid='m7'") == [(0,)]
 
 
+def test_storage_outage_turns_new_gateways_away_until_it_is_over(
+    hub: RunningHub, gateway_factory, clients
+) -> None:
+    """While storage cannot commit, a new gateway gets CONNACK 0x03 (server unavailable) instead of a
+    connection whose reports would be lost; once the outage is over it gets in (test_storage_writer
+    checks that this does not need a successful write first)."""
+    writer = hub.hub.writer
+    writer.retry_after = 1.0
+    gw = gateway_factory("gw-outage")
+    gw.sync("m-out")
+    with hub.engine.begin() as conn:  # the fault: a table the report path writes to is gone
+        conn.execute(text("DROP TABLE latest_values"))
+    assert gw.report("m-out", "5", 2300000)["param"]["code"] == 500
+    assert writer.healthy is False
+    vendor = registry.list_vendors(hub.engine)[0]
+    late = clients(hub.port, "gw-late", vendor.username)
+    rc, _ = late.connect()
+    assert rc.is_failure and str(rc) == "Server unavailable"  # paho's name for 3.1.1's 0x03
+    with hub.engine.begin() as conn:  # repaired
+        schema.latest.create(conn)
+    time.sleep(writer.retry_after + 0.2)
+    late = clients(hub.port, "gw-late", vendor.username)
+    rc, _ = late.connect()
+    assert rc == 0
+    assert gw.report("m-out", "5", 2310000)["param"]["code"] == 0
+    assert writer.healthy is True
+    assert rows(hub, "select value from latest_values where cid='m-out'") == [("2310000",)]
+
+
+def test_last_seen_is_flushed_in_bounded_rounds_longest_waiting_first(hub: RunningHub, gw: Gateway) -> None:
+    """The periodic last-seen flush writes at most ``limit`` devices per round (a fleet of 190,000
+    meters made it one huge UPDATE that held every report's answer), oldest-dirty first."""
+    svc = service(hub)
+    for cid in ("ls-1", "ls-2", "ls-3"):
+        gw.sync(cid)
+    hub.run(lambda: svc._flush_seen(limit=None))
+    wait_for(lambda: hub.hub.writer.depth == 0)
+    marks = {"ls-1": 1000.0, "ls-2": 2000.0, "ls-3": 3000.0}
+
+    def dirty_and_flush_two() -> None:
+        svc._dirty_seen.clear()
+        svc._dirty_seen.update(marks)
+        svc._flush_seen(limit=2)
+
+    hub.run(dirty_and_flush_two)
+
+    def stored() -> dict[str, float]:
+        found = rows(hub, "select cid, last_seen from devices where cid like 'ls-%'")
+        return {cid: t for cid, t in found if t in marks.values()}
+
+    wait_for(lambda: stored() == {"ls-1": 1000.0, "ls-2": 2000.0})
+    assert hub.run(lambda: dict(svc._dirty_seen)) == {"ls-3": 3000.0}
+    hub.run(lambda: svc._flush_seen(limit=2))
+    wait_for(lambda: stored() == marks)
+
+
 # --- sync ----------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -54,6 +55,8 @@ from meterhub.transport import Principal, Southbound
 log = get_logger(__name__)
 
 _REPORT = Kind.REPORT
+#: Most devices whose last-seen time one periodic flush writes (see ProtocolService._flush_seen).
+SEEN_FLUSH_MAX = 5_000
 _json = msgspec.json.Encoder().encode
 _SYNC = Kind.SYNC
 
@@ -170,7 +173,7 @@ class ProtocolService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._flush_seen()
+        self._flush_seen(limit=None)
         for pending in self.pending_commands.values():
             if not pending.future.done():
                 pending.future.cancel()
@@ -607,12 +610,21 @@ class ProtocolService:
             self.writer.submit(ops)
         return len(ops)
 
-    def _flush_seen(self) -> None:
-        """Write devices' last-seen times in one batch (not on every report)."""
-        if not self._dirty_seen:
+    def _flush_seen(self, limit: int | None = SEEN_FLUSH_MAX) -> None:
+        """Write devices' last-seen times in one batch (not on every report), at most ``limit`` of
+        them per call, longest waiting first: with 190,000 meters heard every minute a single flush
+        was a six-figure UPDATE that held the writer (and every report's answer) for seconds."""
+        dirty = self._dirty_seen
+        if not dirty:
             return
-        seen, self._dirty_seen = self._dirty_seen, {}
-        self.writer.submit([("seen", {"cid": cid, "last_seen": t}) for cid, t in seen.items()])
+        if limit is None or len(dirty) <= limit:
+            seen, self._dirty_seen = dirty, {}
+            items = list(seen.items())
+        else:  # dicts keep first-insertion order: the devices dirty for longest come first
+            items = list(itertools.islice(dirty.items(), limit))
+            for cid, _ in items:
+                del dirty[cid]
+        self.writer.submit([("seen", {"cid": cid, "last_seen": t}) for cid, t in items])
 
     # --- commands --------------------------------------------------------------------------------
 

@@ -111,11 +111,32 @@ def upsert(
 # report is written first. Within a kind, submission order is kept.
 
 
-def _apply_devices(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    # Syncs are rare and each carries its own set of fields: fields a sync leaves out are kept.
+def _merged_upserts(
+    conn: Connection, table: Any, key: str, rows: list[dict[str, Any]], insert_only: frozenset[str]
+) -> None:
+    """Upsert rows that each carry their own set of columns (columns a row leaves out are kept).
+
+    Rows for the same key are merged first (later values win, as if applied in order; ``insert_only``
+    columns keep the first row's), then rows with the same columns go in one executemany: a fleet
+    re-syncing at once is a few statements per batch, not one per device.
+    """
+    merged: dict[Any, dict[str, Any]] = {}
     for row in rows:
-        cols = [k for k in row if k not in {"cid", "first_seen", "online"}]
-        upsert(conn, schema.devices, ["cid"], [row], cols)
+        seen = merged.get(row[key])
+        if seen is None:
+            merged[row[key]] = dict(row)
+        else:
+            seen.update({k: v for k, v in row.items() if k not in insert_only})
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in merged.values():
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    for columns, group in groups.items():
+        upsert(conn, table, [key], group, [c for c in columns if c != key and c not in insert_only])
+
+
+def _apply_devices(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    # Each sync carries its own set of fields: fields a sync leaves out are kept.
+    _merged_upserts(conn, schema.devices, "cid", rows, frozenset({"first_seen", "online"}))
 
 
 def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -163,22 +184,24 @@ def _apply_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 
 
 def _apply_presence(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Presence transitions: every one into the log, the last one per device onto the device."""
     conn.execute(insert(schema.presence), rows)
-    for row in rows:
-        conn.execute(
-            update(schema.devices).where(schema.devices.c.cid == row["cid"]).values(online=row["online"])
-        )
+    last = {row["cid"]: row["online"] for row in rows}
+    conn.execute(
+        update(schema.devices)
+        .where(schema.devices.c.cid == bindparam("b_cid"))
+        .values(online=bindparam("b_online")),
+        [{"b_cid": cid, "b_online": online} for cid, online in last.items()],
+    )
 
 
 def _apply_device_seen(conn: Connection, rows: list[dict[str, Any]]) -> None:
     latest_by_cid: dict[str, float] = {}
     for row in rows:
         latest_by_cid[row["cid"]] = max(row["last_seen"], latest_by_cid.get(row["cid"], 0.0))
-    conn.execute(
-        update(schema.devices)
-        .where(schema.devices.c.cid == bindparam("b_cid"))
-        .values(last_seen=bindparam("b_last_seen")),
-        [{"b_cid": c, "b_last_seen": t} for c, t in latest_by_cid.items()],
+    conn.exec_driver_sql(
+        _driver_sql(conn, "UPDATE devices SET last_seen = {p} WHERE cid = {p}", 1),
+        [(t, c) for c, t in latest_by_cid.items()],
     )
 
 
@@ -195,9 +218,7 @@ def _apply_commands_update(conn: Connection, rows: list[dict[str, Any]]) -> None
 
 
 def _apply_gateways(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    for row in rows:
-        cols = [k for k in row if k != "gateway_id"]
-        upsert(conn, schema.gateways, ["gateway_id"], [row], cols)
+    _merged_upserts(conn, schema.gateways, "gateway_id", rows, frozenset())
 
 
 def _apply_alarm_raise(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -247,6 +268,7 @@ class WriterStats:
     last_batch_size: int = 0
     last_commit_seconds: float = 0.0
     commit_seconds_total: float = 0.0
+    max_commit_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -267,7 +289,13 @@ class GroupCommitWriter:
         )
         self._thread = threading.Thread(target=self._run, name="meterhub-writer", daemon=True)
         self.stats = WriterStats()
+        #: False after a batch in which nothing could be committed, True again after one that could.
         self.healthy = True
+        #: Seconds after a failed batch during which :meth:`admits_clients` says no. Past that, new
+        #: clients are let in again even if nothing has been written since (no traffic, no proof), so a
+        #: fleet that was turned away during an outage is not turned away for ever.
+        self.retry_after = 5.0
+        self._failed_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -276,6 +304,11 @@ class GroupCommitWriter:
         """Commit everything queued, then stop the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
+
+    def admits_clients(self) -> bool:
+        """Whether new clients should be let in (CONNACK 0x03 otherwise): storage committed its last
+        batch, or its last failure is older than ``retry_after``."""
+        return self.healthy or time.monotonic() - self._failed_at > self.retry_after
 
     @property
     def depth(self) -> int:
@@ -344,12 +377,15 @@ class GroupCommitWriter:
                 if cb is not None:
                     results.append((cb, res))
             self.healthy = any(r is None for _, r in results) or not results
+            if not self.healthy:
+                self._failed_at = time.monotonic()
         elapsed = time.perf_counter() - started
         st = self.stats
         st.batches += 1
         st.operations += len(batch)
         st.last_batch_size = len(batch)
         st.last_commit_seconds = elapsed
+        st.max_commit_seconds = max(st.max_commit_seconds, elapsed)
         st.commit_seconds_total += elapsed
         if results:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from meterhub.storage import schema
@@ -71,10 +72,33 @@ def get_vendor(engine: Engine, name: str) -> Vendor | None:
     return _vendor(row) if row else None
 
 
-def vendor_by_username(engine: Engine, username: str) -> Vendor | None:
-    with engine.connect() as conn:
-        row = conn.execute(select(schema.vendors).where(schema.vendors.c.username == username)).first()
-    return _vendor(row) if row else None
+#: Most values in one ``IN (...)`` (SQLite's default limit on bound parameters is 32,766).
+_IN_CHUNK = 900
+
+
+def vendors_by_usernames(conn: Connection, usernames: Collection[str]) -> dict[str, Vendor]:
+    """The vendors with these usernames, in one query per ``_IN_CHUNK`` names."""
+    names = list(usernames)
+    found: dict[str, Vendor] = {}
+    for start in range(0, len(names), _IN_CHUNK):
+        chunk = names[start : start + _IN_CHUNK]
+        for row in conn.execute(select(schema.vendors).where(schema.vendors.c.username.in_(chunk))):
+            found[row.username] = _vendor(row)
+    return found
+
+
+def gateways_by_ids(conn: Connection, gateway_ids: Collection[str]) -> dict[str, GatewayRecord]:
+    """The operator flags of these gateways (those that have a row), in one query per chunk."""
+    g = schema.gateways
+    ids = list(gateway_ids)
+    found: dict[str, GatewayRecord] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        query = select(g.c.gateway_id, g.c.vendor_id, g.c.enabled, g.c.allowed).where(
+            g.c.gateway_id.in_(ids[start : start + _IN_CHUNK])
+        )
+        for row in conn.execute(query):
+            found[row.gateway_id] = GatewayRecord(row.gateway_id, row.vendor_id, row.enabled, row.allowed)
+    return found
 
 
 def list_vendors(engine: Engine) -> list[Vendor]:
@@ -91,17 +115,6 @@ def set_vendor(engine: Engine, name: str, **values: Any) -> Vendor:
     vendor = get_vendor(engine, name)
     assert vendor is not None
     return vendor
-
-
-def get_gateway(engine: Engine, gateway_id: str) -> GatewayRecord | None:
-    g = schema.gateways
-    with engine.connect() as conn:
-        row = conn.execute(
-            select(g.c.gateway_id, g.c.vendor_id, g.c.enabled, g.c.allowed).where(
-                g.c.gateway_id == gateway_id
-            )
-        ).first()
-    return GatewayRecord(row.gateway_id, row.vendor_id, row.enabled, row.allowed) if row else None
 
 
 def set_gateway(engine: Engine, gateway_id: str, *, vendor: str | None = None, **values: Any) -> None:

@@ -1,0 +1,138 @@
+"""The group-commit writer against a real database (SQLite; PostgreSQL with METERHUB_TEST_DB=postgresql).
+
+Several operations on the same row in one batch must end as if applied one by one, in order, although
+the writer folds them into a few executemany statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from conftest import TEST_DB, drop_postgres, fresh_postgres_url
+from meterhub.storage.database import GroupCommitWriter, StorageError, create_db_engine, migrate
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    url = fresh_postgres_url() if TEST_DB == "postgresql" else f"sqlite:///{tmp_path / 'writer.db'}"
+    eng = create_db_engine(url)
+    migrate(eng)
+    yield eng
+    eng.dispose()
+    if TEST_DB == "postgresql":
+        drop_postgres(url)
+
+
+def commit(engine: Engine, *groups: list[tuple[str, Any]]) -> None:
+    """Submit the groups back to back (so they share a batch) and wait until all are committed."""
+
+    async def main() -> None:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop())
+        futures = [writer.write(ops) for ops in groups]  # queued before the thread starts: one batch
+        writer.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+            assert writer.stats.batches == 1
+        finally:
+            writer.stop()
+
+    asyncio.run(main())
+
+
+def one(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).one()
+
+
+def device(cid: str, at: float, **fields: Any) -> tuple[str, dict[str, Any]]:
+    row = {"cid": cid, "gateway_id": "gw-1", "product_id": "p", "model": "smart-meter", "synced_at": at}
+    row.update(last_seen=at, first_seen=at, online=False, **fields)
+    return ("device", row)
+
+
+def test_several_syncs_of_one_device_in_a_batch_end_as_if_applied_in_order(engine: Engine) -> None:
+    commit(
+        engine,
+        [device("m-1", 100.0, device_name="first", mac_address="aa:bb")],
+        [device("m-1", 101.0, device_name="second")],  # leaves mac_address out: kept
+        [device("m-1", 102.0, install_location="roof")],
+        [("presence", {"cid": "m-1", "online": True, "cause": "status", "at": 102.0})],
+        [("presence", {"cid": "m-1", "online": False, "cause": "silence", "at": 103.0})],
+        [("presence", {"cid": "m-1", "online": True, "cause": "report", "at": 104.0})],
+    )
+    row = one(
+        engine,
+        "SELECT device_name, mac_address, install_location, first_seen, synced_at, online "
+        "FROM devices WHERE cid = 'm-1'",
+    )
+    assert tuple(row) == ("second", "aa:bb", "roof", 100.0, 102.0, True)
+    assert one(engine, "SELECT count(*) FROM presence WHERE cid = 'm-1'")[0] == 3
+
+    # a later batch: a sync without fields keeps them, presence goes offline
+    commit(
+        engine,
+        [device("m-1", 200.0)],
+        [("presence", {"cid": "m-1", "online": False, "cause": "gateway-disconnect", "at": 201.0})],
+    )
+    row = one(engine, "SELECT device_name, mac_address, first_seen, synced_at, online FROM devices")
+    assert tuple(row) == ("second", "aa:bb", 100.0, 200.0, False)
+
+
+def test_a_fleet_of_syncs_with_mixed_fields_is_stored_whole(engine: Engine) -> None:
+    groups = []
+    for i in range(600):
+        fields = {"device_name": f"meter {i}"} if i % 3 else {"vendor_code": "v", "comm_type": "mqtt"}
+        groups.append([device(f"m-{i}", 10.0 + i, **fields)])
+        groups.append([("presence", {"cid": f"m-{i}", "online": i % 2 == 0, "cause": "status", "at": 20.0})])
+    commit(engine, *groups)
+    assert one(engine, "SELECT count(*) FROM devices")[0] == 600
+    assert one(engine, "SELECT count(*) FROM devices WHERE online")[0] == 300
+    assert one(engine, "SELECT count(*) FROM devices WHERE device_name IS NOT NULL")[0] == 400
+    assert tuple(one(engine, "SELECT device_name, vendor_code FROM devices WHERE cid = 'm-3'")) == (None, "v")
+    row = one(engine, "SELECT device_name, comm_type FROM devices WHERE cid = 'm-4'")
+    assert tuple(row) == ("meter 4", None)
+
+
+def test_connect_then_disconnect_of_a_gateway_in_one_batch(engine: Engine) -> None:
+    connected = {"gateway_id": "gw-9", "connected": True, "client_address": "127.0.0.1:5000"}
+    connected.update(last_connected_at=1.0, last_seen=1.0)
+    commit(
+        engine,
+        [("gateway", connected)],
+        [("gateway", {"gateway_id": "gw-9", "connected": False, "last_disconnected_at": 2.0})],
+    )
+    row = one(
+        engine,
+        "SELECT connected, client_address, last_connected_at, last_disconnected_at, last_seen "
+        "FROM gateways WHERE gateway_id = 'gw-9'",
+    )
+    assert tuple(row) == (False, "127.0.0.1:5000", 1.0, 2.0, 1.0)
+
+
+def test_after_a_failed_batch_clients_are_admitted_again_without_a_write(engine: Engine) -> None:
+    """A failed batch turns new clients away (CONNACK 0x03) for ``retry_after`` s only: with nothing
+    written meanwhile there is no proof either way, and a fleet turned away must get another try."""
+
+    async def main() -> None:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop())
+        writer.retry_after = 0.3
+        writer.start()
+        try:
+            assert writer.admits_clients()
+            with pytest.raises(StorageError):  # a device row without its required columns
+                await asyncio.wait_for(writer.write([("device", {"cid": "broken"})]), 10)
+            assert (writer.healthy, writer.admits_clients()) == (False, False)
+            await asyncio.sleep(0.4)
+            assert (writer.healthy, writer.admits_clients()) == (False, True)
+            await asyncio.wait_for(writer.write([device("m-ok", 1.0)]), 10)
+            assert (writer.healthy, writer.admits_clients()) == (True, True)
+        finally:
+            writer.stop()
+
+    asyncio.run(main())
