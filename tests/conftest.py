@@ -7,6 +7,8 @@ import contextlib
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +24,16 @@ from meterhub.app import Hub
 from meterhub.config import Settings, load_settings
 from meterhub.core.auth import gateway_password
 from meterhub.storage import registry
+
+
+def cli_add_vendor(data: Path, name: str) -> str:
+    """Add a vendor with the real CLI (``meterhub vendor add``), as an operator would; its username."""
+    return subprocess.run(
+        [sys.executable, "-m", "meterhub", "vendor", "add", name, "--data-dir", str(data)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def free_port() -> int:

@@ -455,6 +455,14 @@ def test_health_and_metrics(api: Api) -> None:
     assert 'meterhub_command_duration_seconds_count{status="ok"} 1.0' in text
     assert "meterhub_storage_batches_total" in text and "meterhub_storage_queue_depth" in text
     assert "meterhub_mqtt_messages_received_total" in text
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("meterhub_gc_", "meterhub_storage_commit_seconds_max"))
+    }
+    assert values["meterhub_storage_commit_seconds_max"] > 0
+    assert values['meterhub_gc_collections_total{generation="0"}'] > 0  # this process has allocated plenty
+    assert 0 < values['meterhub_gc_pause_seconds_max{generation="0"}'] < 5
 
 
 def test_simple_get_latency(api: Api) -> None:

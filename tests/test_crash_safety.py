@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import Client, free_port, wait_for
+from conftest import Client, cli_add_vendor, free_port, wait_for
 from meterhub.core.auth import gateway_password
 
 
@@ -64,12 +64,7 @@ def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def test_kill_9_loses_no_acknowledged_report(tmp_path: Path, servers: list[subprocess.Popen[bytes]]) -> None:
     data = tmp_path / "data"
-    username = subprocess.run(
-        [sys.executable, "-m", "meterhub", "vendor", "add", "crashco", "--data-dir", str(data)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    username = cli_add_vendor(data, "crashco")
     port = free_port()
     proc = start_server(data, port)
     servers.append(proc)

@@ -99,6 +99,53 @@ def test_not_authorized_cases(echo_hub: RunningHub, vendor: registry.Vendor) -> 
     assert code("gw-any") == 0x05
 
 
+def test_a_connect_storm_is_answered_in_batches_each_with_its_own_code(
+    echo_hub: RunningHub, vendor: registry.Vendor
+) -> None:
+    """600 CONNECTs sent at once (good, wrong password, unknown vendor, disabled, another vendor's):
+    every one gets its own code, and the database is asked far fewer than 600 times."""
+    engine = echo_hub.engine
+    user = vendor.username
+    other = registry.add_vendor(engine, "storm-other")
+    for i in range(0, 600, 50):
+        registry.set_gateway(engine, f"storm-{i}", enabled=False)
+    registry.set_gateway(engine, "storm-7", vendor="storm-other")
+    expected: dict[str, int] = {}
+    frames: dict[str, bytes] = {}
+    for i in range(600):
+        cid = f"storm-{i}"
+        if i % 50 == 0 or i == 7:
+            username, password, code = user, gateway_password(cid, user), 0x05
+        elif i % 7 == 3:
+            username, password, code = user, "0" * 32, 0x04
+        elif i % 11 == 5:
+            username, password, code = "mh_nobody", gateway_password(cid, "mh_nobody"), 0x04
+        elif i % 13 == 1:
+            username, password, code = other.username, gateway_password(cid, other.username), 0x00
+        else:
+            username, password, code = user, gateway_password(cid, user), 0x00
+        expected[cid] = code
+        frames[cid] = mqttraw.connect(cid, username, password)
+    authenticator = echo_hub.hub.mqtt.authenticator
+    lookups_before = authenticator.lookups
+    sockets = {cid: mqttraw.RawClient(echo_hub.port, timeout=20) for cid in frames}
+    try:
+        for cid, sock in sockets.items():
+            sock.send(frames[cid])
+        got = {}
+        for cid, sock in sockets.items():
+            kind, body = sock.read_packet()
+            assert kind == 0x20
+            got[cid] = body[1]
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    assert got == expected
+    assert sorted(set(expected.values())) == [0x00, 0x04, 0x05]
+    lookups = authenticator.lookups - lookups_before
+    assert 1 <= lookups < 100, lookups
+
+
 def test_paho_reason_codes(echo_hub: RunningHub, vendor: registry.Vendor, clients) -> None:
     ok = clients(echo_hub.port, "gw-p1", vendor.username)
     rc, flags = ok.connect()

@@ -14,7 +14,11 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # plain tracebacks: structlog's default (rich, with locals) costs milliseconds per error and
+        # dozens of lines, which under an error storm (a fleet failing at once) starves the server
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 
@@ -45,11 +45,16 @@ def gateway_principal(client_id: str, username: str | None, vendor_id: int | Non
     )
 
 
-def check_gateway(engine: Engine, client_id: str, username: str | None, password: bytes | None) -> AuthResult:
-    """The whole decision, synchronously (runs in a worker thread)."""
+def decide(
+    client_id: str,
+    username: str | None,
+    password: bytes | None,
+    vendor: registry.Vendor | None,
+    gateway: registry.GatewayRecord | None,
+) -> AuthResult:
+    """The decision for one gateway, given its vendor (by username) and its row (None if none)."""
     if not username or password is None:
         return AuthResult(CONNACK_BAD_CREDENTIALS, None, "username and password required")
-    vendor = registry.vendor_by_username(engine, username)
     expected = gateway_password(client_id, username).encode()
     if vendor is None:
         hmac.compare_digest(expected, password)  # same work either way
@@ -58,7 +63,6 @@ def check_gateway(engine: Engine, client_id: str, username: str | None, password
         return AuthResult(CONNACK_BAD_CREDENTIALS, None, "wrong password")
     if not vendor.enabled:
         return AuthResult(CONNACK_NOT_AUTHORIZED, None, "vendor disabled")
-    gateway = registry.get_gateway(engine, client_id)
     if gateway is not None:
         if gateway.vendor_id is not None and gateway.vendor_id != vendor.id:
             return AuthResult(CONNACK_NOT_AUTHORIZED, None, "gateway id belongs to another vendor")
@@ -69,24 +73,67 @@ def check_gateway(engine: Engine, client_id: str, username: str | None, password
     return AuthResult(CONNACK_ACCEPTED, gateway_principal(client_id, username, vendor.id))
 
 
+Credentials = tuple[str, str | None, bytes | None]  # client id, username, password
+
+
+def check_gateways(engine: Engine, requests: Sequence[Credentials]) -> list[AuthResult]:
+    """The decisions for many connecting gateways, with two queries for the lot (runs in a thread)."""
+    asking = [(c, u) for c, u, p in requests if u and p is not None]
+    with engine.connect() as conn:
+        vendors = registry.vendors_by_usernames(conn, {u for _, u in asking if u})
+        gateways = registry.gateways_by_ids(conn, {c for c, _ in asking})
+    return [decide(c, u, p, vendors.get(u or ""), gateways.get(c)) for c, u, p in requests]
+
+
 class GatewayAuthenticator:
     """:class:`meterhub.transport.Authenticator` for meter gateways, backed by the database.
 
     ``healthy`` is asked first: while storage cannot commit, new gateways get 0x03 rather than a
     connection whose reports could not be stored.
+
+    Lookups are batched: one worker-thread job at a time answers every CONNECT that arrived meanwhile
+    with two queries. A fleet reconnecting at once (a restart, a network outage) costs a few queries
+    per loop turn, not two per gateway, so the CONNACKs keep up instead of timing out and feeding a
+    reconnection storm.
     """
+
+    #: Most CONNECTs answered by one lookup.
+    batch_max = 2000
 
     def __init__(self, engine: Engine, healthy: Callable[[], bool] = lambda: True) -> None:
         self._engine = engine
         self._healthy = healthy
+        self._waiting: list[tuple[Credentials, asyncio.Future[AuthResult]]] = []
+        self._drainer: asyncio.Task[None] | None = None  # at most one lookup job at a time
+        self.lookups = 0  # lookup jobs run (one per batch of CONNECTs)
 
     async def authenticate(
         self, client_id: str, username: str | None, password: bytes | None, peer: str
     ) -> AuthResult:
         if not self._healthy():
             return AuthResult(CONNACK_UNAVAILABLE, None, "storage unavailable")
-        try:
-            return await asyncio.to_thread(check_gateway, self._engine, client_id, username, password)
-        except Exception as exc:
-            log.error("authentication lookup failed", error=str(exc), client_id=client_id)
-            return AuthResult(CONNACK_UNAVAILABLE, None, "storage unavailable")
+        if not username or password is None:
+            return decide(client_id, username, password, None, None)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AuthResult] = loop.create_future()
+        self._waiting.append(((client_id, username, password), fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self.batch_max]
+            del self._waiting[: self.batch_max]
+            batch = [(creds, fut) for creds, fut in batch if not fut.done()]  # timed out meanwhile
+            if not batch:
+                continue
+            self.lookups += 1
+            try:
+                results = await asyncio.to_thread(check_gateways, self._engine, [c for c, _ in batch])
+            except Exception as exc:
+                log.error("authentication lookup failed", error=str(exc), gateways=len(batch))
+                results = [AuthResult(CONNACK_UNAVAILABLE, None, "storage unavailable")] * len(batch)
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
