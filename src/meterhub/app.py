@@ -11,9 +11,10 @@ import ssl
 from typing import Any
 
 from meterhub.config import Settings
+from meterhub.core import gcwatch
 from meterhub.core.auth import GatewayAuthenticator
 from meterhub.logs import get_logger
-from meterhub.mqtt.server import Limits, MQTTServer
+from meterhub.mqtt.server import Limits, MQTTServer, fit_to_fd_limit
 from meterhub.storage.database import GroupCommitWriter, create_db_engine, migrate
 from meterhub.tools.echo import EchoHandler
 
@@ -53,14 +54,16 @@ class Hub:
 
     async def start(self) -> None:
         settings = self.settings
+        gcwatch.install()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate, self.engine)
         loop = asyncio.get_running_loop()
         self.writer = GroupCommitWriter(self.engine, loop, batch_max=settings.batch_max)
         self.writer.start()
         writer = self.writer
-        authenticator: Any = GatewayAuthenticator(self.engine, healthy=lambda: writer.healthy)
+        authenticator: Any = GatewayAuthenticator(self.engine, healthy=writer.admits_clients)
         limits = Limits.from_settings(settings)
+        fit_to_fd_limit(limits)
         if self.handler_name == "echo":
             self.handler = EchoHandler()
             self.mqtt = MQTTServer(authenticator, self.handler, limits)
@@ -104,6 +107,7 @@ async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     """Run until SIGINT/SIGTERM."""
     hub = Hub(settings, handler=handler)
     await hub.start()
+    gcwatch.tune_for_server()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

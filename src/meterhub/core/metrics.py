@@ -18,7 +18,10 @@ Metrics (all prefixed ``meterhub_``):
   ``pending_commands``, ``alarms_active``.
 - Storage: ``storage_batches_total``, ``storage_operations_total``, ``storage_failures_total``,
   ``storage_commit_seconds_total``, gauges ``storage_last_batch_size``, ``storage_last_commit_seconds``,
-  ``storage_queue_depth``, ``storage_healthy``.
+  ``storage_commit_seconds_max`` (the longest batch since start), ``storage_queue_depth``,
+  ``storage_healthy``.
+- Python: ``gc_collections_total{generation}``, ``gc_pause_seconds_total{generation}``, gauge
+  ``gc_pause_seconds_max{generation}`` (the longest stop since start), from :mod:`meterhub.core.gcwatch`.
 - Commands: histogram ``command_duration_seconds{status}`` (commands sent through the API that reached
   a gateway: ok, failed, timeout).
 """
@@ -32,6 +35,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from meterhub.core import gcwatch
 
 _RESPONSE_KEY = re.compile(r"^([a-z_]+)\.code\.(-?\d+)$")
 _REJECTION_PREFIXES = ("rejected.", "protocol_error.", "closed.")
@@ -47,6 +52,26 @@ class HubCollector(Collector):
         yield from self._mqtt()
         yield from self._protocol()
         yield from self._storage()
+        yield from self._gc()
+
+    def _gc(self) -> Iterator[Metric]:
+        watch = gcwatch.WATCH
+        collections = CounterMetricFamily(
+            "meterhub_gc_collections", "Python garbage collections.", labels=["generation"]
+        )
+        pauses = CounterMetricFamily(
+            "meterhub_gc_pause_seconds",
+            "Time the process stood still in garbage collections.",
+            labels=["generation"],
+        )
+        longest = GaugeMetricFamily(
+            "meterhub_gc_pause_seconds_max", "Longest garbage collection since start.", labels=["generation"]
+        )
+        for gen in range(3):
+            collections.add_metric([str(gen)], watch.collections[gen])
+            pauses.add_metric([str(gen)], watch.seconds[gen])
+            longest.add_metric([str(gen)], watch.max_seconds[gen])
+        yield from (collections, pauses, longest)
 
     def _mqtt(self) -> Iterator[Metric]:
         mqtt = getattr(self.hub, "mqtt", None)
@@ -161,6 +186,7 @@ class HubCollector(Collector):
         for name, value, doc in (
             ("storage_last_batch_size", st.last_batch_size, "Write groups in the last commit."),
             ("storage_last_commit_seconds", st.last_commit_seconds, "Duration of the last commit."),
+            ("storage_commit_seconds_max", st.max_commit_seconds, "Longest commit since start."),
             ("storage_queue_depth", writer.depth, "Write groups waiting for the writer."),
             ("storage_healthy", 1 if writer.healthy else 0, "1 while the last commit succeeded."),
         ):

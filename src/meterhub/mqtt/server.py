@@ -21,6 +21,7 @@ Flow control, so that memory stays bounded whatever clients do:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import Counter, deque
@@ -69,6 +70,43 @@ class Limits:
     def from_settings(cls, settings: Any) -> Limits:
         names = [n for n in cls.__slots__ if hasattr(settings, n)]  # type: ignore[attr-defined]
         return cls(**{n: getattr(settings, n) for n in names})
+
+
+#: File descriptors kept back from MQTT sockets: the database, the HTTP API, WebSocket clients, logs.
+FD_RESERVE = 256
+
+
+def fit_to_fd_limit(limits: Limits) -> int:
+    """Make ``limits.max_connections`` fit the process's open-files limit; returns it.
+
+    The soft limit is raised as far as ``max_connections + FD_RESERVE`` needs (up to the hard limit);
+    if it is still lower, ``max_connections`` is lowered to match (with a warning). Connections past
+    it are then refused cleanly (CONNACK 0x03, or closed at once before CONNECT) instead of making
+    accept() fail, which would leave clients waiting on a TCP connection nobody reads and starve the
+    HTTP API and the database of descriptors.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return limits.max_connections
+    unlimited = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + FD_RESERVE
+    if soft != unlimited and soft < wanted:
+        target = wanted if hard == unlimited else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != unlimited and soft - FD_RESERVE < limits.max_connections:
+        allowed = max(16, soft - FD_RESERVE)
+        log.warning(
+            "the open-files limit caps MQTT connections",
+            open_files_limit=soft,
+            max_connections=allowed,
+            configured=limits.max_connections,
+        )
+        limits.max_connections = allowed
+    return limits.max_connections
 
 
 def client_id_problem(client_id: str, max_length: int) -> str | None:
@@ -217,8 +255,13 @@ class MQTTConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=high, low=high // 4)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.server.connections.add(self)
-        self.server.stats["connections.opened"] += 1
+        server = self.server
+        server.connections.add(self)
+        server.stats["connections.opened"] += 1
+        if len(server.connections) > server.limits.max_connections + FD_RESERVE // 2:
+            # over the descriptor budget before even a CONNECT: close now, keep the fd for others
+            server.stats["refused.over_capacity"] += 1
+            self.abort("over-capacity")
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
@@ -380,6 +423,10 @@ class MQTTConnection(asyncio.Protocol):
                     ),
                     server.limits.auth_timeout,
                 )
+            except TimeoutError:
+                server.stats["auth.timeout"] += 1
+                log.warning("authentication timed out", client_id=packet.client_id)
+                result = AuthResult(CONNACK_UNAVAILABLE, None, "authenticator timed out")
             except Exception:
                 log.exception("authentication failed with an error", client_id=packet.client_id)
                 result = AuthResult(CONNACK_UNAVAILABLE, None, "authenticator error")
