@@ -6,6 +6,7 @@ by their own pid (never by name).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -61,8 +62,13 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def raise_nofile() -> int:
-    """Raise the soft open-files limit to the hard limit (children inherit it); returns the new limit."""
+def raise_nofile(wanted: int = 262_144) -> int:
+    """Raise the open-files limit (children inherit it): both limits to ``wanted`` where allowed
+    (root may raise the hard limit), else the soft one to the hard one; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -359,3 +365,77 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+class RawSubscriber(asyncio.Protocol):
+    """A minimal MQTT 3.1.1 subscriber on meterhub's own codec, so that no client library sits in the
+    measured path: CONNECT, SUBSCRIBE ``filters`` at QoS 1 once accepted, PUBACK every QoS 1 PUBLISH.
+
+    Subclasses handle messages in :meth:`on_publish` (packets appended to ``out`` are sent with the
+    acknowledgements, in one write). ``ready`` resolves at the SUBACK and fails on a refused CONNECT
+    or SUBSCRIBE or a lost connection; ``closed`` resolves when the connection ends.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        filters: list[str],
+        *,
+        username: str | None = None,
+        password: bytes | None = None,
+        keepalive: int = 0,
+    ) -> None:
+        from meterhub.mqtt import codec
+
+        self.codec = codec
+        self.decoder = codec.Decoder(server_side=False, max_packet_size=1 << 24)
+        self.connect_packet = codec.encode(codec.Connect(client_id, True, keepalive, username, password))
+        self.filters = filters
+        self.transport: asyncio.Transport | None = None
+        self.pid = 0
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def next_pid(self) -> int:
+        self.pid = self.pid % 65535 + 1
+        return self.pid
+
+    def on_publish(self, packet: Any, now: float, out: list[bytes]) -> None:
+        """One PUBLISH received (already acknowledged)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.connect_packet)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        codec = self.codec
+        out: list[bytes] = []
+        now = time.monotonic()
+        for p in self.decoder.feed(data):
+            tp = type(p)
+            if tp is codec.Publish:
+                if p.qos:
+                    out.append(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))
+                self.on_publish(p, now, out)
+            elif tp is codec.ConnAck:
+                if p.return_code != 0:
+                    self._fail(ConnectionError(f"CONNACK {p.return_code}"))
+                    continue
+                out.append(codec.encode(codec.Subscribe(1, [(f, 1) for f in self.filters])))
+            elif tp is codec.SubAck:
+                if 0x80 in p.return_codes:
+                    self._fail(ConnectionError("SUBACK refused"))
+                elif not self.ready.done():
+                    self.ready.set_result(None)
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"connection lost: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)

@@ -117,66 +117,31 @@ def link_configs(http_port: int, world: dict[str, Any], uids: list[str]) -> list
 # --------------------------------------------------------------------------------------- subscribers
 
 
-class _Subscriber(asyncio.Protocol):
+class _Subscriber(common.RawSubscriber):
     """One open hub link: subscribes to its source topic, acknowledges, decrypts every message."""
 
     def __init__(
         self, cfg: dict[str, Any], allowed: set[str] | None, counts: Counter[str], buckets: Counter[int]
     ):
-        from meterhub.mqtt import codec
         from meterhub.openhub import crypto
 
-        self.codec = codec
+        super().__init__(
+            cfg["client_id"],
+            [cfg["source_topic"]["device"]],
+            username=cfg["username"],
+            password=cfg["password"].encode(),
+            keepalive=60,
+        )
         self.crypto = crypto
-        self.cfg = cfg
         self.key = crypto.key_from_password(cfg["password"])
         self.allowed = allowed
         self.counts = counts
         self.buckets = buckets
-        self.decoder = codec.Decoder(server_side=False, max_packet_size=1 << 24)
-        self.transport: asyncio.Transport | None = None
-        loop = asyncio.get_running_loop()
-        self.subscribed: asyncio.Future[None] = loop.create_future()
-        self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        cfg = self.cfg
-        transport.write(  # type: ignore[attr-defined]
-            self.codec.encode(
-                self.codec.Connect(cfg["client_id"], True, 60, cfg["username"], cfg["password"].encode())
-            )
-        )
-
-    def data_received(self, data: bytes) -> None:
-        codec = self.codec
-        out: list[bytes] = []
-        now = time.monotonic()
-        for p in self.decoder.feed(data):
-            tp = type(p)
-            if tp is codec.Publish:
-                if p.qos:  # type: ignore[union-attr]
-                    out.append(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
-                self.on_message(p.payload, now)  # type: ignore[union-attr]
-            elif tp is codec.ConnAck:
-                if p.return_code != 0:  # type: ignore[union-attr]
-                    self.counts["connack_refused"] += 1
-                    if not self.subscribed.done():
-                        self.subscribed.set_exception(ConnectionError(f"CONNACK {p.return_code}"))  # type: ignore[union-attr]
-                    continue
-                out.append(codec.encode(codec.Subscribe(1, [(self.cfg["source_topic"]["device"], 1)])))
-            elif tp is codec.SubAck and not self.subscribed.done():
-                if 0x80 in p.return_codes:  # type: ignore[union-attr]
-                    self.subscribed.set_exception(ConnectionError("SUBACK refused"))
-                else:
-                    self.subscribed.set_result(None)
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
-
-    def on_message(self, payload: bytes, now: float) -> None:
+    def on_publish(self, packet: Any, now: float, out: list[bytes]) -> None:
         counts = self.counts
         try:
-            envelope = json.loads(payload)
+            envelope = json.loads(packet.payload)
             data = json.loads(self.crypto.decrypt("2.0", self.key, envelope["data"], envelope["t"]))
         except Exception:
             counts["undecryptable"] += 1
@@ -189,10 +154,8 @@ class _Subscriber(asyncio.Protocol):
                 counts["foreign_device"] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         self.counts["connection_lost"] += 1
-        if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionError(f"lost: {exc}"))
+        super().connection_lost(exc)
 
 
 async def _subscribers_main(
@@ -209,7 +172,7 @@ async def _subscribers_main(
         )
         conns.append(sub)
     try:
-        await asyncio.wait_for(asyncio.gather(*(c.subscribed for c in conns)), 30)
+        await asyncio.wait_for(asyncio.gather(*(c.ready for c in conns)), 30)
         q.put(("ready", len(conns)))
     except Exception as exc:
         q.put(("error", repr(exc)))
@@ -226,6 +189,7 @@ async def _subscribers_main(
 def _subscribers_process(
     configs: list[dict[str, Any]], bound: dict[str, list[str]], q: Any, stop: Any
 ) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler
     common.raise_nofile()
     import uvloop
 

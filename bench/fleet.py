@@ -60,6 +60,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -296,71 +297,33 @@ STARTERS = {"meterhub": start_meterhub_system, "worker": start_worker_system, "r
 # --------------------------------------------------------------------------------------- the sink (c)
 
 
-class _Sink(asyncio.Protocol):
+class _Sink(common.RawSubscriber):
     """Counts report messages per 0.1 s (CLOCK_MONOTONIC) and answers devices/sync with code 0."""
 
-    def __init__(self, ready: asyncio.Future[None]) -> None:
-        from meterhub.mqtt import codec
-
-        self.codec = codec
-        self.decoder = codec.Decoder(server_side=False, max_packet_size=1 << 24)
-        self.ready = ready
-        self.transport: asyncio.Transport | None = None
-        self.pid = 0
+    def __init__(self) -> None:
+        super().__init__("fleet-sink", ["gateway_id/+/properties/report", "gateway_id/+/devices/sync"])
         self.buckets: Counter[int] = Counter()
         self.counts: Counter[str] = Counter()
-        self.closed = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(self.codec.encode(self.codec.Connect("fleet-sink", True, 0)))  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
+    def on_publish(self, packet: Any, now: float, out: list[bytes]) -> None:
         from meterhub.protocol.messages import encode_response
 
-        codec = self.codec
-        out: list[bytes] = []
-        now = time.monotonic()
-        for p in self.decoder.feed(data):
-            tp = type(p)
-            if tp is codec.Publish:
-                if p.qos:  # type: ignore[union-attr]
-                    out.append(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
-                topic: str = p.topic  # type: ignore[union-attr]
-                if topic.endswith("/properties/report"):
-                    self.buckets[int(now * 10)] += 1
-                    self.counts["reports"] += 1
-                elif topic.endswith("/devices/sync"):
-                    msg = json.loads(p.payload)  # type: ignore[union-attr]
-                    cid = (msg.get("param") or {}).get("cid")
-                    self.pid = self.pid % 65535 + 1
-                    answer = encode_response(msg.get("request_id"), cid, 0, time.time())
-                    out.append(codec.encode_publish(topic + "/response", answer, 1, self.pid))
-                    self.counts["syncs"] += 1
-            elif tp is codec.ConnAck:
-                out.append(
-                    codec.encode(
-                        codec.Subscribe(
-                            1, [("gateway_id/+/properties/report", 1), ("gateway_id/+/devices/sync", 1)]
-                        )
-                    )
-                )
-            elif tp is codec.SubAck and not self.ready.done():
-                self.ready.set_result(None)
-        if out:
-            assert self.transport is not None
-            self.transport.write(b"".join(out))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+        topic: str = packet.topic
+        if topic.endswith("/properties/report"):
+            self.buckets[int(now * 10)] += 1
+            self.counts["reports"] += 1
+        elif topic.endswith("/devices/sync"):
+            msg = json.loads(packet.payload)
+            cid = (msg.get("param") or {}).get("cid")
+            answer = encode_response(msg.get("request_id"), cid, 0, time.time())
+            out.append(self.codec.encode_publish(topic + "/response", answer, 1, self.next_pid()))
+            self.counts["syncs"] += 1
 
 
 async def _sink_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    _, sink = await loop.create_connection(lambda: _Sink(ready), HOST, args.port)
-    await asyncio.wait_for(ready, 10)
+    _, sink = await loop.create_connection(_Sink, HOST, args.port)
+    await asyncio.wait_for(sink.ready, 10)
     Path(args.ready_file).touch()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -391,6 +354,7 @@ class LoadSpec:
     warmup: float = 12.0
     duration: float = 30.0
     max_pending: int | None = None  # None: the SDK's default (1,000 per gateway)
+    buffer_size: int = 10_000  # the SDK's store-and-forward buffer per gateway (its default)
     prefix: str = "sim"
     nodelay: bool = False  # set TCP_NODELAY on the gateways' sockets (diagnostic; the SDK does not)
     gc_freeze: bool = True  # gc.freeze() in the generator processes once the fleet is up
@@ -521,6 +485,7 @@ async def _load_main(index: int, n: int, spec: LoadSpec, q: Any, ctl: dict[str, 
         t0 = t_start + spec.warmup
         if spec.gc_freeze:
             gc.freeze()  # the fleet's start-up heap: not traversed again by full collections
+            gc.set_threshold(50_000, 20, 10)  # as meterhub serve does (meterhub.core.gcwatch)
         keep.append(asyncio.ensure_future(_window(fleet, t0, t0 + spec.duration, result, health)))
         await _sleep_until(t_start)
 
@@ -538,6 +503,7 @@ async def _load_main(index: int, n: int, spec: LoadSpec, q: Any, ctl: dict[str, 
             on_ready=on_ready,
             start_timeout=spec.start_timeout,
             drop_probability=0.0,
+            buffer_size=spec.buffer_size,
             progress=False,
         )
     except BaseException as exc:
@@ -559,6 +525,7 @@ async def _load_main(index: int, n: int, spec: LoadSpec, q: Any, ctl: dict[str, 
 
 
 def _load_process(index: int, n: int, spec: LoadSpec, q: Any, ctl: dict[str, Any]) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler
     common.raise_nofile()
     import logging
 
@@ -576,7 +543,12 @@ class LoadError(RuntimeError):
 
 
 def run_load(
-    system: System, spec: LoadSpec, *, on_window: Any = None, progress: bool = True
+    system: System,
+    spec: LoadSpec,
+    *,
+    on_window: Any = None,
+    progress: bool = True,
+    trace: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Start the simulator processes, run one window, return everything measured."""
     ctx = mp.get_context("fork")  # the parent never runs an event loop, so fork is safe
@@ -592,12 +564,32 @@ def run_load(
     pids = [p.pid for p in procs]
     out: dict[str, Any] = {"processes": len(procs), "generator_pids": pids}
 
-    def get(timeout: float) -> Any:
+    rss_idle = system.server.rss_all()
+    trace = {} if trace is None else trace
+    start_series: list[tuple[float, int, float, float]] = trace.setdefault("start_series", [])
+    cpu_begin = system.server.cpu()
+
+    def sample_start() -> None:
+        """During connect + sync: (seconds, connections held, server RSS MB, server CPU-s) every 2 s."""
+        now = time.monotonic() - t_begin
+        if not start_series or now - start_series[-1][0] >= 2:
+            start_series.append(
+                (
+                    round(now, 1),
+                    established(system.port) - system.extra_connections,
+                    round(system.server.rss_all() / 2**20, 1),
+                    round(system.server.cpu() - cpu_begin, 1),
+                )
+            )
+
+    def get(timeout: float, tick: Any = None) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 return q.get(timeout=0.5)
             except queue.Empty:
+                if tick is not None:
+                    tick()
                 system.server.check_alive()
                 if time.monotonic() > deadline:
                     raise LoadError("simulator processes did not answer in time") from None
@@ -609,7 +601,7 @@ def run_load(
         readies = []
         peak_conn = 0
         while len(readies) < len(procs):
-            msg = get(spec.start_timeout + 120)
+            msg = get(spec.start_timeout + 120, sample_start)
             if msg[0] == "error":
                 raise LoadError(f"simulator process {msg[1]}: {msg[2]}")
             readies.append(msg[2])
@@ -688,6 +680,7 @@ def run_load(
         server_cpu=sum(cpu1) - sum(cpu0),
         server_cpu_by_proc=[b - a for a, b in zip(cpu0, cpu1, strict=True)],
         aux_cpu=aux1 - aux0,
+        rss_idle=rss_idle,
         rss_start=rss_start,
         rss_max=max(rss) if rss else system.server.rss_all(),
         connections=(max(conns) if conns else 0) - system.extra_connections,
@@ -727,9 +720,22 @@ def count_rows(path: Path | None, table_name: str = "reports") -> int | None:
         db.close()
 
 
+def _ancestors() -> set[int]:
+    """This process and every process above it (a CI runner's command line may name pytest too)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def other_benchmarks() -> list[str]:
     """Other benchmark-like processes on the machine (not ours): loadgen, amqtt, meterhub serve, pytest."""
-    mine = {os.getpid(), os.getppid()}
+    mine = _ancestors()
     found = []
     for pid_s in os.listdir("/proc"):
         if not pid_s.isdigit() or int(pid_s) in mine:
@@ -783,8 +789,9 @@ def run_phase(key: str, phase: Phase, args: argparse.Namespace, *, smoke: bool =
     others = wait_for_quiet_machine(0 if smoke else args.max_wait)
     system = STARTERS[key]()
     max_pending = None
+    buffer_size = 10_000
     if phase.flat:
-        max_pending = args.flat_pending
+        max_pending, buffer_size = args.flat_pending, args.flat_buffer
     if key == "relay":
         max_pending = 1_000_000_000  # no responses ever come: never stop sending
     warmup = phase.warmup if phase.warmup is not None else max(args.warmup, phase.interval + 2)
@@ -798,6 +805,7 @@ def run_phase(key: str, phase: Phase, args: argparse.Namespace, *, smoke: bool =
         warmup=warmup,
         duration=args.duration,
         max_pending=max_pending,
+        buffer_size=buffer_size,
         start_timeout=args.start_timeout,
         nodelay=args.nodelay,
         gc_freeze=not args.no_gen_gc_freeze,
@@ -806,9 +814,10 @@ def run_phase(key: str, phase: Phase, args: argparse.Namespace, *, smoke: bool =
     res["spec"] = {k: v for k, v in vars(spec).items() if k not in ("port", "username")}
     try:
         try:
-            res.update(run_load(system, spec))
+            res.update(run_load(system, spec, trace=res))
         except LoadError as exc:
             res["failed"] = str(exc)
+            res["server_errors"] = _log_errors(system)
             res["connections_at_failure"] = established(system.port) - system.extra_connections
             res["rss_at_failure"] = system.server.rss_all()
     finally:
@@ -823,6 +832,22 @@ def run_phase(key: str, phase: Phase, args: argparse.Namespace, *, smoke: bool =
         res["log_tail"] = _log_tail(system)
         system.cleanup()
     return res
+
+
+def _log_errors(system: System) -> dict[str, Any]:
+    """How many error lines the server logged, and the most frequent ones (meterhub's console log)."""
+    wd = system.server.workdir
+    counts: Counter[str] = Counter()
+    for name in ("meterhub.log", "mosquitto.log", "worker.log"):
+        path = wd / name if wd is not None else None
+        if path is None or not path.exists():
+            continue
+        with open(path, errors="replace") as f:
+            for line in f:
+                if "[error" in line or "[warning" in line or "Error:" in line:
+                    key = re.sub(r"\s+\w+=\S+", "", line.split("]", 1)[-1]).strip()[:100]
+                    counts[f"{name}: {key}"] += 1
+    return dict(counts.most_common(8))
 
 
 def _log_tail(system: System) -> str:
@@ -951,6 +976,66 @@ def checks(results: list[dict[str, Any]]) -> tuple[list[list[Any]], list[str]]:
     return rows_, problems
 
 
+LARGE_HEADERS = [
+    "system",
+    "gateways",
+    "connect + sync s",
+    "connections held",
+    "server RSS MB idle -> in window",
+    "RSS growth KB / gateway (with its meters, under load)",
+    "reports/s",
+    "server CPU µs / report",
+    "p50 ms",
+    "p99 ms",
+    "generator CPU % per process",
+    "other load CPU %",
+    "result",
+]
+
+
+def large_row(r: dict[str, Any]) -> list[Any]:
+    g = r["spec"]["gateways"]
+    if "failed" in r:
+        series = r.get("start_series") or []
+        peak = max((x[1] for x in series), default=0)
+        errors = r.get("server_errors") or {}
+        top = next(iter(errors.items()), None)
+        why = f"; server log: {top[1]}x {top[0]!r}" if top else ""
+        return [
+            r["label"],
+            g,
+            "",
+            f"peak {peak:,}",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "FAILED: " + r["failed"] + why,
+        ]
+    d = r["spec"]["duration"]
+    n = done_per_s(r) * d
+    relay = r["system"] == "relay"
+    return [
+        r["label"],
+        g,
+        r["start_seconds"],
+        r["connections"],
+        f"{r['rss_idle'] / 2**20:.0f} -> {r['rss_max'] / 2**20:.0f}",
+        (r["rss_max"] - r["rss_idle"]) / g / 1024,
+        n / d,
+        r["server_cpu"] / n * 1e6 if n else float("nan"),
+        float("nan") if relay else percentile(r["latencies"], 50) * 1e3,
+        float("nan") if relay else percentile(r["latencies"], 99) * 1e3,
+        " / ".join(f"{100 * c / d:.0f}" for c in r["generator_cpu"]),
+        100 * r["other_cpu"] / d,
+        "ok" if not r["window"].get("errors") else f"{r['window']['errors']} errors/timeouts",
+    ]
+
+
 def print_results(results: list[dict[str, Any]], info: dict[str, Any], title: str) -> None:
     print(f"\n### {title}\n")
     print(table(HEADERS, [row(r) for r in results]))
@@ -982,14 +1067,21 @@ def main(argv: list[str] | None = None) -> int:
         default="40,10",
         help="steady loads: seconds per tick, comma-separated ('' for none); ~4 reports per meter per tick",
     )
-    ap.add_argument("--flat-interval", type=float, default=2.0, help="flat out: seconds per tick")
+    ap.add_argument("--flat-interval", type=float, default=4.0, help="flat out: seconds per tick")
     ap.add_argument(
         "--flat-pending", type=int, default=16, help="flat out: reports awaiting a response per gw"
+    )
+    ap.add_argument(
+        "--flat-buffer",
+        type=int,
+        default=64,
+        help="flat out: SDK buffer per gateway (reports the server cannot take are dropped at the gateway "
+        "instead of piling up in the simulator's memory)",
     )
     ap.add_argument("--no-flat", action="store_true", help="skip the flat-out phase")
     ap.add_argument(
         "--large",
-        default="5000,10000",
+        default="5000,7500,10000",
         help="large fleets to try (gateways, comma-separated; '' skips); they stop at the first failure",
     )
     ap.add_argument("--large-interval", type=float, default=60.0, help="large fleets: seconds per tick")
@@ -1014,7 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.gateways, args.meters, args.intervals, args.flat_interval = 6, 2, "0.5", 0.2
-        args.processes, args.warmup, args.duration, args.large = 2, 1.0, 2.0, ""
+        args.processes, args.warmup, args.duration = 2, 1.0, 2.0
+        args.large, args.large_interval, args.large_systems = "12", 0.5, "meterhub"
         args.start_timeout = 30.0
     signal.signal(signal.SIGTERM, _terminate)  # so that the servers are stopped on the way out
     nofile = common.raise_nofile()
@@ -1056,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n} x {args.meters} @ {args.large_interval:g} s", n, args.meters, args.large_interval
             )
             print(f"== large: {phase.name}: {key}", file=sys.stderr)
-            r = run_phase(key, phase, args)
+            r = run_phase(key, phase, args, smoke=args.smoke)
             large_results.append(r)
             _say(r)
             if "failed" in r:
@@ -1067,7 +1160,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_results(results, info, f"{args.gateways} gateways x {args.meters} meters")
     if large_results:
-        print_results(large_results, info, "large fleets")
+        print(
+            f"\n### large fleets ({args.meters} meters per gateway, a tick every {args.large_interval:g} s)\n"
+        )
+        print(table(LARGE_HEADERS, [large_row(r) for r in large_results]))
     check_rows, problems = checks(results + large_results)
     print()
     print(
@@ -1078,7 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reports sent (whole run)",
                 "answered 0",
                 "other answers",
-                "rows stored",
+                "rows stored ((c): delivered)",
                 "dropped (SDK buffer)",
             ],
             check_rows,

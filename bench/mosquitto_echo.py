@@ -17,60 +17,28 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-from meterhub.mqtt import codec
-
-_PUBACK = b"\x40\x02"
+from common import RawSubscriber
 
 
-class EchoClient(asyncio.Protocol):
-    def __init__(self, client_id: str, topic_filter: str, ready: asyncio.Future[None]) -> None:
-        self.client_id = client_id
-        self.topic_filter = topic_filter
-        self.ready = ready
-        self.decoder = codec.Decoder(server_side=False, max_packet_size=1 << 24)
-        self.transport: asyncio.Transport | None = None
-        self.pid = 0
+class EchoClient(RawSubscriber):
+    def __init__(self, client_id: str, topic_filter: str) -> None:
+        super().__init__(client_id, [topic_filter])
         self.echoed = 0
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(codec.encode(codec.Connect(self.client_id, True, 0)))  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        out: list[bytes] = []
-        for p in self.decoder.feed(data):
-            tp = type(p)
-            if tp is codec.Publish:
-                if p.qos:  # type: ignore[union-attr]
-                    out.append(_PUBACK + p.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
-                self.pid = self.pid % 65535 + 1
-                out.append(codec.encode_publish(p.topic + "/echo", p.payload, 1, self.pid))  # type: ignore[union-attr]
-                self.echoed += 1
-            elif tp is codec.ConnAck:
-                if p.return_code != 0:  # type: ignore[union-attr]
-                    raise SystemExit(f"CONNACK {p.return_code}")  # type: ignore[union-attr]
-                out.append(codec.encode(codec.Subscribe(1, [(self.topic_filter, 1)])))
-            elif tp is codec.SubAck and not self.ready.done():
-                self.ready.set_result(None)
-        if out:
-            assert self.transport is not None
-            self.transport.write(b"".join(out))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+    def on_publish(self, packet: Any, now: float, out: list[bytes]) -> None:
+        out.append(self.codec.encode_publish(packet.topic + "/echo", packet.payload, 1, self.next_pid()))
+        self.echoed += 1
 
 
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
     topic_filter = "$share/echo/gateway_id/+/req" if args.shared else "gateway_id/+/req"
     _, client = await loop.create_connection(
-        lambda: EchoClient(args.client_id, topic_filter, ready), "127.0.0.1", args.port
+        lambda: EchoClient(args.client_id, topic_filter), "127.0.0.1", args.port
     )
-    await asyncio.wait_for(ready, 10)
+    await asyncio.wait_for(client.ready, 10)
     if args.ready_file:
         Path(args.ready_file).touch()
     stop = asyncio.Event()
