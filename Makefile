@@ -18,7 +18,7 @@ demo: $(BIN)/meterhub
 ## Install everything (system packages too), lint, and run the whole test suite.
 ## The PostgreSQL pass reruns the storage-heavy suites on a fresh database each (METERHUB_TEST_PG).
 PG_SUITES := tests/test_protocol_e2e.py tests/test_api.py tests/test_energy.py tests/test_alarms.py \
-	tests/test_openhub.py tests/test_conformance.py tests/test_storage_writer.py
+	tests/test_openhub.py tests/test_conformance.py tests/test_storage_writer.py tests/test_backpressure.py
 
 test: system-deps $(BIN)/meterhub
 	$(BIN)/ruff check src tests bench scripts

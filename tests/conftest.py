@@ -273,3 +273,29 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def storage_held(engine: Any) -> Iterator[None]:
+    """Block every writer of ``engine``'s database (readers go on) until the block ends: a storage
+    that is slower than the offered load, on SQLite (an exclusive transaction from another
+    connection; the writer waits in its busy timeout) or PostgreSQL (EXCLUSIVE table locks)."""
+    if engine.dialect.name == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(engine.url.database, isolation_level=None, timeout=30)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            yield
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return
+    from sqlalchemy import text
+
+    from meterhub.storage import schema
+
+    with engine.connect() as conn, conn.begin():
+        names = ", ".join(t.name for t in schema.metadata.sorted_tables)
+        conn.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
+        yield

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from conftest import TEST_DB, drop_postgres, fresh_postgres_url
+from conftest import TEST_DB, drop_postgres, fresh_postgres_url, storage_held
 from meterhub.storage.database import GroupCommitWriter, StorageError, create_db_engine, migrate
 
 
@@ -134,5 +134,34 @@ def test_after_a_failed_batch_clients_are_admitted_again_without_a_write(engine:
             assert (writer.healthy, writer.admits_clients()) == (True, True)
         finally:
             writer.stop()
+
+    asyncio.run(main())
+
+
+def test_a_writer_past_its_high_water_mark_asks_for_a_pause_until_half_is_done(engine: Engine) -> None:
+    """``on_pressure(True)`` when more than ``high_water`` groups are outstanding, ``on_pressure(False)``
+    once no more than half of that is left; nothing is lost in between."""
+
+    async def main() -> None:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop(), high_water=10)
+        events: list[tuple[bool, int]] = []
+        writer.on_pressure = lambda pressed: events.append((pressed, writer.outstanding))
+        writer.start()
+        try:
+            await asyncio.wait_for(writer.write([device("m-p", 1.0)]), 10)
+            assert (writer.outstanding, events) == (0, [])
+            with storage_held(engine):
+                futures = [writer.write([("seen", {"cid": "m-p", "last_seen": 2.0 + i})]) for i in range(25)]
+                assert events == [(True, 11)]
+                assert (writer.pressed, writer.outstanding) == (True, 25)
+                await asyncio.sleep(0.3)
+                assert not any(f.done() for f in futures)  # the storage is held: nothing finishes
+                assert events == [(True, 11)]
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+            assert len(events) == 2 and events[1][0] is False and events[1][1] <= 5
+            assert (writer.pressed, writer.outstanding, writer.stats.pressure_episodes) == (False, 0, 1)
+        finally:
+            writer.stop()
+        assert one(engine, "select last_seen from devices where cid = 'm-p'")[0] == 26.0
 
     asyncio.run(main())

@@ -58,7 +58,9 @@ class Hub:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate, self.engine)
         loop = asyncio.get_running_loop()
-        self.writer = GroupCommitWriter(self.engine, loop, batch_max=settings.batch_max)
+        self.writer = GroupCommitWriter(
+            self.engine, loop, batch_max=settings.batch_max, high_water=settings.max_queued_writes
+        )
         self.writer.start()
         writer = self.writer
         authenticator: Any = GatewayAuthenticator(self.engine, healthy=writer.admits_clients)
@@ -77,6 +79,7 @@ class Hub:
             self.openhub = OpenHub(self)
             self.mqtt = MQTTServer(self.openhub.authenticator(authenticator), self.handler, limits)
             await self.handler.start(self.mqtt)
+        writer.on_pressure = self.mqtt.set_intake_paused
         self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
         ctx = make_ssl_context(settings)
         if ctx is not None and settings.tls_port is not None:

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     presence_timeout: float = Field(180.0, description="Seconds of silence after which a device is offline.")
     dedupe_window: int = Field(100_000, description="Recent (gateway, request_id) answers remembered.")
     batch_max: int = Field(2000, description="Most operations per storage commit.")
+    max_queued_writes: int = Field(
+        20_000,
+        description="Write groups (about one per report) waiting for storage above which no gateway is "
+        "read from until half of them are committed (back-pressure instead of unbounded memory).",
+    )
 
     log_level: str = "INFO"
     log_format: str = Field("console", description="console or json")

@@ -19,7 +19,8 @@ Metrics (all prefixed ``meterhub_``):
 - Storage: ``storage_batches_total``, ``storage_operations_total``, ``storage_failures_total``,
   ``storage_commit_seconds_total``, gauges ``storage_last_batch_size``, ``storage_last_commit_seconds``,
   ``storage_commit_seconds_max`` (the longest batch since start), ``storage_queue_depth``,
-  ``storage_healthy``.
+  ``storage_outstanding``, ``storage_healthy``; back-pressure: ``storage_pressure`` (1 while gateways
+  are not read because too much waits for storage) and ``storage_pressure_episodes_total``.
 - Python: ``gc_collections_total{generation}``, ``gc_pause_seconds_total{generation}``, gauge
   ``gc_pause_seconds_max{generation}`` (the longest stop since start), from :mod:`meterhub.core.gcwatch`.
 - Commands: histogram ``command_duration_seconds{status}`` (commands sent through the API that reached
@@ -175,6 +176,11 @@ class HubCollector(Collector):
             ),
             ("storage_failures", st.failures, "Write groups that could not be stored."),
             (
+                "storage_pressure_episodes",
+                st.pressure_episodes,
+                "Times the write queue passed max_queued_writes and gateways stopped being read.",
+            ),
+            (
                 "storage_commit_seconds",
                 st.commit_seconds_total,
                 "Time spent applying and committing batches.",
@@ -188,6 +194,8 @@ class HubCollector(Collector):
             ("storage_last_commit_seconds", st.last_commit_seconds, "Duration of the last commit."),
             ("storage_commit_seconds_max", st.max_commit_seconds, "Longest commit since start."),
             ("storage_queue_depth", writer.depth, "Write groups waiting for the writer."),
+            ("storage_outstanding", writer.outstanding, "Write groups submitted and not yet finished."),
+            ("storage_pressure", 1 if writer.pressed else 0, "1 while intake is paused for storage."),
             ("storage_healthy", 1 if writer.healthy else 0, "1 while the last commit succeeded."),
         ):
             g = GaugeMetricFamily(f"meterhub_{name}", doc)

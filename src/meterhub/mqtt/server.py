@@ -15,7 +15,10 @@ Flow control, so that memory stays bounded whatever clients do:
 - outbound QoS 1/2 messages beyond ``max_inflight`` wait in a per-session queue of ``max_queued``
   (oldest dropped and counted);
 - a client whose socket buffer passes ``write_buffer_high`` is paused (not read, not written) and
-  disconnected if it stays so for ``slow_client_timeout`` seconds.
+  disconnected if it stays so for ``slow_client_timeout`` seconds;
+- while the application says it is behind (:meth:`MQTTServer.set_intake_paused`, e.g. storage has
+  too much queued), no client that may publish is read from at all: what they send waits in TCP
+  buffers, and the keep-alive check spares them (their silence is the server's doing).
 """
 
 from __future__ import annotations
@@ -191,6 +194,15 @@ class Session:
         return pid
 
 
+#: Reasons a connection is not read from (bits of ``MQTTConnection.read_pause``).
+PAUSE_AUTH = 1  # CONNECT is being authenticated
+PAUSE_INBOUND = 2  # max_pending_inbound messages await the application
+PAUSE_WRITE = 4  # the client does not read what we write
+PAUSE_INTAKE = 8  # the application is behind (server-wide)
+#: Pauses that are the server's doing: the keep-alive check does not count them against the client.
+SERVER_PAUSES = PAUSE_INBOUND | PAUSE_INTAKE
+
+
 class MQTTConnection(asyncio.Protocol):
     """One client socket: decode packets, run the MQTT rules, write replies."""
 
@@ -233,7 +245,7 @@ class MQTTConnection(asyncio.Protocol):
         self.last_rx = now
         self.acks: deque[tuple[asyncio.Future[Any] | None, bytes]] | None = None
         self.ack_waiting = False
-        self.read_pause = 0  # bitmask of reasons reading is paused
+        self.read_pause = 0  # bitmask of reasons reading is paused: PAUSE_* below
         self.will: codec.Will | None = None
         self.clean_disconnect = False
         self.close_reason = ""
@@ -317,11 +329,11 @@ class MQTTConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused_since = time.monotonic()
         self.server.stats["flow.write_paused"] += 1
-        self._pause_reading(4)
+        self._pause_reading(PAUSE_WRITE)
 
     def resume_writing(self) -> None:
         self.write_paused_since = None
-        self._resume_reading(4)
+        self._resume_reading(PAUSE_WRITE)
         if self.session is not None and self.state == "connected":
             self.server.pump(self.session)
 
@@ -338,6 +350,8 @@ class MQTTConnection(asyncio.Protocol):
     def _resume_reading(self, bit: int) -> None:
         if not self.read_pause & bit:
             return
+        if bit & SERVER_PAUSES:
+            self.last_rx = time.monotonic()  # the silence was ours: the keep-alive starts again
         self.read_pause &= ~bit
         if not self.read_pause and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -406,7 +420,7 @@ class MQTTConnection(asyncio.Protocol):
 
     def _on_connect(self, packet: codec.Connect) -> None:
         self.state = "connecting"
-        self._pause_reading(1)
+        self._pause_reading(PAUSE_AUTH)
         task = asyncio.get_running_loop().create_task(self._authenticate(packet))
         self.server.background.add(task)
         task.add_done_callback(self.server.background.discard)
@@ -480,7 +494,9 @@ class MQTTConnection(asyncio.Protocol):
                 if self.state != "connected":
                     return
                 self._dispatch(pkt)
-        self._resume_reading(1)
+        if server.intake_paused and principal.publish_prefix is not None:
+            self._pause_reading(PAUSE_INTAKE)
+        self._resume_reading(PAUSE_AUTH)
 
     def _on_publish(self, packet: codec.Publish) -> None:
         server = self.server
@@ -528,7 +544,7 @@ class MQTTConnection(asyncio.Protocol):
         acks.append((result, ack))
         if len(acks) >= server.limits.max_pending_inbound:
             stats["flow.inbound_paused"] += 1
-            self._pause_reading(2)
+            self._pause_reading(PAUSE_INBOUND)
         self._flush_acks()
 
     def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
@@ -551,8 +567,8 @@ class MQTTConnection(asyncio.Protocol):
                 break
             acks.popleft()
             self.write(data)
-        if self.read_pause & 2 and len(acks) <= self.server.limits.max_pending_inbound // 2:
-            self._resume_reading(2)
+        if self.read_pause & PAUSE_INBOUND and len(acks) <= self.server.limits.max_pending_inbound // 2:
+            self._resume_reading(PAUSE_INBOUND)
 
     def _on_puback(self, packet: codec.PubAck) -> None:
         session = self.session
@@ -650,6 +666,8 @@ class MQTTServer:
         self.client_records: dict[str, ClientRecord] = {}
         self.background: set[asyncio.Task[Any]] = set()
         self.accepting = True
+        self.intake_paused = False
+        self._intake_paused_at = 0.0
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
@@ -684,6 +702,30 @@ class MQTTServer:
             self._sweeper.cancel()
         for task in list(self.background):
             task.cancel()
+
+    # --- flow control ----------------------------------------------------------------------------
+
+    def set_intake_paused(self, paused: bool) -> None:
+        """Stop (or start again) reading from every client that may publish to the application.
+
+        For an application that is behind (storage queue over its high-water mark): clients' messages
+        then wait in their TCP buffers instead of piling up in this process. Subscribers only (open hub
+        links) are still read, so that they keep acknowledging what they are sent.
+        """
+        if paused == self.intake_paused:
+            return
+        self.intake_paused = paused
+        now = time.monotonic()
+        if paused:
+            self.stats["flow.intake_paused"] += 1
+            self._intake_paused_at = now
+            for conn in self.connections:
+                if conn.state == "connected" and conn.principal is not None and conn.principal.publish_prefix:
+                    conn._pause_reading(PAUSE_INTAKE)
+        else:
+            self.stats["flow.intake_paused_ms"] += int((now - self._intake_paused_at) * 1000)
+            for conn in list(self.connections):
+                conn._resume_reading(PAUSE_INTAKE)
 
     # --- connection admission --------------------------------------------------------------------
 
@@ -863,7 +905,11 @@ class MQTTServer:
                 continue
             if state != "connected":
                 continue
-            if conn.keep_alive and now - conn.last_rx > conn.keep_alive * 1.5:
+            if (
+                conn.keep_alive
+                and now - conn.last_rx > conn.keep_alive * 1.5
+                and not conn.read_pause & SERVER_PAUSES
+            ):
                 stats["closed.keepalive"] += 1
                 if conn.record is not None:
                     conn.record.keepalive_expired += 1

@@ -269,6 +269,7 @@ class WriterStats:
     last_commit_seconds: float = 0.0
     commit_seconds_total: float = 0.0
     max_commit_seconds: float = 0.0
+    pressure_episodes: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -277,13 +278,29 @@ class GroupCommitWriter:
 
     ``submit(ops, callback)`` queues a group of operations ``[(kind, row), ...]`` that must be
     committed together; ``callback(None)`` (or ``callback(exc)``) runs in the event loop once the
-    batch holding them has committed (or failed).
+    batch holding them has committed (or failed). ``submit`` and ``write`` are called on the event loop.
+
+    Back-pressure: ``outstanding`` counts groups submitted and not yet finished. When it passes
+    ``high_water``, ``on_pressure(True)`` is called (the transport then stops reading from clients);
+    once it is back to ``high_water // 2``, ``on_pressure(False)``. So a storage slower than the
+    offered load holds a bounded amount of work in memory and the rest waits in TCP buffers.
     """
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, batch_max: int = 2000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        batch_max: int = 2000,
+        high_water: int = 20_000,
+    ) -> None:
         self._engine = engine
         self._loop = loop
         self._batch_max = batch_max
+        self.high_water = high_water
+        self.outstanding = 0
+        self.pressed = False
+        self.on_pressure: Callable[[bool], None] | None = None
         self._queue: queue.SimpleQueue[tuple[list[tuple[str, Any]], DoneCallback | None] | None] = (
             queue.SimpleQueue()
         )
@@ -316,6 +333,29 @@ class GroupCommitWriter:
 
     def submit(self, ops: list[tuple[str, Any]], callback: DoneCallback | None = None) -> None:
         self._queue.put((ops, callback))
+        self.outstanding += 1
+        if self.outstanding > self.high_water and not self.pressed:
+            self._set_pressed(True)
+
+    def _set_pressed(self, pressed: bool) -> None:
+        self.pressed = pressed
+        if pressed:
+            self.stats.pressure_episodes += 1
+            log.warning("storage is behind: pausing intake", outstanding=self.outstanding)
+        else:
+            log.info("storage caught up: resuming intake", outstanding=self.outstanding)
+        if self.on_pressure is not None:
+            try:
+                self.on_pressure(pressed)
+            except Exception:
+                log.exception("pressure callback failed")
+
+    def _finished(self, count: int, results: list[tuple[DoneCallback, BaseException | None]]) -> None:
+        """In the event loop: a batch of ``count`` groups is done (committed or failed)."""
+        self.outstanding -= count
+        _run_callbacks(results)
+        if self.pressed and self.outstanding <= self.high_water // 2:
+            self._set_pressed(False)
 
     def write(self, ops: list[tuple[str, Any]]) -> asyncio.Future[None]:
         """Queue ``ops``; the returned future completes when they are committed."""
@@ -387,9 +427,8 @@ class GroupCommitWriter:
         st.last_commit_seconds = elapsed
         st.max_commit_seconds = max(st.max_commit_seconds, elapsed)
         st.commit_seconds_total += elapsed
-        if results:
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                self._loop.call_soon_threadsafe(_run_callbacks, results)
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._finished, len(batch), results)
 
     def _apply(self, batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]]) -> None:
         grouped: dict[str, list[dict[str, Any]]] = {}
