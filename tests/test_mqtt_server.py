@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -377,6 +379,30 @@ def test_connect_timeout(hub_factory) -> None:
     closed_after = raw.closed_within(3)
     assert closed_after is not None and closed_after < 1.5
     assert hub.stats["closed.connect_timeout"] == 1
+
+
+def test_connect_timeout_does_not_cut_off_an_authentication_in_progress(
+    hub_factory,
+) -> None:
+    """connect_timeout is for the CONNECT to arrive; once it has, a slow authentication is answered
+    (within auth_timeout) rather than the socket being closed under it."""
+    hub = hub_factory("echo", connect_timeout=0.5)
+    user = registry.add_vendor(hub.engine, "slowauth").username
+    real = hub.hub.mqtt.authenticator
+
+    class SlowAuthenticator:  # the authentication takes 1.5 s: three connect timeouts
+        async def authenticate(self, *args: Any) -> Any:
+            await asyncio.sleep(1.5)
+            return await real.authenticate(*args)
+
+    hub.hub.mqtt.authenticator = SlowAuthenticator()
+    raw = mqttraw.RawClient(hub.port)
+    raw.send(mqttraw.connect("gw-slow", user, gateway_password("gw-slow", user)))
+    started = time.monotonic()
+    assert raw.read_packet() == (0x20, b"\x00\x00")
+    assert time.monotonic() - started >= 1.4
+    assert hub.stats["closed.connect_timeout"] == 0
+    raw.close()
 
 
 def test_will_message_goes_to_the_application(echo_hub: RunningHub, vendor: registry.Vendor) -> None:

@@ -898,11 +898,13 @@ class MQTTServer:
         stats = self.stats
         for conn in list(self.connections):
             state = conn.state
-            if state in ("new", "connecting"):
+            if state == "new":
                 if now - conn.created > limits.connect_timeout:
                     stats["closed.connect_timeout"] += 1
                     conn.abort("connect-timeout")
                 continue
+            if state == "connecting":
+                continue  # CONNECT is in; auth_timeout bounds the wait and answers 0x03 if it passes
             if state != "connected":
                 continue
             if (
