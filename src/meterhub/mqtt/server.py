@@ -652,6 +652,10 @@ _DISPATCH: dict[type, Any] = {
 }
 
 
+def _last_rx(conn: MQTTConnection) -> float:
+    return conn.last_rx
+
+
 class MQTTServer:
     """Listeners, sessions and limits. Implements :class:`meterhub.transport.Southbound`."""
 
@@ -724,7 +728,12 @@ class MQTTServer:
                     conn._pause_reading(PAUSE_INTAKE)
         else:
             self.stats["flow.intake_paused_ms"] += int((now - self._intake_paused_at) * 1000)
-            for conn in list(self.connections):
+            # Longest unread first: the event loop reads sockets in about the order they are resumed,
+            # and the high-water mark is soon reached again, so a fixed order would serve the same
+            # few hundred gateways every time and starve the rest.
+            held = [conn for conn in self.connections if conn.read_pause & PAUSE_INTAKE]
+            held.sort(key=_last_rx)
+            for conn in held:
                 conn._resume_reading(PAUSE_INTAKE)
 
     # --- connection admission --------------------------------------------------------------------
