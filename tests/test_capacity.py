@@ -63,3 +63,12 @@ def test_connections_past_the_open_files_limit_are_refused_and_the_api_keeps_wor
         proc.kill()
         stderr = proc.communicate(timeout=10)[1].decode()
     assert "the open-files limit caps MQTT connections" in stderr
+
+
+def test_the_young_gc_threshold_covers_what_back_pressure_keeps_alive() -> None:
+    """``meterhub serve`` sizes the young generation from ``max_queued_writes`` (bounded both ways)."""
+    from meterhub.core import gcwatch
+
+    assert gcwatch.young_threshold_for(20_000) == 500_000
+    assert gcwatch.young_threshold_for(100) == gcwatch.YOUNG_THRESHOLD
+    assert gcwatch.young_threshold_for(10**9) == gcwatch.YOUNG_THRESHOLD_MAX

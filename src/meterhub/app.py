@@ -110,7 +110,7 @@ async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     """Run until SIGINT/SIGTERM."""
     hub = Hub(settings, handler=handler)
     await hub.start()
-    gcwatch.tune_for_server()
+    gcwatch.tune_for_server(gcwatch.young_threshold_for(settings.max_queued_writes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
