@@ -200,6 +200,20 @@ def meterhub_env() -> dict[str, str]:
     return env
 
 
+def product_adder(product_id: str) -> Callable[[str, str, dict[str, str]], None]:
+    """A ``before_serve`` hook for :func:`start_meterhub`: register ``product_id`` (smart-meter model)."""
+
+    def add(cli: str, data_dir: str, env: dict[str, str]) -> None:
+        subprocess.run(
+            [cli, "product", "add", product_id, "--model", "smart-meter", "--data-dir", data_dir],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+
+    return add
+
+
 def start_meterhub(
     handler: str,
     *,

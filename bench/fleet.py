@@ -155,15 +155,6 @@ class System:
         self.server.cleanup()
 
 
-def _add_product(cli: str, data_dir: str, env: dict[str, str]) -> None:
-    subprocess.run(
-        [cli, "product", "add", PRODUCT, "--model", "smart-meter", "--data-dir", data_dir],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
-
-
 def start_meterhub_system(
     settings_env: dict[str, str] | None = None, before_serve: Any = None, label: str = "(a) meterhub"
 ) -> System:
@@ -172,7 +163,7 @@ def start_meterhub_system(
     env.update(settings_env or {})
 
     def prepare(cli: str, data_dir: str, env_: dict[str, str]) -> None:
-        _add_product(cli, data_dir, env_)
+        common.product_adder(PRODUCT)(cli, data_dir, env_)
         if before_serve is not None:
             before_serve(cli, data_dir, env_)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
-import subprocess
 import sys
 import time
 from typing import Any
@@ -182,17 +181,9 @@ def run(server: Server, spec: loadgen.FleetSpec) -> dict[str, Any]:
     return run_phase(server, spec, result_timeout=90)
 
 
-def start_pipeline_server() -> Server:
-    server = common.start_meterhub("protocol", before_serve=_add_product)
-    return server
-
-
-def _add_product(cli: str, data_dir: str, env: dict[str, str]) -> None:
-    subprocess.run(
-        [cli, "product", "add", "bench-meter", "--model", "smart-meter", "--data-dir", data_dir],
-        check=True,
-        capture_output=True,
-        env=env,
+def start_pipeline_server(settings_env: dict[str, str] | None = None) -> Server:
+    return common.start_meterhub(
+        "protocol", settings_env=settings_env, before_serve=common.product_adder("bench-meter")
     )
 
 
