@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from meterhub.storage import schema
@@ -76,29 +76,29 @@ def get_vendor(engine: Engine, name: str) -> Vendor | None:
 _IN_CHUNK = 900
 
 
+def _rows_where_in(
+    conn: Connection, query: Select[Any], column: Any, values: Collection[Any]
+) -> Iterator[Any]:
+    """Rows of ``query`` whose ``column`` is one of ``values``, one ``IN (...)`` per ``_IN_CHUNK``."""
+    values = list(values)
+    for start in range(0, len(values), _IN_CHUNK):
+        yield from conn.execute(query.where(column.in_(values[start : start + _IN_CHUNK])))
+
+
 def vendors_by_usernames(conn: Connection, usernames: Collection[str]) -> dict[str, Vendor]:
-    """The vendors with these usernames, in one query per ``_IN_CHUNK`` names."""
-    names = list(usernames)
-    found: dict[str, Vendor] = {}
-    for start in range(0, len(names), _IN_CHUNK):
-        chunk = names[start : start + _IN_CHUNK]
-        for row in conn.execute(select(schema.vendors).where(schema.vendors.c.username.in_(chunk))):
-            found[row.username] = _vendor(row)
-    return found
+    """The vendors with these usernames."""
+    v = schema.vendors
+    return {row.username: _vendor(row) for row in _rows_where_in(conn, select(v), v.c.username, usernames)}
 
 
 def gateways_by_ids(conn: Connection, gateway_ids: Collection[str]) -> dict[str, GatewayRecord]:
-    """The operator flags of these gateways (those that have a row), in one query per chunk."""
+    """The operator flags of these gateways (those that have a row)."""
     g = schema.gateways
-    ids = list(gateway_ids)
-    found: dict[str, GatewayRecord] = {}
-    for start in range(0, len(ids), _IN_CHUNK):
-        query = select(g.c.gateway_id, g.c.vendor_id, g.c.enabled, g.c.allowed).where(
-            g.c.gateway_id.in_(ids[start : start + _IN_CHUNK])
-        )
-        for row in conn.execute(query):
-            found[row.gateway_id] = GatewayRecord(row.gateway_id, row.vendor_id, row.enabled, row.allowed)
-    return found
+    query = select(g.c.gateway_id, g.c.vendor_id, g.c.enabled, g.c.allowed)
+    return {
+        row.gateway_id: GatewayRecord(row.gateway_id, row.vendor_id, row.enabled, row.allowed)
+        for row in _rows_where_in(conn, query, g.c.gateway_id, gateway_ids)
+    }
 
 
 def list_vendors(engine: Engine) -> list[Vendor]:
