@@ -37,6 +37,11 @@ class Principal:
     expires_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def publishes(self) -> bool:
+        """Whether this client may publish anything at all (gateways do; open hub links do not)."""
+        return self.publish_prefix is not None
+
     def may_publish(self, topic: str) -> bool:
         return self.publish_prefix is not None and topic.startswith(self.publish_prefix)
 

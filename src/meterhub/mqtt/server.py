@@ -494,7 +494,7 @@ class MQTTConnection(asyncio.Protocol):
                 if self.state != "connected":
                     return
                 self._dispatch(pkt)
-        if server.intake_paused and principal.publish_prefix is not None:
+        if server.intake_paused and principal.publishes:
             self._pause_reading(PAUSE_INTAKE)
         self._resume_reading(PAUSE_AUTH)
 
@@ -724,7 +724,7 @@ class MQTTServer:
             self.stats["flow.intake_paused"] += 1
             self._intake_paused_at = now
             for conn in self.connections:
-                if conn.state == "connected" and conn.principal is not None and conn.principal.publish_prefix:
+                if conn.state == "connected" and conn.principal is not None and conn.principal.publishes:
                     conn._pause_reading(PAUSE_INTAKE)
         else:
             self.stats["flow.intake_paused_ms"] += int((now - self._intake_paused_at) * 1000)
