@@ -7,6 +7,9 @@ Runs on SQLite and, in the PostgreSQL pass, on PostgreSQL (the storage is held w
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -116,3 +119,17 @@ def test_a_gateway_held_back_is_not_disconnected_for_its_silence(hub: RunningHub
     assert raw.read_packet() == (0xD0, b"")
     raw.close()
     assert hub.stats["closed.keepalive"] == 0
+
+
+def test_a_max_queued_writes_below_one_is_refused_with_a_clear_error(tmp_path) -> None:
+    """0 would pause at the first report, a negative bound never resume: refused at start."""
+    done = subprocess.run(
+        [sys.executable, "-m", "meterhub", "serve", "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "METERHUB_MAX_QUEUED_WRITES": "0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "bad configuration" in done.stderr and "max_queued_writes" in done.stderr
+    assert "greater than or equal to 1" in done.stderr

@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     batch_max: int = Field(2000, description="Most operations per storage commit.")
     max_queued_writes: int = Field(
         20_000,
+        ge=1,
         description="Write groups (about one per report) waiting for storage above which no gateway is "
         "read from until half of them are committed (back-pressure instead of unbounded memory).",
     )
