@@ -259,6 +259,9 @@ APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
 
 DoneCallback = Callable[[BaseException | None], None]
 
+#: Seconds between two "storage is behind" warnings (the episodes in between are only counted).
+PRESSURE_LOG_INTERVAL = 60.0
+
 
 @dataclass(slots=True)
 class WriterStats:
@@ -301,6 +304,7 @@ class GroupCommitWriter:
         self.outstanding = 0
         self.pressed = False
         self.on_pressure: Callable[[bool], None] | None = None
+        self._pressure_logged_at = -PRESSURE_LOG_INTERVAL
         self._queue: queue.SimpleQueue[tuple[list[tuple[str, Any]], DoneCallback | None] | None] = (
             queue.SimpleQueue()
         )
@@ -341,9 +345,16 @@ class GroupCommitWriter:
         self.pressed = pressed
         if pressed:
             self.stats.pressure_episodes += 1
-            log.warning("storage is behind: pausing intake", outstanding=self.outstanding)
+            now = time.monotonic()
+            if now - self._pressure_logged_at >= PRESSURE_LOG_INTERVAL:  # overloaded: pauses every second
+                self._pressure_logged_at = now
+                log.warning(
+                    "storage is behind: pausing intake (logged at most once a minute; all are counted)",
+                    outstanding=self.outstanding,
+                    episodes=self.stats.pressure_episodes,
+                )
         else:
-            log.info("storage caught up: resuming intake", outstanding=self.outstanding)
+            log.debug("storage caught up: resuming intake", outstanding=self.outstanding)
         if self.on_pressure is not None:
             try:
                 self.on_pressure(pressed)
