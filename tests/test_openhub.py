@@ -12,13 +12,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 
 import mqttraw
 from conftest import RunningHub, wait_for
 from meterhub.model.loader import builtin_model
-from meterhub.openhub import crypto, store
+from meterhub.openhub import crypto, http, store
 from meterhub.openhub.client import OpenHubClient, OpenHubClientError, decode_message
 from meterhub.storage import registry
 
@@ -290,6 +291,98 @@ def test_signature_token_and_permission_errors(world: World) -> None:
         {"action": "device.openHubConfig", "uid": world.alice, "link_id": "doc"},
     )
     assert isinstance(result["source_topic"], str) and result["url"].startswith("tcp://")
+
+
+# --- replayed requests ---------------------------------------------------------------------------
+
+
+def signed_post(
+    endpoint: str, app: store.App, token: str, path: str, body: dict[str, Any], nonce: str | None = None
+) -> tuple[dict[str, str], bytes]:
+    """Headers and body of one signed POST, built by hand the way tuya-iot-py-sdk 0.6.6 does."""
+    data = json.dumps(body).encode()
+    t = str(int(time.time() * 1000))
+    to_sign = http.string_to_sign("POST", path, [], data)
+    headers = {
+        "client_id": app.access_id,
+        "sign": http.make_sign(app.secret, app.access_id, token, t, to_sign, nonce or ""),
+        "sign_method": "HMAC-SHA256",
+        "access_token": token,
+        "t": t,
+        "Content-Type": "application/json",
+    }
+    if nonce is not None:
+        headers["nonce"] = nonce
+    return headers, data
+
+
+def test_replayed_config_call_is_refused_with_tuyas_error(world: World) -> None:
+    api = world.client()
+    api.user_login("alice", "alice-pw")
+    path = "/v1.0/iot-03/open-hub/access-config"
+    body = {"uid": world.alice, "link_id": "replayed", "link_type": "mqtt", "msg_encrypted_version": "2.0"}
+    headers, data = signed_post(world.endpoint, world.app, api.access_token, path, body)
+    with httpx.Client(base_url=world.endpoint) as h:
+        first = h.post(path, content=data, headers=headers)
+        assert first.status_code == 200 and first.json()["success"] is True
+        assert len(first.json()["result"]["password"]) == 32
+        again = h.post(path, content=data, headers=headers)  # the same bytes, seconds later
+        assert again.status_code == 200
+        answer = again.json()
+        assert answer["success"] is False and "result" not in answer
+        assert (answer["code"], answer["msg"]) == (1113, "do not repeat the operation in a short time")
+        # a nonce is single-use too, even under a new signature (new t)
+        time.sleep(0.002)
+        headers, data = signed_post(world.endpoint, world.app, api.access_token, path, body, nonce="n-1")
+        assert h.post(path, content=data, headers=headers).json()["success"] is True
+        time.sleep(0.002)
+        headers2, data = signed_post(world.endpoint, world.app, api.access_token, path, body, nonce="n-1")
+        assert headers2["sign"] != headers["sign"]
+        assert h.post(path, content=data, headers=headers2).json()["code"] == 1113
+        # the nonce is part of the signature: changing it alone breaks the signature
+        headers2["nonce"] = "n-2"
+        assert h.post(path, content=data, headers=headers2).json()["code"] == 1004
+    # a fresh signature for the same call is fine (what every SDK call does)
+    assert (
+        api.config(world.alice, "replayed", version="2.0")["password"] == first.json()["result"]["password"]
+    )
+
+
+def test_replay_sent_to_another_node_is_refused(world: World, hub_factory) -> None:
+    """Two nodes on one database: a request accepted by one is refused by the other."""
+    other = hub_factory("protocol", http_port=0, database_url=world.hub.settings.resolved_database_url)
+    other_endpoint = f"http://127.0.0.1:{other.hub.http_port}"
+    path = "/v1.0/token"
+    t = str(int(time.time() * 1000))
+    to_sign = http.string_to_sign("GET", path, [("grant_type", "1")], b"")
+    headers = {
+        "client_id": world.app.access_id,
+        "sign": http.make_sign(world.app.secret, world.app.access_id, "", t, to_sign),
+        "sign_method": "HMAC-SHA256",
+        "t": t,
+    }
+    first = httpx.get(world.endpoint + path, params={"grant_type": "1"}, headers=headers).json()
+    assert first["success"] is True and first["result"]["access_token"]
+    replay = httpx.get(other_endpoint + path, params={"grant_type": "1"}, headers=headers).json()
+    assert (replay["success"], replay["code"]) == (False, 1113)
+    assert other.run(lambda: other.hub.openhub.replay.stats["replay.refused"]) == 1
+    assert world.hub.run(lambda: world.hub.hub.openhub.replay.stats["replay.refused"]) == 0
+
+
+def test_seen_requests_expire_and_are_purged_in_bounded_batches(world: World) -> None:
+    engine = world.hub.engine
+    now = time.time()
+    for i in range(25):
+        assert store.remember_request(engine, [store.seen_key("sign", "app", f"s{i}")], now - 100 + i)
+    assert not store.remember_request(engine, [store.seen_key("sign", "app", "s3")], now + 600)
+    keep = store.seen_key("sign", "app", "live")
+    assert store.remember_request(engine, [keep], now + 600)
+    assert store.purge_seen_requests(engine, now, limit=10) == 10
+    assert store.purge_seen_requests(engine, now, limit=10) == 10
+    assert store.purge_seen_requests(engine, now, limit=10) == 5
+    assert store.purge_seen_requests(engine, now, limit=10) == 0
+    assert not store.remember_request(engine, [keep], now + 600)  # the live one stays
+    assert store.remember_request(engine, [store.seen_key("sign", "app", "s3")], now + 600)  # purged
 
 
 def test_stalled_subscriber_does_not_block_reports(hub_factory, clients) -> None:

@@ -7,9 +7,13 @@ from typing import Any
 from meterhub.logs import get_logger
 from meterhub.openhub.auth import OpenHubAuthenticator
 from meterhub.openhub.fanout import OpenHubFanout
+from meterhub.openhub.replay import ReplayGuard
 from meterhub.transport import Authenticator
 
 log = get_logger(__name__)
+
+
+MAX_CLOCK_SKEW_MS = 10 * 60 * 1000  # how far a signed request's t may be from the server's clock
 
 
 class OpenHub:
@@ -19,6 +23,8 @@ class OpenHub:
         self.fanout: OpenHubFanout | None = None
         self.ws_server: Any = None
         self.ws_port: int | None = None
+        #: Signed requests seen (shared with the other nodes through the database).
+        self.replay = ReplayGuard(hub.engine, MAX_CLOCK_SKEW_MS)
 
     def authenticator(self, gateways: Authenticator) -> Authenticator:
         return OpenHubAuthenticator(self.hub.engine, gateways)

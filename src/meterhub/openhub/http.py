@@ -1,9 +1,12 @@
 """The open hub's HTTP API: Tuya-style signed requests, so ``tuya-iot-py-sdk`` works unchanged.
 
 Signature (Tuya's "sign requests"): every request carries headers ``client_id`` (the application's
-access id), ``t`` (Unix ms), ``sign_method: HMAC-SHA256``, ``access_token`` (empty for token calls) and
+access id), ``t`` (Unix ms), ``sign_method: HMAC-SHA256``, ``access_token`` (empty for token calls),
+optionally ``nonce`` (a UUID, Tuya's newer signature; tuya-iot-py-sdk 0.6.6 sends none) and
 ``sign`` = upper-case hex HMAC-SHA256 with the application's secret over
-``client_id + access_token + t + METHOD "\\n" sha256(body) "\\n" "\\n" path[?sorted query]``.
+``client_id + access_token + t + nonce + METHOD "\\n" sha256(body) "\\n" "\\n" path[?sorted query]``.
+A request is accepted once: the same signature (or nonce) again within the time window is refused
+with 1113 (:mod:`meterhub.openhub.replay`).
 
 Paths:
 - ``GET /v1.0/token?grant_type=1``: project token (the application itself);
@@ -17,7 +20,8 @@ Paths:
 
 Every answer is HTTP 200; failures are ``{"success": false, "code", "msg", "t"}`` with Tuya's global
 codes (1004 sign invalid, 1005 clientId invalid, 1010 token expired, 1011 token invalid, 1013 request
-time invalid, 1100 param empty, 1106 permission deny, 1109 param illegal, 1000 data not exist).
+time invalid, 1113 repeated request, 1100 param empty, 1106 permission deny, 1109 param illegal, 1000
+data not exist).
 A user token may ask only for its own uid; a project token for any user.
 """
 
@@ -35,11 +39,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from meterhub.openhub import store
+from meterhub.openhub.component import MAX_CLOCK_SKEW_MS
 from meterhub.openhub.crypto import VERSIONS
+from meterhub.openhub.replay import ReplayGuard
 from meterhub.openhub.store import OpenHubError
 
 TOKEN_TTL = 7200
-MAX_CLOCK_SKEW_MS = 10 * 60 * 1000
 _LOGIN_PATHS = {
     "/v1.0/iot-01/associated-users/actions/authorized-login": "md5",
     "/v1.0/iot-03/users/login": "sha256",
@@ -65,8 +70,8 @@ def string_to_sign(method: str, path: str, query: list[tuple[str, str]], body: b
     return f"{method}\n{hashlib.sha256(body).hexdigest()}\n\n{url}"
 
 
-def make_sign(secret: str, client_id: str, access_token: str, t: str, to_sign: str) -> str:
-    msg = (client_id + access_token + t + to_sign).encode()
+def make_sign(secret: str, client_id: str, access_token: str, t: str, to_sign: str, nonce: str = "") -> str:
+    msg = (client_id + access_token + t + nonce + to_sign).encode()
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest().upper()
 
 
@@ -76,6 +81,7 @@ class OpenHubAPI:
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.engine = hub.engine
+        self.replay: ReplayGuard = hub.openhub.replay
         self.router = APIRouter(tags=["open hub (Tuya-compatible)"], include_in_schema=True)
         r = self.router
         r.add_api_route("/v1.0/token", self._wrap(self.project_token, token=False), methods=["GET"])
@@ -118,11 +124,13 @@ class OpenHubAPI:
     async def _authenticate(self, request: Request, body: bytes, need_token: bool) -> tuple[str, str | None]:
         h = request.headers
         client_id, sign, t = h.get("client_id", ""), h.get("sign", ""), h.get("t", "")
-        access_token = h.get("access_token", "")
+        access_token, nonce = h.get("access_token", ""), h.get("nonce", "")
         if not client_id or not sign or not t:
             raise OpenHubError(1105, "missing the header")
         if h.get("sign_method", "HMAC-SHA256").upper() != "HMAC-SHA256":
             raise OpenHubError(1004, "sign invalid")
+        if len(nonce) > 64:
+            raise OpenHubError(1109, "param is illegal, please check it")
         if not t.isdigit() or abs(int(t) - _now_ms()) > MAX_CLOCK_SKEW_MS:
             raise OpenHubError(1013, "request time is invalid")
         app = await asyncio.to_thread(store.get_app, self.engine, client_id)
@@ -131,9 +139,10 @@ class OpenHubAPI:
         to_sign = string_to_sign(
             request.method, request.url.path, list(request.query_params.multi_items()), body
         )
-        expected = make_sign(app.secret, client_id, access_token, t, to_sign)
+        expected = make_sign(app.secret, client_id, access_token, t, to_sign, nonce)
         if not hmac.compare_digest(expected, sign.upper()):
             raise OpenHubError(1004, "sign invalid")
+        await self.replay.check(client_id, expected, nonce, int(t))
         if not need_token:
             return client_id, None
         if not access_token:

@@ -318,3 +318,34 @@ def find_link(
     if not live:
         return None, "credentials expired"
     return _link(max(live, key=lambda r: r.expires_at)), ""
+
+
+# --- replay protection ---------------------------------------------------------------------------
+
+
+def seen_key(kind: str, client_id: str, value: str) -> str:
+    """The row key for a signature (``kind="sign"``) or a nonce (``kind="nonce"``) of one application."""
+    return _sha256(f"{kind}\0{client_id}\0{value}")
+
+
+def remember_request(engine: Engine, keys: list[str], expires_at: float) -> bool:
+    """Record a signed request's keys; False if any of them was recorded before (a replay).
+
+    The primary key decides, so two nodes given the same request at the same moment cannot both
+    accept it: one insert wins, the other gets the unique violation.
+    """
+    try:
+        with engine.begin() as conn:
+            conn.execute(oh.seen_requests.insert(), [{"key": k, "expires_at": expires_at} for k in keys])
+    except IntegrityError:
+        return False
+    return True
+
+
+def purge_seen_requests(engine: Engine, now: float | None = None, limit: int = 1000) -> int:
+    """Delete at most ``limit`` rows whose time window is over; returns how many were deleted."""
+    now = time.time() if now is None else now
+    t = oh.seen_requests
+    oldest = select(t.c.key).where(t.c.expires_at < now).order_by(t.c.expires_at).limit(limit)
+    with engine.begin() as conn:
+        return conn.execute(delete(t).where(t.c.key.in_(oldest.scalar_subquery()))).rowcount
