@@ -15,9 +15,11 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from pydantic import ValidationError
 
 import mqttraw
 from conftest import RunningHub, wait_for
+from meterhub.config import load_settings
 from meterhub.model.loader import builtin_model
 from meterhub.openhub import crypto, http, store
 from meterhub.openhub.client import OpenHubClient, OpenHubClientError, decode_message
@@ -211,13 +213,16 @@ def test_name_update_event(world: World) -> None:
 # --- credentials ---------------------------------------------------------------------------------
 
 
-def test_expiry_closes_and_renewal_takes_over(hub_factory, clients) -> None:
-    hub = hub_factory("protocol", http_port=0, openhub_link_ttl=3)
-    world = World(hub, clients)
+def test_expiry_closes_and_renewal_takes_over(world: World) -> None:
+    hub = world.hub
     api = world.client()
     api.project_login()
-    cfg = api.config(world.alice, "renewing-link")
-    assert 1 <= cfg["expire_time"] <= 3
+    # credentials issued 7197 s ago with the default 7200 s validity: 3 s left
+    ttl = int(hub.settings.openhub_link_ttl)
+    link = store.issue_link(
+        hub.engine, world.alice, "renewing-link", "mqtt", "2.0", ttl, time.time() - ttl + 3
+    )
+    cfg = {"client_id": link.client_id, "username": link.username, "password": link.password}
     raw = mqttraw.RawClient(hub.port)
     raw.send(mqttraw.connect(cfg["client_id"], cfg["username"], cfg["password"]))
     assert raw.read_packet() == (0x20, b"\x00\x00")
@@ -231,6 +236,7 @@ def test_expiry_closes_and_renewal_takes_over(hub_factory, clients) -> None:
     # a new configuration: new password, same client id; a second connection takes over the first
     cfg2 = api.config(world.alice, "renewing-link")
     assert cfg2["client_id"] == cfg["client_id"] and cfg2["password"] != cfg["password"]
+    assert ttl - 5 <= cfg2["expire_time"] <= ttl
     first = mqttraw.RawClient(hub.port)
     first.send(mqttraw.connect(cfg2["client_id"], cfg2["username"], cfg2["password"]))
     assert first.read_packet() == (0x20, b"\x00\x00")
@@ -241,6 +247,32 @@ def test_expiry_closes_and_renewal_takes_over(hub_factory, clients) -> None:
     wrong = mqttraw.RawClient(hub.port)
     wrong.send(mqttraw.connect(cfg2["client_id"], cfg2["username"], "x" * 32))
     assert wrong.read_packet() == (0x20, b"\x00\x04")
+
+
+def test_link_ttl_below_what_tuyas_sdk_needs_is_refused() -> None:
+    """tuya-iot-py-sdk sleeps expire_time - 60 s before renewing: shorter credentials kill its thread."""
+    with pytest.raises(ValidationError, match="openhub_link_ttl"):
+        load_settings(openhub_link_ttl=100)
+    assert load_settings(openhub_link_ttl=store.LINK_MIN_EXPIRE).openhub_link_ttl == 300
+
+
+def test_config_near_expiry_gives_fresh_credentials_the_sdk_can_live_with(hub_factory, clients) -> None:
+    hub = hub_factory("protocol", http_port=0, openhub_link_ttl=400)
+    world = World(hub, clients)
+    api = world.client()
+    api.project_login()
+    now = time.time()
+    # 250 s left: more than half of 400, but under the 300 s the SDK is always given -> a fresh one
+    old = store.issue_link(hub.engine, world.alice, "near-expiry", "mqtt", "2.0", 400, now - 150)
+    cfg = api.config(world.alice, "near-expiry")
+    assert cfg["password"] != old.password and cfg["client_id"] == old.client_id
+    assert 395 <= cfg["expire_time"] <= 400
+    # 320 s left: kept (more than half and more than 300 s)
+    kept = store.issue_link(hub.engine, world.alice, "kept", "mqtt", "2.0", 400, now - 80)
+    cfg = api.config(world.alice, "kept")
+    assert cfg["password"] == kept.password and 300 <= cfg["expire_time"] <= 320
+    # every answer leaves the SDK's renewal thread a positive sleep of minutes
+    assert min(api.config(world.alice, f"l{i}")["expire_time"] for i in range(3)) - 60 >= 240
 
 
 def test_password_is_stable_within_validity(world: World) -> None:

@@ -53,7 +53,11 @@ class Settings(BaseSettings):
         None, description="Host name put in open hub link URLs; default: the host the HTTP client used."
     )
     openhub_tls: bool = Field(False, description="Give open hub mqtt links ssl:// URLs (needs tls_port).")
-    openhub_link_ttl: float = Field(7200, description="Seconds open hub link credentials stay valid.")
+    openhub_link_ttl: float = Field(
+        7200,
+        ge=300,  # openhub.store.LINK_MIN_EXPIRE: Tuya's SDK renews at expire_time - 60 s
+        description="Seconds open hub link credentials stay valid (at least 300).",
+    )
     openhub_backlog: int = Field(100_000, description="Open hub events waiting to be sent; oldest dropped.")
     conformance_status_interval: float = Field(
         60.0, description="Longest expected gap between a gateway's devices/status messages (report card)."

@@ -230,15 +230,17 @@ class OpenHubAPI:
         except ValueError:
             raise OpenHubError(1109, f"{link_type} links are not enabled on this server") from None
         ttl = int(self.hub.settings.openhub_link_ttl)
+        now = time.time()
         link = await asyncio.to_thread(
-            store.issue_link, self.engine, target, link_id, link_type, version, ttl
+            store.issue_link, self.engine, target, link_id, link_type, version, ttl, now
         )
         return {
             "url": url,
             "client_id": link.client_id,
             "username": link.username,
             "password": link.password,
-            "expire_time": max(1, int(link.expires_at - time.time())),
+            # at least store.LINK_MIN_EXPIRE: Tuya's SDK sleeps expire_time - 60 s, then renews
+            "expire_time": int(link.expires_at - now),
             "source_topic": link.source_topic,
             "sink_topic": link.sink_topic,
         }

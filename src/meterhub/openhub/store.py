@@ -218,6 +218,13 @@ def refresh_token(engine: Engine, refresh: str, access_id: str, ttl: int) -> Tok
 # --- links (MQTT / WebSocket credentials) --------------------------------------------------------
 
 
+#: The least validity (seconds) a configuration call ever answers with. tuya-iot-py-sdk 0.6.6's
+#: ``TuyaOpenMQ.run`` sleeps ``expire_time - 60`` seconds before asking again: below 60 the sleep
+#: raises and its thread dies, just above it the SDK asks again at once. Credentials with less left
+#: are replaced by fresh ones; ``openhub_link_ttl`` may not be set below this.
+LINK_MIN_EXPIRE = 300
+
+
 @dataclass(slots=True, frozen=True)
 class Link:
     client_id: str
@@ -266,9 +273,11 @@ def issue_link(
     now: float | None = None,
 ) -> Link:
     """Credentials for one user and link. The password stays the same while more than half of its
-    validity is left; after that a fresh one (full validity) is issued, so a client that renews
-    shortly before expiry gets time to reconnect."""
+    validity, and more than :data:`LINK_MIN_EXPIRE`, is left; after that a fresh one (full validity)
+    is issued, so a client that renews shortly before expiry gets time to reconnect, and the
+    ``expire_time`` answered is never below what Tuya's SDK needs (see :data:`LINK_MIN_EXPIRE`)."""
     now = time.time() if now is None else now
+    keep_above = max(ttl / 2, LINK_MIN_EXPIRE)
     client_id = link_client_id(uid, link_id)
     with engine.begin() as conn:
         rows = conn.execute(
@@ -277,7 +286,7 @@ def issue_link(
                 oh.links.c.client_id == client_id,
                 oh.links.c.link_type == link_type,
                 oh.links.c.msg_version == msg_version,
-                oh.links.c.expires_at > now + ttl / 2,
+                oh.links.c.expires_at > now + keep_above,
             )
             .order_by(oh.links.c.expires_at.desc())
         ).all()
