@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     max_topic_length: int = 256
     max_connections: int = 100_000
     keepalive_max: int = Field(3600, description="Largest keep-alive accepted (seconds); 0 = unlimited.")
+    login_fail_window: float = Field(60.0, gt=0, description="Window (s) of the failed-login budgets.")
+    login_fail_budget_client: int = Field(
+        20, ge=0, description="Failed logins per client id in a window, then a ban (0 = no budget)."
+    )
+    login_fail_budget_source: int = Field(
+        200, ge=0, description="Failed logins per source address in a window, then a ban (0 = no budget)."
+    )
+    login_ban_seconds: float = Field(30.0, ge=0, description="How long a login ban lasts (seconds).")
 
     # Protocol behaviour
     default_model: str | None = Field(
