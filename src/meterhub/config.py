@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     login_fail_budget_source: int = Field(
         200, ge=0, description="Failed logins per source address in a window, then a ban (0 = no budget)."
     )
-    login_ban_seconds: float = Field(30.0, ge=0, description="How long a login ban lasts (seconds).")
+    login_ban_seconds: float = Field(60.0, ge=0, description="How long a login ban lasts (seconds).")
 
     # Protocol behaviour
     default_model: str | None = Field(

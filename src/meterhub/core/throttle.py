@@ -54,7 +54,7 @@ class LoginThrottle:
         window: float = 60.0,
         client_budget: int = 20,
         source_budget: int = 200,
-        ban_seconds: float = 30.0,
+        ban_seconds: float = 60.0,
         max_tracked: int = 100_000,
         stats: MutableMapping[str, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
