@@ -385,14 +385,7 @@ def test_replay_sent_to_another_node_is_refused(world: World, hub_factory) -> No
     other = hub_factory("protocol", http_port=0, database_url=world.hub.settings.resolved_database_url)
     other_endpoint = f"http://127.0.0.1:{other.hub.http_port}"
     path = "/v1.0/token"
-    t = str(int(time.time() * 1000))
-    to_sign = http.string_to_sign("GET", path, [("grant_type", "1")], b"")
-    headers = {
-        "client_id": world.app.access_id,
-        "sign": http.make_sign(world.app.secret, world.app.access_id, "", t, to_sign),
-        "sign_method": "HMAC-SHA256",
-        "t": t,
-    }
+    headers = signed_get_headers(world.app, path, [("grant_type", "1")])
     first = httpx.get(world.endpoint + path, params={"grant_type": "1"}, headers=headers).json()
     assert first["success"] is True and first["result"]["access_token"]
     replay = httpx.get(other_endpoint + path, params={"grant_type": "1"}, headers=headers).json()
@@ -415,6 +408,28 @@ def test_seen_requests_expire_and_are_purged_in_bounded_batches(world: World) ->
     assert store.purge_seen_requests(engine, now, limit=10) == 0
     assert not store.remember_request(engine, [keep], now + 600)  # the live one stays
     assert store.remember_request(engine, [store.seen_key("sign", "app", "s3")], now + 600)  # purged
+
+
+def signed_get_headers(app: store.App, path: str, query: list[tuple[str, str]]) -> dict[str, str]:
+    """Headers of a signed token call (no access token), built by hand like the SDK's."""
+    t = str(int(time.time() * 1000))
+    to_sign = http.string_to_sign("GET", path, query, b"")
+    sign = http.make_sign(app.secret, app.access_id, "", t, to_sign)
+    return {"client_id": app.access_id, "sign": sign, "sign_method": "HMAC-SHA256", "t": t}
+
+
+def test_storage_failure_answers_in_tuyas_shape(world: World) -> None:
+    """If the seen-requests table cannot be written, the request fails (never accepted unrecorded)
+    with Tuya's 500 shape, HTTP 200, rather than a bare HTTP 500."""
+    from sqlalchemy import text
+
+    with world.hub.engine.begin() as conn:
+        conn.execute(text("DROP TABLE openhub_seen_requests"))
+    headers = signed_get_headers(world.app, "/v1.0/token", [("grant_type", "1")])
+    response = httpx.get(world.endpoint + "/v1.0/token", params={"grant_type": "1"}, headers=headers)
+    assert response.status_code == 200
+    answer = response.json()
+    assert (answer["success"], answer["code"]) == (False, 500) and "result" not in answer
 
 
 def test_stalled_subscriber_does_not_block_reports(hub_factory, clients) -> None:

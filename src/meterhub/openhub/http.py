@@ -19,9 +19,9 @@ Paths:
   "link_type"}``: the document's action (topics as strings, as in the document's sample).
 
 Every answer is HTTP 200; failures are ``{"success": false, "code", "msg", "t"}`` with Tuya's global
-codes (1004 sign invalid, 1005 clientId invalid, 1010 token expired, 1011 token invalid, 1013 request
-time invalid, 1113 repeated request, 1100 param empty, 1106 permission deny, 1109 param illegal, 1000
-data not exist).
+codes (500 system error (storage unavailable), 1004 sign invalid, 1005 clientId invalid, 1010 token
+expired, 1011 token invalid, 1013 request time invalid, 1113 repeated request, 1100 param empty, 1106
+permission deny, 1109 param illegal, 1000 data not exist).
 A user token may ask only for its own uid; a project token for any user.
 """
 
@@ -37,12 +37,16 @@ from typing import Any
 import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
+from meterhub.logs import get_logger
 from meterhub.openhub import store
 from meterhub.openhub.component import MAX_CLOCK_SKEW_MS
 from meterhub.openhub.crypto import VERSIONS
 from meterhub.openhub.replay import ReplayGuard
 from meterhub.openhub.store import OpenHubError
+
+log = get_logger(__name__)
 
 TOKEN_TTL = 7200
 _LOGIN_PATHS = {
@@ -82,6 +86,8 @@ class OpenHubAPI:
         self.hub = hub
         self.engine = hub.engine
         self.replay: ReplayGuard = hub.openhub.replay
+        self._storage_errors = 0
+        self._storage_error_logged = -10.0
         self.router = APIRouter(tags=["open hub (Tuya-compatible)"], include_in_schema=True)
         r = self.router
         r.add_api_route("/v1.0/token", self._wrap(self.project_token, token=False), methods=["GET"])
@@ -117,6 +123,17 @@ class OpenHubAPI:
                 return await handler(request, access_id=access_id, uid=uid, body=payload)
             except OpenHubError as exc:
                 return fail(exc.code, exc.msg)
+            except SQLAlchemyError as exc:  # storage unavailable: Tuya's shape, not a bare HTTP 500
+                self._storage_errors += 1
+                now = time.monotonic()
+                if now - self._storage_error_logged >= 10:  # one line per 10 s, every one counted
+                    self._storage_error_logged = now
+                    log.error(
+                        "open hub request failed: storage error",
+                        error=str(exc).splitlines()[0],
+                        errors_total=self._storage_errors,
+                    )
+                return fail(500, "system error, please contact the admin")
 
         endpoint.__name__ = handler.__name__
         return endpoint
