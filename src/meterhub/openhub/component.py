@@ -7,13 +7,10 @@ from typing import Any
 from meterhub.logs import get_logger
 from meterhub.openhub.auth import OpenHubAuthenticator
 from meterhub.openhub.fanout import OpenHubFanout
-from meterhub.openhub.replay import ReplayGuard
+from meterhub.openhub.replay import MAX_CLOCK_SKEW_MS, ReplayGuard
 from meterhub.transport import Authenticator
 
 log = get_logger(__name__)
-
-
-MAX_CLOCK_SKEW_MS = 10 * 60 * 1000  # how far a signed request's t may be from the server's clock
 
 
 class OpenHub:

@@ -41,9 +41,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from meterhub.logs import get_logger
 from meterhub.openhub import store
-from meterhub.openhub.component import MAX_CLOCK_SKEW_MS
 from meterhub.openhub.crypto import VERSIONS
-from meterhub.openhub.replay import ReplayGuard
+from meterhub.openhub.replay import MAX_CLOCK_SKEW_MS, ReplayGuard
 from meterhub.openhub.store import OpenHubError
 
 log = get_logger(__name__)

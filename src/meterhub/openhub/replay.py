@@ -23,6 +23,7 @@ from meterhub.openhub.store import OpenHubError
 
 log = get_logger(__name__)
 
+MAX_CLOCK_SKEW_MS = 10 * 60 * 1000  # how far a signed request's t may be from the server's clock
 REPLAY_CODE = 1113
 REPLAY_MSG = "do not repeat the operation in a short time"
 
