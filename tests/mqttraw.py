@@ -70,8 +70,10 @@ PINGREQ = b"\xc0\x00"
 
 
 class RawClient:
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None) -> None:
+        """``source``: another loopback address to connect from (e.g. 127.0.0.2)."""
+        addr = (source, 0) if source else None
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=addr)
         self.buf = b""
 
     def send(self, data: bytes) -> None:

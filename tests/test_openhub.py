@@ -12,13 +12,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from pydantic import ValidationError
 
 import mqttraw
 from conftest import RunningHub, wait_for
+from meterhub.config import load_settings
 from meterhub.model.loader import builtin_model
-from meterhub.openhub import crypto, store
+from meterhub.openhub import crypto, http, store
 from meterhub.openhub.client import OpenHubClient, OpenHubClientError, decode_message
 from meterhub.storage import registry
 
@@ -210,13 +213,16 @@ def test_name_update_event(world: World) -> None:
 # --- credentials ---------------------------------------------------------------------------------
 
 
-def test_expiry_closes_and_renewal_takes_over(hub_factory, clients) -> None:
-    hub = hub_factory("protocol", http_port=0, openhub_link_ttl=3)
-    world = World(hub, clients)
+def test_expiry_closes_and_renewal_takes_over(world: World) -> None:
+    hub = world.hub
     api = world.client()
     api.project_login()
-    cfg = api.config(world.alice, "renewing-link")
-    assert 1 <= cfg["expire_time"] <= 3
+    # credentials issued 7197 s ago with the default 7200 s validity: 3 s left
+    ttl = int(hub.settings.openhub_link_ttl)
+    link = store.issue_link(
+        hub.engine, world.alice, "renewing-link", "mqtt", "2.0", ttl, time.time() - ttl + 3
+    )
+    cfg = {"client_id": link.client_id, "username": link.username, "password": link.password}
     raw = mqttraw.RawClient(hub.port)
     raw.send(mqttraw.connect(cfg["client_id"], cfg["username"], cfg["password"]))
     assert raw.read_packet() == (0x20, b"\x00\x00")
@@ -230,6 +236,7 @@ def test_expiry_closes_and_renewal_takes_over(hub_factory, clients) -> None:
     # a new configuration: new password, same client id; a second connection takes over the first
     cfg2 = api.config(world.alice, "renewing-link")
     assert cfg2["client_id"] == cfg["client_id"] and cfg2["password"] != cfg["password"]
+    assert ttl - 5 <= cfg2["expire_time"] <= ttl
     first = mqttraw.RawClient(hub.port)
     first.send(mqttraw.connect(cfg2["client_id"], cfg2["username"], cfg2["password"]))
     assert first.read_packet() == (0x20, b"\x00\x00")
@@ -240,6 +247,32 @@ def test_expiry_closes_and_renewal_takes_over(hub_factory, clients) -> None:
     wrong = mqttraw.RawClient(hub.port)
     wrong.send(mqttraw.connect(cfg2["client_id"], cfg2["username"], "x" * 32))
     assert wrong.read_packet() == (0x20, b"\x00\x04")
+
+
+def test_link_ttl_below_what_tuyas_sdk_needs_is_refused() -> None:
+    """tuya-iot-py-sdk sleeps expire_time - 60 s before renewing: shorter credentials kill its thread."""
+    with pytest.raises(ValidationError, match="openhub_link_ttl"):
+        load_settings(openhub_link_ttl=100)
+    assert load_settings(openhub_link_ttl=store.LINK_MIN_EXPIRE).openhub_link_ttl == 300
+
+
+def test_config_near_expiry_gives_fresh_credentials_the_sdk_can_live_with(hub_factory, clients) -> None:
+    hub = hub_factory("protocol", http_port=0, openhub_link_ttl=400)
+    world = World(hub, clients)
+    api = world.client()
+    api.project_login()
+    now = time.time()
+    # 250 s left: more than half of 400, but under the 300 s the SDK is always given -> a fresh one
+    old = store.issue_link(hub.engine, world.alice, "near-expiry", "mqtt", "2.0", 400, now - 150)
+    cfg = api.config(world.alice, "near-expiry")
+    assert cfg["password"] != old.password and cfg["client_id"] == old.client_id
+    assert 395 <= cfg["expire_time"] <= 400
+    # 320 s left: kept (more than half and more than 300 s)
+    kept = store.issue_link(hub.engine, world.alice, "kept", "mqtt", "2.0", 400, now - 80)
+    cfg = api.config(world.alice, "kept")
+    assert cfg["password"] == kept.password and 300 <= cfg["expire_time"] <= 320
+    # every answer leaves the SDK's renewal thread a positive sleep of minutes
+    assert min(api.config(world.alice, f"l{i}")["expire_time"] for i in range(3)) - 60 >= 240
 
 
 def test_password_is_stable_within_validity(world: World) -> None:
@@ -290,6 +323,113 @@ def test_signature_token_and_permission_errors(world: World) -> None:
         {"action": "device.openHubConfig", "uid": world.alice, "link_id": "doc"},
     )
     assert isinstance(result["source_topic"], str) and result["url"].startswith("tcp://")
+
+
+# --- replayed requests ---------------------------------------------------------------------------
+
+
+def signed_post(
+    endpoint: str, app: store.App, token: str, path: str, body: dict[str, Any], nonce: str | None = None
+) -> tuple[dict[str, str], bytes]:
+    """Headers and body of one signed POST, built by hand the way tuya-iot-py-sdk 0.6.6 does."""
+    data = json.dumps(body).encode()
+    t = str(int(time.time() * 1000))
+    to_sign = http.string_to_sign("POST", path, [], data)
+    headers = {
+        "client_id": app.access_id,
+        "sign": http.make_sign(app.secret, app.access_id, token, t, to_sign, nonce or ""),
+        "sign_method": "HMAC-SHA256",
+        "access_token": token,
+        "t": t,
+        "Content-Type": "application/json",
+    }
+    if nonce is not None:
+        headers["nonce"] = nonce
+    return headers, data
+
+
+def test_replayed_config_call_is_refused_with_tuyas_error(world: World) -> None:
+    api = world.client()
+    api.user_login("alice", "alice-pw")
+    path = "/v1.0/iot-03/open-hub/access-config"
+    body = {"uid": world.alice, "link_id": "replayed", "link_type": "mqtt", "msg_encrypted_version": "2.0"}
+    headers, data = signed_post(world.endpoint, world.app, api.access_token, path, body)
+    with httpx.Client(base_url=world.endpoint) as h:
+        first = h.post(path, content=data, headers=headers)
+        assert first.status_code == 200 and first.json()["success"] is True
+        assert len(first.json()["result"]["password"]) == 32
+        again = h.post(path, content=data, headers=headers)  # the same bytes, seconds later
+        assert again.status_code == 200
+        answer = again.json()
+        assert answer["success"] is False and "result" not in answer
+        assert (answer["code"], answer["msg"]) == (1113, "do not repeat the operation in a short time")
+        # a nonce is single-use too, even under a new signature (new t)
+        time.sleep(0.002)
+        headers, data = signed_post(world.endpoint, world.app, api.access_token, path, body, nonce="n-1")
+        assert h.post(path, content=data, headers=headers).json()["success"] is True
+        time.sleep(0.002)
+        headers2, data = signed_post(world.endpoint, world.app, api.access_token, path, body, nonce="n-1")
+        assert headers2["sign"] != headers["sign"]
+        assert h.post(path, content=data, headers=headers2).json()["code"] == 1113
+        # the nonce is part of the signature: changing it alone breaks the signature
+        headers2["nonce"] = "n-2"
+        assert h.post(path, content=data, headers=headers2).json()["code"] == 1004
+    # a fresh signature for the same call is fine (what every SDK call does)
+    assert (
+        api.config(world.alice, "replayed", version="2.0")["password"] == first.json()["result"]["password"]
+    )
+
+
+def test_replay_sent_to_another_node_is_refused(world: World, hub_factory) -> None:
+    """Two nodes on one database: a request accepted by one is refused by the other."""
+    other = hub_factory("protocol", http_port=0, database_url=world.hub.settings.resolved_database_url)
+    other_endpoint = f"http://127.0.0.1:{other.hub.http_port}"
+    path = "/v1.0/token"
+    headers = signed_get_headers(world.app, path, [("grant_type", "1")])
+    first = httpx.get(world.endpoint + path, params={"grant_type": "1"}, headers=headers).json()
+    assert first["success"] is True and first["result"]["access_token"]
+    replay = httpx.get(other_endpoint + path, params={"grant_type": "1"}, headers=headers).json()
+    assert (replay["success"], replay["code"]) == (False, 1113)
+    assert other.run(lambda: other.hub.openhub.replay.stats["replay.refused"]) == 1
+    assert world.hub.run(lambda: world.hub.hub.openhub.replay.stats["replay.refused"]) == 0
+
+
+def test_seen_requests_expire_and_are_purged_in_bounded_batches(world: World) -> None:
+    engine = world.hub.engine
+    now = time.time()
+    for i in range(25):
+        assert store.remember_request(engine, [store.seen_key("sign", "app", f"s{i}")], now - 100 + i)
+    assert not store.remember_request(engine, [store.seen_key("sign", "app", "s3")], now + 600)
+    keep = store.seen_key("sign", "app", "live")
+    assert store.remember_request(engine, [keep], now + 600)
+    assert store.purge_seen_requests(engine, now, limit=10) == 10
+    assert store.purge_seen_requests(engine, now, limit=10) == 10
+    assert store.purge_seen_requests(engine, now, limit=10) == 5
+    assert store.purge_seen_requests(engine, now, limit=10) == 0
+    assert not store.remember_request(engine, [keep], now + 600)  # the live one stays
+    assert store.remember_request(engine, [store.seen_key("sign", "app", "s3")], now + 600)  # purged
+
+
+def signed_get_headers(app: store.App, path: str, query: list[tuple[str, str]]) -> dict[str, str]:
+    """Headers of a signed token call (no access token), built by hand like the SDK's."""
+    t = str(int(time.time() * 1000))
+    to_sign = http.string_to_sign("GET", path, query, b"")
+    sign = http.make_sign(app.secret, app.access_id, "", t, to_sign)
+    return {"client_id": app.access_id, "sign": sign, "sign_method": "HMAC-SHA256", "t": t}
+
+
+def test_storage_failure_answers_in_tuyas_shape(world: World) -> None:
+    """If the seen-requests table cannot be written, the request fails (never accepted unrecorded)
+    with Tuya's 500 shape, HTTP 200, rather than a bare HTTP 500."""
+    from sqlalchemy import text
+
+    with world.hub.engine.begin() as conn:
+        conn.execute(text("DROP TABLE openhub_seen_requests"))
+    headers = signed_get_headers(world.app, "/v1.0/token", [("grant_type", "1")])
+    response = httpx.get(world.endpoint + "/v1.0/token", params={"grant_type": "1"}, headers=headers)
+    assert response.status_code == 200
+    answer = response.json()
+    assert (answer["success"], answer["code"]) == (False, 500) and "result" not in answer
 
 
 def test_stalled_subscriber_does_not_block_reports(hub_factory, clients) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 from meterhub.config import Settings
 from meterhub.core import gcwatch
-from meterhub.core.auth import GatewayAuthenticator
+from meterhub.core.auth import GatewayAuthenticator, ThrottledAuthenticator
+from meterhub.core.throttle import LoginThrottle
 from meterhub.logs import get_logger
 from meterhub.mqtt.server import Limits, MQTTServer, fit_to_fd_limit
 from meterhub.storage.database import GroupCommitWriter, create_db_engine, migrate
@@ -64,11 +65,19 @@ class Hub:
         self.writer.start()
         writer = self.writer
         authenticator: Any = GatewayAuthenticator(self.engine, healthy=writer.admits_clients)
+        self.login_throttle = LoginThrottle(
+            window=settings.login_fail_window,
+            client_budget=settings.login_fail_budget_client,
+            source_budget=settings.login_fail_budget_source,
+            ban_seconds=settings.login_ban_seconds,
+        )
         limits = Limits.from_settings(settings)
         fit_to_fd_limit(limits)
         if self.handler_name == "echo":
             self.handler = EchoHandler()
-            self.mqtt = MQTTServer(authenticator, self.handler, limits)
+            self.mqtt = MQTTServer(
+                ThrottledAuthenticator(authenticator, self.login_throttle), self.handler, limits
+            )
             self.handler.southbound = self.mqtt
         else:
             from meterhub.core.service import ProtocolService
@@ -77,9 +86,13 @@ class Hub:
 
             self.handler = ProtocolService(settings, self.engine, self.writer)
             self.openhub = OpenHub(self)
-            self.mqtt = MQTTServer(self.openhub.authenticator(authenticator), self.handler, limits)
+            authenticator = ThrottledAuthenticator(
+                self.openhub.authenticator(authenticator), self.login_throttle
+            )
+            self.mqtt = MQTTServer(authenticator, self.handler, limits)
             await self.handler.start(self.mqtt)
         writer.on_pressure = self.mqtt.set_intake_paused
+        self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)
         self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
         ctx = make_ssl_context(settings)
         if ctx is not None and settings.tls_port is not None:

@@ -53,7 +53,11 @@ class Settings(BaseSettings):
         None, description="Host name put in open hub link URLs; default: the host the HTTP client used."
     )
     openhub_tls: bool = Field(False, description="Give open hub mqtt links ssl:// URLs (needs tls_port).")
-    openhub_link_ttl: float = Field(7200, description="Seconds open hub link credentials stay valid.")
+    openhub_link_ttl: float = Field(
+        7200,
+        ge=300,  # openhub.store.LINK_MIN_EXPIRE: Tuya's SDK renews at expire_time - 60 s
+        description="Seconds open hub link credentials stay valid (at least 300).",
+    )
     openhub_backlog: int = Field(100_000, description="Open hub events waiting to be sent; oldest dropped.")
     conformance_status_interval: float = Field(
         60.0, description="Longest expected gap between a gateway's devices/status messages (report card)."
@@ -82,6 +86,14 @@ class Settings(BaseSettings):
     max_topic_length: int = 256
     max_connections: int = 100_000
     keepalive_max: int = Field(3600, description="Largest keep-alive accepted (seconds); 0 = unlimited.")
+    login_fail_window: float = Field(60.0, gt=0, description="Window (s) of the failed-login budgets.")
+    login_fail_budget_client: int = Field(
+        20, ge=0, description="Failed logins per client id in a window, then a ban (0 = no budget)."
+    )
+    login_fail_budget_source: int = Field(
+        200, ge=0, description="Failed logins per source address in a window, then a ban (0 = no budget)."
+    )
+    login_ban_seconds: float = Field(60.0, ge=0, description="How long a login ban lasts (seconds).")
 
     # Protocol behaviour
     default_model: str | None = Field(

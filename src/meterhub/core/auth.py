@@ -2,7 +2,8 @@
 
 CONNACK codes (CLARIFICATIONS.md): unknown username or wrong password -> 0x04; a disabled vendor,
 a disabled gateway, a gateway not on its vendor's allowlist, or a gateway id that belongs to another
-vendor -> 0x05; the database unreachable -> 0x03.
+vendor -> 0x05; the database unreachable -> 0x03. Too many failed logins (:class:`ThrottledAuthenticator`,
+:mod:`meterhub.core.throttle`) -> 0x04 without checking, for a short ban.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 
+from meterhub.core.throttle import LoginThrottle
 from meterhub.logs import get_logger
 from meterhub.storage import registry
 from meterhub.transport import (
@@ -21,6 +23,7 @@ from meterhub.transport import (
     CONNACK_BAD_CREDENTIALS,
     CONNACK_NOT_AUTHORIZED,
     CONNACK_UNAVAILABLE,
+    Authenticator,
     AuthResult,
     Principal,
 )
@@ -137,3 +140,28 @@ class GatewayAuthenticator:
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+
+
+class ThrottledAuthenticator:
+    """Any authenticator behind a :class:`meterhub.core.throttle.LoginThrottle`: a CONNECT from an
+    address or for a client id (from the addresses that failed) past its failure budget gets
+    CONNACK 0x04 at once, without its password being checked; other CONNECTs are checked by
+    ``inner`` and its 0x04 answers are counted against the budgets."""
+
+    def __init__(self, inner: Authenticator, throttle: LoginThrottle) -> None:
+        self.inner = inner
+        self.throttle = throttle
+
+    async def authenticate(
+        self, client_id: str, username: str | None, password: bytes | None, peer: str
+    ) -> AuthResult:
+        why = self.throttle.refusal(client_id, peer)
+        if why is not None:
+            return AuthResult(CONNACK_BAD_CREDENTIALS, None, why)
+        result = await self.inner.authenticate(client_id, username, password, peer)
+        if result.code == CONNACK_BAD_CREDENTIALS:
+            self.throttle.failed(client_id, peer)
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)  # the rest is the inner authenticator's (e.g. ``lookups``)

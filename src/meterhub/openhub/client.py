@@ -62,10 +62,12 @@ class OpenHubClient:
         data = json.dumps(body).encode() if body else b""
         query = [(k, str(v)) for k, v in (params or {}).items()]
         t = str(int(time.time() * 1000))
+        nonce = str(uuid.uuid4())  # two identical calls in one millisecond are still two requests
         to_sign = string_to_sign(method, path, query, data)
         headers = {
             "client_id": self.access_id,
-            "sign": make_sign(self.secret, self.access_id, self.access_token, t, to_sign),
+            "sign": make_sign(self.secret, self.access_id, self.access_token, t, to_sign, nonce),
+            "nonce": nonce,
             "sign_method": "HMAC-SHA256",
             "access_token": self.access_token,
             "t": t,

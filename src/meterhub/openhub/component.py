@@ -7,6 +7,7 @@ from typing import Any
 from meterhub.logs import get_logger
 from meterhub.openhub.auth import OpenHubAuthenticator
 from meterhub.openhub.fanout import OpenHubFanout
+from meterhub.openhub.replay import MAX_CLOCK_SKEW_MS, ReplayGuard
 from meterhub.transport import Authenticator
 
 log = get_logger(__name__)
@@ -19,6 +20,8 @@ class OpenHub:
         self.fanout: OpenHubFanout | None = None
         self.ws_server: Any = None
         self.ws_port: int | None = None
+        #: Signed requests seen (shared with the other nodes through the database).
+        self.replay = ReplayGuard(hub.engine, MAX_CLOCK_SKEW_MS)
 
     def authenticator(self, gateways: Authenticator) -> Authenticator:
         return OpenHubAuthenticator(self.hub.engine, gateways)

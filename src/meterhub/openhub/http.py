@@ -1,9 +1,12 @@
 """The open hub's HTTP API: Tuya-style signed requests, so ``tuya-iot-py-sdk`` works unchanged.
 
 Signature (Tuya's "sign requests"): every request carries headers ``client_id`` (the application's
-access id), ``t`` (Unix ms), ``sign_method: HMAC-SHA256``, ``access_token`` (empty for token calls) and
+access id), ``t`` (Unix ms), ``sign_method: HMAC-SHA256``, ``access_token`` (empty for token calls),
+optionally ``nonce`` (a UUID, Tuya's newer signature; tuya-iot-py-sdk 0.6.6 sends none) and
 ``sign`` = upper-case hex HMAC-SHA256 with the application's secret over
-``client_id + access_token + t + METHOD "\\n" sha256(body) "\\n" "\\n" path[?sorted query]``.
+``client_id + access_token + t + nonce + METHOD "\\n" sha256(body) "\\n" "\\n" path[?sorted query]``.
+A request is accepted once: the same signature (or nonce) again within the time window is refused
+with 1113 (:mod:`meterhub.openhub.replay`).
 
 Paths:
 - ``GET /v1.0/token?grant_type=1``: project token (the application itself);
@@ -16,8 +19,9 @@ Paths:
   "link_type"}``: the document's action (topics as strings, as in the document's sample).
 
 Every answer is HTTP 200; failures are ``{"success": false, "code", "msg", "t"}`` with Tuya's global
-codes (1004 sign invalid, 1005 clientId invalid, 1010 token expired, 1011 token invalid, 1013 request
-time invalid, 1100 param empty, 1106 permission deny, 1109 param illegal, 1000 data not exist).
+codes (500 system error (storage unavailable), 1004 sign invalid, 1005 clientId invalid, 1010 token
+expired, 1011 token invalid, 1013 request time invalid, 1113 repeated request, 1100 param empty, 1106
+permission deny, 1109 param illegal, 1000 data not exist).
 A user token may ask only for its own uid; a project token for any user.
 """
 
@@ -33,13 +37,17 @@ from typing import Any
 import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
+from meterhub.logs import get_logger
 from meterhub.openhub import store
 from meterhub.openhub.crypto import VERSIONS
+from meterhub.openhub.replay import MAX_CLOCK_SKEW_MS, ReplayGuard
 from meterhub.openhub.store import OpenHubError
 
+log = get_logger(__name__)
+
 TOKEN_TTL = 7200
-MAX_CLOCK_SKEW_MS = 10 * 60 * 1000
 _LOGIN_PATHS = {
     "/v1.0/iot-01/associated-users/actions/authorized-login": "md5",
     "/v1.0/iot-03/users/login": "sha256",
@@ -65,8 +73,8 @@ def string_to_sign(method: str, path: str, query: list[tuple[str, str]], body: b
     return f"{method}\n{hashlib.sha256(body).hexdigest()}\n\n{url}"
 
 
-def make_sign(secret: str, client_id: str, access_token: str, t: str, to_sign: str) -> str:
-    msg = (client_id + access_token + t + to_sign).encode()
+def make_sign(secret: str, client_id: str, access_token: str, t: str, to_sign: str, nonce: str = "") -> str:
+    msg = (client_id + access_token + t + nonce + to_sign).encode()
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest().upper()
 
 
@@ -76,6 +84,9 @@ class OpenHubAPI:
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.engine = hub.engine
+        self.replay: ReplayGuard = hub.openhub.replay
+        self._storage_errors = 0
+        self._storage_error_logged = -10.0
         self.router = APIRouter(tags=["open hub (Tuya-compatible)"], include_in_schema=True)
         r = self.router
         r.add_api_route("/v1.0/token", self._wrap(self.project_token, token=False), methods=["GET"])
@@ -111,6 +122,17 @@ class OpenHubAPI:
                 return await handler(request, access_id=access_id, uid=uid, body=payload)
             except OpenHubError as exc:
                 return fail(exc.code, exc.msg)
+            except SQLAlchemyError as exc:  # storage unavailable: Tuya's shape, not a bare HTTP 500
+                self._storage_errors += 1
+                now = time.monotonic()
+                if now - self._storage_error_logged >= 10:  # one line per 10 s, every one counted
+                    self._storage_error_logged = now
+                    log.error(
+                        "open hub request failed: storage error",
+                        error=str(exc).splitlines()[0],
+                        errors_total=self._storage_errors,
+                    )
+                return fail(500, "system error, please contact the admin")
 
         endpoint.__name__ = handler.__name__
         return endpoint
@@ -118,11 +140,13 @@ class OpenHubAPI:
     async def _authenticate(self, request: Request, body: bytes, need_token: bool) -> tuple[str, str | None]:
         h = request.headers
         client_id, sign, t = h.get("client_id", ""), h.get("sign", ""), h.get("t", "")
-        access_token = h.get("access_token", "")
+        access_token, nonce = h.get("access_token", ""), h.get("nonce", "")
         if not client_id or not sign or not t:
             raise OpenHubError(1105, "missing the header")
         if h.get("sign_method", "HMAC-SHA256").upper() != "HMAC-SHA256":
             raise OpenHubError(1004, "sign invalid")
+        if len(nonce) > 64:
+            raise OpenHubError(1109, "param is illegal, please check it")
         if not t.isdigit() or abs(int(t) - _now_ms()) > MAX_CLOCK_SKEW_MS:
             raise OpenHubError(1013, "request time is invalid")
         app = await asyncio.to_thread(store.get_app, self.engine, client_id)
@@ -131,9 +155,10 @@ class OpenHubAPI:
         to_sign = string_to_sign(
             request.method, request.url.path, list(request.query_params.multi_items()), body
         )
-        expected = make_sign(app.secret, client_id, access_token, t, to_sign)
+        expected = make_sign(app.secret, client_id, access_token, t, to_sign, nonce)
         if not hmac.compare_digest(expected, sign.upper()):
             raise OpenHubError(1004, "sign invalid")
+        await self.replay.check(client_id, expected, nonce, int(t))
         if not need_token:
             return client_id, None
         if not access_token:
@@ -221,15 +246,17 @@ class OpenHubAPI:
         except ValueError:
             raise OpenHubError(1109, f"{link_type} links are not enabled on this server") from None
         ttl = int(self.hub.settings.openhub_link_ttl)
+        now = time.time()
         link = await asyncio.to_thread(
-            store.issue_link, self.engine, target, link_id, link_type, version, ttl
+            store.issue_link, self.engine, target, link_id, link_type, version, ttl, now
         )
         return {
             "url": url,
             "client_id": link.client_id,
             "username": link.username,
             "password": link.password,
-            "expire_time": max(1, int(link.expires_at - time.time())),
+            # at least store.LINK_MIN_EXPIRE: Tuya's SDK sleeps expire_time - 60 s, then renews
+            "expire_time": int(link.expires_at - now),
             "source_topic": link.source_topic,
             "sink_topic": link.sink_topic,
         }

@@ -1,7 +1,7 @@
 """Open hub tables: applications (access id + secret), users, device bindings, API tokens, links.
 
 They share :data:`meterhub.storage.schema.metadata`; the migration that creates them is
-``storage/migrations/versions/0003_openhub.py``.
+``storage/migrations/versions/0003_openhub.py`` (and ``0006_openhub_seen_requests.py``).
 """
 
 from __future__ import annotations
@@ -70,4 +70,14 @@ links = Table(
     Column("sink_topic", String(128), nullable=False),
     Column("expires_at", Float, nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+# Signed requests already seen (replay protection), shared by every node on the database. ``key`` is
+# sha256 hex of the signature (or of the nonce, when the caller sends one); ``expires_at`` is when
+# the request's ``t`` leaves the accepted time window, after which the row may be purged.
+seen_requests = Table(
+    "openhub_seen_requests",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
 )

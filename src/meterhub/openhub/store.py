@@ -218,6 +218,13 @@ def refresh_token(engine: Engine, refresh: str, access_id: str, ttl: int) -> Tok
 # --- links (MQTT / WebSocket credentials) --------------------------------------------------------
 
 
+#: The least validity (seconds) a configuration call ever answers with. tuya-iot-py-sdk 0.6.6's
+#: ``TuyaOpenMQ.run`` sleeps ``expire_time - 60`` seconds before asking again: below 60 the sleep
+#: raises and its thread dies, just above it the SDK asks again at once. Credentials with less left
+#: are replaced by fresh ones; ``openhub_link_ttl`` may not be set below this.
+LINK_MIN_EXPIRE = 300
+
+
 @dataclass(slots=True, frozen=True)
 class Link:
     client_id: str
@@ -266,9 +273,11 @@ def issue_link(
     now: float | None = None,
 ) -> Link:
     """Credentials for one user and link. The password stays the same while more than half of its
-    validity is left; after that a fresh one (full validity) is issued, so a client that renews
-    shortly before expiry gets time to reconnect."""
+    validity, and more than :data:`LINK_MIN_EXPIRE`, is left; after that a fresh one (full validity)
+    is issued, so a client that renews shortly before expiry gets time to reconnect, and the
+    ``expire_time`` answered is never below what Tuya's SDK needs (see :data:`LINK_MIN_EXPIRE`)."""
     now = time.time() if now is None else now
+    keep_above = max(ttl / 2, LINK_MIN_EXPIRE)
     client_id = link_client_id(uid, link_id)
     with engine.begin() as conn:
         rows = conn.execute(
@@ -277,7 +286,7 @@ def issue_link(
                 oh.links.c.client_id == client_id,
                 oh.links.c.link_type == link_type,
                 oh.links.c.msg_version == msg_version,
-                oh.links.c.expires_at > now + ttl / 2,
+                oh.links.c.expires_at > now + keep_above,
             )
             .order_by(oh.links.c.expires_at.desc())
         ).all()
@@ -318,3 +327,34 @@ def find_link(
     if not live:
         return None, "credentials expired"
     return _link(max(live, key=lambda r: r.expires_at)), ""
+
+
+# --- replay protection ---------------------------------------------------------------------------
+
+
+def seen_key(kind: str, client_id: str, value: str) -> str:
+    """The row key for a signature (``kind="sign"``) or a nonce (``kind="nonce"``) of one application."""
+    return _sha256(f"{kind}\0{client_id}\0{value}")
+
+
+def remember_request(engine: Engine, keys: list[str], expires_at: float) -> bool:
+    """Record a signed request's keys; False if any of them was recorded before (a replay).
+
+    The primary key decides, so two nodes given the same request at the same moment cannot both
+    accept it: one insert wins, the other gets the unique violation.
+    """
+    try:
+        with engine.begin() as conn:
+            conn.execute(oh.seen_requests.insert(), [{"key": k, "expires_at": expires_at} for k in keys])
+    except IntegrityError:
+        return False
+    return True
+
+
+def purge_seen_requests(engine: Engine, now: float | None = None, limit: int = 1000) -> int:
+    """Delete at most ``limit`` rows whose time window is over; returns how many were deleted."""
+    now = time.time() if now is None else now
+    t = oh.seen_requests
+    oldest = select(t.c.key).where(t.c.expires_at < now).order_by(t.c.expires_at).limit(limit)
+    with engine.begin() as conn:
+        return conn.execute(delete(t).where(t.c.key.in_(oldest.scalar_subquery()))).rowcount
