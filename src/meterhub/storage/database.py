@@ -139,6 +139,17 @@ def _apply_devices(conn: Connection, rows: list[dict[str, Any]]) -> None:
     _merged_upserts(conn, schema.devices, "cid", rows, frozenset({"first_seen", "online"}))
 
 
+def _apply_device_moves(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """An operator's move of a device to another gateway (and so to that gateway's vendor)."""
+    d = schema.devices
+    conn.execute(
+        update(d)
+        .where(d.c.cid == bindparam("b_cid"))
+        .values(gateway_id=bindparam("b_gateway_id"), vendor_id=bindparam("b_vendor_id")),
+        [{"b_cid": r["cid"], "b_gateway_id": r["gateway_id"], "b_vendor_id": r["vendor_id"]} for r in rows],
+    )
+
+
 def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
     conn.execute(insert(schema.device_rebinds), rows)
 
@@ -244,6 +255,7 @@ def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
 APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "gateway": _apply_gateways,
     "device": _apply_devices,
+    "device_move": _apply_device_moves,
     "rebind": _apply_rebinds,
     "report": _apply_reports,
     "latest": _apply_latest,
