@@ -6,19 +6,58 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
+import socket
 import ssl
 from typing import Any
 
 from meterhub.config import Settings
 from meterhub.core import gcwatch
 from meterhub.core.auth import GatewayAuthenticator
-from meterhub.logs import get_logger
+from meterhub.logs import get_logger, set_repeat_interval
 from meterhub.mqtt.server import Limits, MQTTServer, fit_to_fd_limit
 from meterhub.storage.database import GroupCommitWriter, create_db_engine, migrate
+from meterhub.storage.lock import ServerLock
 from meterhub.tools.echo import EchoHandler
 
 log = get_logger(__name__)
+
+
+class StartupError(Exception):
+    """meterhub cannot start (a port is taken, ...): the message is one line for the operator."""
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Raise :class:`StartupError` if a configured listening port is taken, before anything else
+    happens (so a server that cannot listen changes nothing in the database). Port 0 is not checked;
+    a port taken in the moment between this check and the listener still fails the start, cleanly."""
+    wanted = [
+        ("MQTT", settings.mqtt_host, settings.mqtt_port),
+        ("HTTP", settings.http_host, settings.http_port),
+    ]
+    if settings.tls_port is not None:
+        wanted.append(("MQTT TLS", settings.mqtt_host, settings.tls_port))
+    if settings.ws_port is not None:
+        wanted.append(("WebSocket", settings.mqtt_host, settings.ws_port))
+    for what, host, port in wanted:
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, type_, proto, _, addr = infos[0]
+            with socket.socket(family, type_, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
+                probe.bind(addr)
+        except OSError as exc:
+            raise StartupError(_listen_problem(what, host, port, exc)) from None
+
+
+def _listen_problem(what: str, host: str, port: int, exc: OSError) -> str:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = " (another meterhub or broker?)" if exc.errno == errno.EADDRINUSE else ""
+    return f"cannot listen for {what} on {host or '*'}:{port}: {reason}{hint}"
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -51,11 +90,18 @@ class Hub:
         self.http_port: int | None = None
         self.openhub: Any = None
         self.http_routers: list[Any] = []
+        self.lock = ServerLock.for_url(settings.resolved_database_url)
 
     async def start(self) -> None:
+        """Start everything. First the embedded database's lock (:class:`DataDirInUse` when another
+        server holds it) and a check of the ports (:class:`StartupError`): both before the database
+        is touched."""
         settings = self.settings
-        gcwatch.install()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        check_ports_free(settings)
+        set_repeat_interval(settings.log_repeat_interval)
+        gcwatch.install()
         await asyncio.to_thread(migrate, self.engine)
         loop = asyncio.get_running_loop()
         self.writer = GroupCommitWriter(
@@ -104,12 +150,17 @@ class Hub:
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
         self.engine.dispose()
+        self.lock.release()
 
 
 async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     """Run until SIGINT/SIGTERM."""
     hub = Hub(settings, handler=handler)
-    await hub.start()
+    try:
+        await hub.start()
+    except BaseException:
+        await hub.stop()
+        raise
     gcwatch.tune_for_server(gcwatch.young_threshold_for(settings.max_queued_writes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

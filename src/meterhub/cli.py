@@ -39,6 +39,22 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+
+@contextlib.contextmanager
+def _startup_errors() -> Any:
+    """A server that cannot start (its database served by another process, a port taken) exits
+    with one line (``Error: ...``, status 1) instead of a traceback."""
+    from meterhub.app import StartupError
+    from meterhub.storage.lock import DataDirInUse
+
+    try:
+        yield
+    except (DataDirInUse, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # a listener that failed after the ports were checked
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
 _config_opt = click.option(
     "--config", "config", type=click.Path(path_type=Path), default=None, help="TOML configuration file."
 )
@@ -106,7 +122,8 @@ def serve(ctx: Context, handler: str, **overrides: Any) -> None:
     from meterhub.app import run
     from meterhub.app import serve as serve_coro
 
-    run(serve_coro(settings, handler=handler))
+    with _startup_errors():
+        run(serve_coro(settings, handler=handler))
 
 
 @main.command()
@@ -134,12 +151,17 @@ def demo(
     import time
 
     from meterhub.api.security import create_token
-    from meterhub.app import Hub, run
+    from meterhub.app import Hub, check_ports_free, run
     from meterhub.storage import registry
+    from meterhub.storage.lock import ServerLock
     from meterhub.tools.simulator import run_fleet
 
     settings = ctx.settings(**overrides)
     configure_logging("WARNING", settings.log_format)
+    lock = ServerLock.for_url(settings.resolved_database_url)  # before the database is touched
+    with _startup_errors():
+        lock.acquire()
+        check_ports_free(settings)
     engine = ctx.engine()
     vendor = registry.get_vendor(engine, "demo") or registry.add_vendor(engine, "demo")
     token, _ = create_token(engine, f"demo-{int(time.time())}", "admin")
@@ -147,7 +169,11 @@ def demo(
 
     async def main_task() -> None:
         hub = Hub(settings)
-        await hub.start()
+        try:
+            await hub.start()
+        except BaseException:
+            await hub.stop()
+            raise
         base = f"http://127.0.0.1:{hub.http_port}"
         click.echo(f"meterhub demo: MQTT for gateways on port {hub.mqtt_port}, API and dashboard at {base}/")
         click.echo(f"  dashboard / API token (admin): {token}")
@@ -169,8 +195,11 @@ def demo(
         finally:
             await hub.stop()
 
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        run(main_task())
+    try:
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError), _startup_errors():
+            run(main_task())
+    finally:
+        lock.release()
 
 
 # --- vendors -------------------------------------------------------------------------------------
