@@ -289,7 +289,12 @@ class ProtocolService:
         if parsed is None or parsed[0] != principal.client_id:
             self.stats["rejected.unknown_topic"] += 1
             self.record(principal.client_id).unknown_topic += 1
-            log.info("message on an unknown topic ignored", gateway_id=principal.client_id, topic=topic[:200])
+            _repeats.info(
+                "unknown_topic",
+                "message on an unknown topic ignored",
+                gateway_id=principal.client_id,
+                topic=topic[:200],
+            )
             return None
         gw, kind = parsed
         try:
@@ -302,7 +307,13 @@ class ProtocolService:
             return self._on_command_response(gw, payload)
         except Exception:
             self.stats["errors.unexpected"] += 1
-            log.exception("unexpected failure handling a message", gateway_id=gw, topic=topic)
+            _repeats.error(
+                ("unexpected", kind),
+                "unexpected failure handling a message",
+                gateway_id=gw,
+                topic=topic,
+                exc_info=True,
+            )
             if kind in (_REPORT, _SYNC):
                 self._reply(gw, kind, None, None, ErrorCode.SYSTEM)
             return None
@@ -413,7 +424,8 @@ class ProtocolService:
     def _report_committed(self, gw: str, key: tuple[str, str], cid: str, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             code = ErrorCode.SYSTEM
-            log.error(
+            _repeats.error(
+                "report_not_stored",
                 "report not stored",
                 gateway_id=gw,
                 request_id=key[1],
@@ -429,7 +441,8 @@ class ProtocolService:
         self, key: tuple[str, str], gw: str, kind: Kind, cid: str | None, code: int, detail: str
     ) -> None:
         self.stats[f"rejected.{kind.name.lower()}"] += 1
-        log.info(
+        _repeats.info(
+            ("rejected", kind, int(code)),
             "request rejected",
             gateway_id=gw,
             kind=kind.name.lower(),
@@ -443,7 +456,8 @@ class ProtocolService:
 
     def _reject(self, gw: str, kind: Kind, exc: ProtocolError) -> None:
         self.stats[f"rejected.{kind.name.lower()}"] += 1
-        log.info(
+        _repeats.info(
+            ("rejected", kind, int(exc.code)),
             "request rejected",
             gateway_id=gw,
             kind=kind.name.lower(),
@@ -541,7 +555,7 @@ class ProtocolService:
         try:
             await fut
         except Exception as exc:
-            log.error("sync not stored", gateway_id=gw, cid=req.cid, error=str(exc))
+            _repeats.error("sync_not_stored", "sync not stored", gateway_id=gw, cid=req.cid, error=str(exc))
             self._dedupe.pop(key, None)
             if created:
                 self.devices.pop(dev.cid, None)
@@ -633,7 +647,8 @@ class ProtocolService:
         except ProtocolError as exc:
             self.stats["rejected.status"] += 1
             self.record(gw).status_rejected += 1
-            log.info(
+            _repeats.info(
+                ("status_rejected", int(exc.code)),
                 "status message rejected",
                 gateway_id=gw,
                 code=int(exc.code),
@@ -643,13 +658,24 @@ class ProtocolService:
             return None
         for reason in req.rejected:
             self.stats["rejected.status_item"] += 1
-            log.info("status item rejected", gateway_id=gw, request_id=req.request_id, detail=reason)
+            _repeats.info(
+                "status_item_rejected",
+                "status item rejected",
+                gateway_id=gw,
+                request_id=req.request_id,
+                detail=reason,
+            )
         ops: list[tuple[str, Any]] = []
         for cid, online in req.items:
             dev = self.devices.get(cid)
             if dev is None or dev.gateway_id != gw:
                 self.stats["rejected.status_item"] += 1
-                log.info("status for a device this gateway never synced", gateway_id=gw, cid=cid)
+                _repeats.info(
+                    "status_unknown_device",
+                    "status for a device this gateway never synced",
+                    gateway_id=gw,
+                    cid=cid,
+                )
                 continue
             if online:
                 dev.last_heard = now
@@ -680,7 +706,7 @@ class ProtocolService:
                 self.check_presence()
                 self._flush_seen()
             except Exception:
-                log.exception("presence check failed")
+                _repeats.error("presence_check", "presence check failed", exc_info=True)
 
     def check_presence(self) -> int:
         """Set offline every online device silent for ``presence_timeout``; returns how many."""
@@ -718,7 +744,8 @@ class ProtocolService:
             resp = decode_command_response(payload, now)
         except ProtocolError as exc:
             self.stats["rejected.command_response"] += 1
-            log.info(
+            _repeats.info(
+                "command_response_rejected",
                 "command response rejected",
                 gateway_id=gw,
                 code=int(exc.code),
@@ -735,13 +762,22 @@ class ProtocolService:
             self.timed_out.pop(resp.request_id, None)
             self.stats["commands.late_answer"] += 1
             self.record(gw).commands["late_answer"] += 1
-            log.info(
-                "late command answer recorded", gateway_id=gw, request_id=resp.request_id, code=resp.code
+            _repeats.info(
+                "late_answer",
+                "late command answer recorded",
+                gateway_id=gw,
+                request_id=resp.request_id,
+                code=resp.code,
             )
             values = {"late": True}
         else:
             self.stats["rejected.command_response_unknown"] += 1
-            log.info("answer to an unknown command", gateway_id=gw, request_id=resp.request_id)
+            _repeats.info(
+                "unknown_command_answer",
+                "answer to an unknown command",
+                gateway_id=gw,
+                request_id=resp.request_id,
+            )
             return None
         values.update(request_id=resp.request_id, code=resp.code, msg=msg, answered_at=now)
         written = self.writer.write([("command_update", values)])
@@ -862,7 +898,7 @@ class ProtocolService:
             try:
                 listener(kind, event)
             except Exception:
-                log.exception("event listener failed", kind=kind)
+                _repeats.error(("listener", kind), "event listener failed", kind=kind, exc_info=True)
 
 
 def _numeric(dp: DataPoint, value: Any) -> float | None:

@@ -23,10 +23,12 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, create_engine, event, insert, update
 from sqlalchemy.engine import Connection
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.storage import schema
 
 log = get_logger(__name__)
+#: Failed writes are logged once per kind and interval, with a count (a full disk fails every batch).
+_repeats = RateLimitedLog(log)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -428,7 +430,9 @@ class GroupCommitWriter:
             self.healthy = True
         else:
             # One bad group must not fail its neighbours: retry each group in its own transaction.
-            log.warning("storage batch failed, retrying one by one", error=str(error), size=len(batch))
+            _repeats.warning(
+                "batch_failed", "storage batch failed, retrying one by one", error=str(error), size=len(batch)
+            )
             for ops, cb in batch:
                 try:
                     self._apply([(ops, cb)])
@@ -436,7 +440,9 @@ class GroupCommitWriter:
                 except Exception as exc:
                     self.stats.failures += 1
                     res = StorageError(str(exc))
-                    log.error("storage write failed", error=str(exc), ops=[k for k, _ in ops])
+                    _repeats.error(
+                        "write_failed", "storage write failed", error=str(exc), ops=[k for k, _ in ops]
+                    )
                 if cb is not None:
                     results.append((cb, res))
             self.healthy = any(r is None for _, r in results) or not results
@@ -470,4 +476,4 @@ def _run_callbacks(results: list[tuple[DoneCallback, BaseException | None]]) -> 
         try:
             cb(exc)
         except Exception:
-            log.exception("storage callback failed")
+            _repeats.error("callback_failed", "storage callback failed", exc_info=True)
