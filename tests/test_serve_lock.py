@@ -19,9 +19,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Client, cli_add_vendor, free_port, wait_for
+from conftest import (
+    Client,
+    RunningHub,
+    cli_add_vendor,
+    drop_postgres,
+    free_port,
+    fresh_postgres_url,
+    make_settings,
+    wait_for,
+)
 from meterhub.core.auth import gateway_password
-from meterhub.storage.lock import ServerLock, lock_path_for
+from meterhub.storage.lock import DataDirInUse, ServerLock, lock_path_for
 
 
 def meterhub(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -164,7 +173,7 @@ def test_a_port_in_use_is_one_line_and_touches_nothing(
     assert not (other / "meterhub.db").exists()
 
 
-def test_the_lock_is_only_for_sqlite_and_counted_within_a_process(tmp_path: Path) -> None:
+def test_the_lock_is_only_for_sqlite_and_exclusive_even_within_a_process(tmp_path: Path) -> None:
     assert lock_path_for("postgresql+psycopg://postgres@127.0.0.1/x") is None
     assert lock_path_for("sqlite:///:memory:") is None
     db = tmp_path / "d" / "meterhub.db"
@@ -172,8 +181,9 @@ def test_the_lock_is_only_for_sqlite_and_counted_within_a_process(tmp_path: Path
     assert path == db.with_name("meterhub.db.lock")
     outer, inner = ServerLock(path), ServerLock(path)
     outer.acquire()
-    inner.acquire()  # the same process (demo, then its hub) may take it again
-    inner.release()
+    outer.acquire()  # taking it again is a no-op
+    with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
+        inner.acquire()
     child = "from meterhub.storage.lock import ServerLock, DataDirInUse\n" + (
         f"l = ServerLock(__import__('pathlib').Path({str(path)!r}))\n"
         "try:\n    l.acquire()\nexcept DataDirInUse as e:\n    print('busy', e)\nelse:\n    print('free')\n"
@@ -182,3 +192,33 @@ def test_the_lock_is_only_for_sqlite_and_counted_within_a_process(tmp_path: Path
     assert subprocess.run(check, capture_output=True, text=True, timeout=30).stdout.startswith("busy")
     outer.release()
     assert subprocess.run(check, capture_output=True, text=True, timeout=30).stdout.strip() == "free"
+    inner.acquire()
+    inner.release()
+
+
+def test_nodes_sharing_postgresql_are_not_locked_out(tmp_path: Path) -> None:
+    """Cluster nodes share one PostgreSQL database (even with the same data directory): no lock."""
+    url = fresh_postgres_url()
+    hubs: list[RunningHub] = []
+    try:
+        for _ in range(2):
+            hubs.append(RunningHub(make_settings(tmp_path / "data", database_url=url)).start())
+        assert all(h.hub.http_port for h in hubs)
+        assert not list((tmp_path / "data").glob("*.lock"))
+    finally:
+        for h in hubs:
+            h.stop()
+        drop_postgres(url)
+
+
+def test_in_process_hubs_on_one_sqlite_database_are_refused(tmp_path: Path) -> None:
+    first = RunningHub(make_settings(tmp_path / "data")).start()
+    try:
+        second = RunningHub(make_settings(tmp_path / "data"))
+        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
+            second.start()
+        second.loop.call_soon_threadsafe(second.loop.stop)
+    finally:
+        first.stop()
+    third = RunningHub(make_settings(tmp_path / "data")).start()  # released by the first one's stop
+    third.stop()

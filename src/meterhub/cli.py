@@ -153,14 +153,13 @@ def demo(
     from meterhub.api.security import create_token
     from meterhub.app import Hub, check_ports_free, run
     from meterhub.storage import registry
-    from meterhub.storage.lock import ServerLock
     from meterhub.tools.simulator import run_fleet
 
     settings = ctx.settings(**overrides)
     configure_logging("WARNING", settings.log_format)
-    lock = ServerLock.for_url(settings.resolved_database_url)  # before the database is touched
+    hub = Hub(settings)
     with _startup_errors():
-        lock.acquire()
+        hub.lock.acquire()  # before the database is touched; the hub keeps it while it runs
         check_ports_free(settings)
     engine = ctx.engine()
     vendor = registry.get_vendor(engine, "demo") or registry.add_vendor(engine, "demo")
@@ -168,7 +167,6 @@ def demo(
     engine.dispose()
 
     async def main_task() -> None:
-        hub = Hub(settings)
         try:
             await hub.start()
         except BaseException:
@@ -199,7 +197,7 @@ def demo(
         with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError), _startup_errors():
             run(main_task())
     finally:
-        lock.release()
+        hub.lock.release()
 
 
 # --- vendors -------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ process ends, also on a crash or ``kill -9``. The file holds the pid of the hold
 
 Only SQLite file databases are locked: several nodes of a cluster legitimately share one PostgreSQL
 database. Offline CLI commands (``vendor add``, ``token create``, ...) take no lock and keep working
-while a server runs. Within one process the lock is counted (``demo`` takes it, then its hub does).
+while a server runs. Two locks on one file conflict even within one process (``flock`` locks belong
+to the open file): ``demo`` takes its hub's own lock before it touches the database.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 try:
@@ -27,11 +27,6 @@ __all__ = ["DataDirInUse", "ServerLock", "lock_path_for"]
 
 class DataDirInUse(Exception):
     """Another process serves this database; the message is one line for the operator."""
-
-
-#: Locks this process holds: lock file -> [descriptor, how many holders].
-_HELD: dict[str, list[int]] = {}
-_GUARD = threading.Lock()
 
 
 def lock_path_for(database_url: str) -> Path | None:
@@ -50,48 +45,38 @@ class ServerLock:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.held = False
+        self.fd: int | None = None
 
     @classmethod
     def for_url(cls, database_url: str) -> ServerLock:
         return cls(lock_path_for(database_url))
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`DataDirInUse` at once (never waits)."""
-        if self.held or self.path is None or fcntl is None:
+        """Take the lock or raise :class:`DataDirInUse` at once (never waits). Taking it again is a
+        no-op."""
+        if self.fd is not None or self.path is None or fcntl is None:
             return
-        key = str(self.path)
-        with _GUARD:
-            mine = _HELD.get(key)
-            if mine is not None:
-                mine[1] += 1
-                self.held = True
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise DataDirInUse(self._in_use_message()) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            _HELD[key] = [fd, 1]
-            self.held = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DataDirInUse(self._in_use_message()) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def release(self) -> None:
-        if not self.held or self.path is None:
-            return
-        self.held = False
-        key = str(self.path)
-        with _GUARD:
-            mine = _HELD.get(key)
-            if mine is None:
-                return
-            mine[1] -= 1
-            if mine[1] == 0:
-                del _HELD[key]
-                os.close(mine[0])  # the file stays: removing it would race with the next locker
+        """Let the lock go (closing the file releases it; the file stays, removing it would race
+        with the next server taking it)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _in_use_message(self) -> str:
         assert self.path is not None
