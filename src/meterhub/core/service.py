@@ -219,7 +219,12 @@ class ProtocolService:
         for r in rows:
             model = self.models.get(r.model) or self.default_model
             if model is None:
-                log.warning("device model unknown, device ignored until it syncs", cid=r.cid, model=r.model)
+                _repeats.warning(
+                    "load_unknown_model",
+                    "device model unknown, device ignored until it syncs",
+                    cid=r.cid,
+                    model=r.model,
+                )
                 continue
             self._remember(
                 DeviceState(
@@ -540,7 +545,9 @@ class ProtocolService:
             if dev.gateway_id != gw:
                 rebind = {"cid": dev.cid, "old_gateway_id": dev.gateway_id, "new_gateway_id": gw, "at": now}
                 ops.append(("rebind", {**rebind, "cause": "sync"}))
-                log.info("device moved to another gateway", cid=dev.cid, old=dev.gateway_id, new=gw)
+                _repeats.info(
+                    "rebind", "device moved to another gateway", cid=dev.cid, old=dev.gateway_id, new=gw
+                )
                 self.by_gateway.get(dev.gateway_id, set()).discard(dev.cid)
                 self.by_gateway.setdefault(gw, set()).add(dev.cid)
                 dev.gateway_id = gw
@@ -585,7 +592,12 @@ class ProtocolService:
             model = self.models.get(name)
             if model is not None:
                 return model
-            log.warning("product refers to an unknown model", product_id=product_id, model=name)
+            _repeats.warning(
+                "product_unknown_model",
+                "product refers to an unknown model",
+                product_id=product_id,
+                model=name,
+            )
         return self.models.for_product(product_id) or self.default_model
 
     async def move_device(self, cid: str, gateway_id: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class OpenHubFanout:
             try:
                 await self.refresh_bindings()
             except Exception:
-                log.exception("open hub bindings refresh failed")
+                _repeats.error("refresh_failed", "open hub bindings refresh failed", exc_info=True)
 
     # --- the service's listener (runs on the hot path: keep it O(1)) ----------------------------
 

@@ -373,7 +373,7 @@ class GroupCommitWriter:
             try:
                 self.on_pressure(pressed)
             except Exception:
-                log.exception("pressure callback failed")
+                _repeats.error("pressure_callback", "pressure callback failed", exc_info=True)
 
     def _finished(self, count: int, results: list[tuple[DoneCallback, BaseException | None]]) -> None:
         """In the event loop: a batch of ``count`` groups is done (committed or failed)."""
