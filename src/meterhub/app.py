@@ -153,14 +153,23 @@ class Hub:
         self.lock.release()
 
 
-async def serve(settings: Settings, *, handler: str = "protocol") -> None:
-    """Run until SIGINT/SIGTERM."""
-    hub = Hub(settings, handler=handler)
+async def start_or_explain(hub: Hub) -> None:
+    """``hub.start()``; when it fails the hub is stopped again (its lock released), and an OSError (a
+    listener that could not bind after all) becomes a one-line :class:`StartupError`."""
     try:
         await hub.start()
+    except OSError as exc:
+        await hub.stop()
+        raise StartupError(f"cannot start: {exc}") from None
     except BaseException:
         await hub.stop()
         raise
+
+
+async def serve(settings: Settings, *, handler: str = "protocol") -> None:
+    """Run until SIGINT/SIGTERM."""
+    hub = Hub(settings, handler=handler)
+    await start_or_explain(hub)
     gcwatch.tune_for_server(gcwatch.young_threshold_for(settings.max_queued_writes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

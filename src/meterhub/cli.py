@@ -51,8 +51,6 @@ def _startup_errors() -> Any:
         yield
     except (DataDirInUse, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # a listener that failed after the ports were checked
-        raise click.ClickException(f"cannot start: {exc}") from None
 
 
 _config_opt = click.option(
@@ -151,7 +149,7 @@ def demo(
     import time
 
     from meterhub.api.security import create_token
-    from meterhub.app import Hub, check_ports_free, run
+    from meterhub.app import Hub, check_ports_free, run, start_or_explain
     from meterhub.storage import registry
     from meterhub.tools.simulator import run_fleet
 
@@ -167,11 +165,7 @@ def demo(
     engine.dispose()
 
     async def main_task() -> None:
-        try:
-            await hub.start()
-        except BaseException:
-            await hub.stop()
-            raise
+        await start_or_explain(hub)
         base = f"http://127.0.0.1:{hub.http_port}"
         click.echo(f"meterhub demo: MQTT for gateways on port {hub.mqtt_port}, API and dashboard at {base}/")
         click.echo(f"  dashboard / API token (admin): {token}")
