@@ -141,6 +141,11 @@ def test_a_storage_failure_flood_is_a_handful_of_lines_with_counts(tmp_path: Pat
             assert mine[0].get("repeated") is None and all(m["repeated"] >= 1 for m in mine[1:])
             assert _count(lines, event) == REPORTS
         assert _count(lines, "storage batch failed, retrying one by one") >= 1
+        # and short: the driver's message, not SQLAlchemy's statement with a batch of parameters
+        for line in lines:
+            if line["event"] in ("report not stored", "storage write failed"):
+                assert line["error"] == "database or disk is full", line
+            assert len(json.dumps(line)) < 1000, line
         # a handful of lines for 1,000 failed reports (before: 2 per report, plus one per batch)
         assert len(lines) <= 3 * most + 5, [line["event"] for line in lines]
     finally:

@@ -37,6 +37,14 @@ class StorageError(Exception):
     """The database could not do what was asked (unavailable, full, locked)."""
 
 
+def brief_error(exc: BaseException, limit: int = 300) -> str:
+    """A database error in one short line: the driver's message without SQLAlchemy's statement and
+    parameters (for a batch of 2,000 rows those made every log line kilobytes long)."""
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line[:limit]
+
+
 def create_db_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     """Create an engine; for SQLite, turn on WAL and the chosen durability level."""
     if url.startswith("sqlite"):
@@ -431,7 +439,10 @@ class GroupCommitWriter:
         else:
             # One bad group must not fail its neighbours: retry each group in its own transaction.
             _repeats.warning(
-                "batch_failed", "storage batch failed, retrying one by one", error=str(error), size=len(batch)
+                "batch_failed",
+                "storage batch failed, retrying one by one",
+                error=brief_error(error),
+                size=len(batch),
             )
             for ops, cb in batch:
                 try:
@@ -439,9 +450,12 @@ class GroupCommitWriter:
                     res: BaseException | None = None
                 except Exception as exc:
                     self.stats.failures += 1
-                    res = StorageError(str(exc))
+                    res = StorageError(brief_error(exc))
                     _repeats.error(
-                        "write_failed", "storage write failed", error=str(exc), ops=[k for k, _ in ops]
+                        "write_failed",
+                        "storage write failed",
+                        error=brief_error(exc),
+                        ops=sorted({k for k, _ in ops}),
                     )
                 if cb is not None:
                     results.append((cb, res))
