@@ -45,11 +45,11 @@ def _startup_errors() -> Any:
     """A server that cannot start (its database served by another process, a port taken) exits
     with one line (``Error: ...``, status 1) instead of a traceback."""
     from meterhub.app import StartupError
-    from meterhub.storage.lock import DataDirInUse
+    from meterhub.storage.lock import LockError
 
     try:
         yield
-    except (DataDirInUse, StartupError) as exc:
+    except (LockError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -22,11 +22,15 @@ try:
 except ImportError:  # pragma: no cover - not on Windows: no lock there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["DataDirInUse", "ServerLock", "lock_path_for"]
+__all__ = ["DataDirInUse", "LockError", "ServerLock", "lock_path_for"]
 
 
-class DataDirInUse(Exception):
-    """Another process serves this database; the message is one line for the operator."""
+class LockError(Exception):
+    """The server lock cannot be taken; the message is one line for the operator."""
+
+
+class DataDirInUse(LockError):
+    """Another process serves this database."""
 
 
 def lock_path_for(database_url: str) -> Path | None:
@@ -52,12 +56,15 @@ class ServerLock:
         return cls(lock_path_for(database_url))
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`DataDirInUse` at once (never waits). Taking it again is a
-        no-op."""
+        """Take the lock or raise :class:`DataDirInUse` at once (never waits; :class:`LockError` when
+        the lock file cannot be made). Taking it again is a no-op."""
         if self.fd is not None or self.path is None or fcntl is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LockError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
