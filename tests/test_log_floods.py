@@ -68,6 +68,23 @@ def test_rate_limited_log_counts_what_it_holds_back() -> None:
         set_repeat_interval(60.0)
 
 
+def test_rate_limited_log_keeps_a_bounded_number_of_kinds(monkeypatch) -> None:
+    import meterhub.logs
+
+    monkeypatch.setattr(meterhub.logs, "MAX_KEYS", 10)
+    set_repeat_interval(10.0)
+    try:
+        sink = Sink()
+        limited = RateLimitedLog(sink, clock=lambda: 0.0)
+        for gw in range(1000):  # one kind of event from 1,000 gateways, keyed per gateway
+            limited.warning(("refused", gw), "sync refused", gateway_id=gw)
+        # the first 10 keys each got their first line; the other 990 share one overflow key
+        assert [f["gateway_id"] for _, _, f in sink.lines] == [*range(10), 10]
+        assert len(limited._entries) == 11
+    finally:
+        set_repeat_interval(60.0)
+
+
 def test_a_storage_failure_flood_is_a_handful_of_lines_with_counts(tmp_path: Path) -> None:
     data = tmp_path / "data"
     username = cli_add_vendor(data, "acme")
@@ -148,6 +165,32 @@ def test_a_storage_failure_flood_is_a_handful_of_lines_with_counts(tmp_path: Pat
             assert len(json.dumps(line)) < 1000, line
         # a handful of lines for 1,000 failed reports (before: 2 per report, plus one per batch)
         assert len(lines) <= 3 * most + 5, [line["event"] for line in lines]
+
+        # a gateway sending rejected requests (reports for a device it never synced): same story
+        before = len(log_path.read_text().splitlines())
+        started = time.monotonic()
+        for i in range(REPORTS):
+            report = {
+                "t": int(time.time()),
+                "request_id": f"x{i}",
+                "param": {"cid": "ghost", "id": "1", "value": 1},
+            }
+            gw.c.publish("gateway_id/gw-1/properties/report", json.dumps(report), 1)
+        rejected: dict[str, int] = {}
+        deadline = time.monotonic() + 120
+        while len(rejected) < REPORTS and time.monotonic() < deadline:
+            answer = json.loads(gw.get(timeout=30).payload)
+            rejected[answer["request_id"]] = answer["param"]["code"]
+        assert set(rejected.values()) == {2003}
+        wait_for(
+            lambda: _count(_lines(log_path, before), "request rejected") == REPORTS,
+            timeout=INTERVAL * 3 + 5,
+            interval=0.2,
+        )
+        lines = _lines(log_path, before)
+        most = (time.monotonic() - started) / INTERVAL + 2
+        assert 2 <= len(lines) <= most, lines
+        assert {(line["event"], line["code"]) for line in lines} == {("request rejected", 2003)}
     finally:
         gw.close()
         proc.terminate()
