@@ -141,6 +141,16 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
+def shared_postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database for several hubs at once (nodes of one cluster), whatever
+    ``METERHUB_TEST_DB`` says: an embedded SQLite database is locked to one server. Request it
+    before ``hub_factory`` so that the hubs are stopped before it is dropped."""
+    url = fresh_postgres_url()
+    yield url
+    drop_postgres(url)
+
+
+@pytest.fixture
 def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
     started: list[RunningHub] = []
 

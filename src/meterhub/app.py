@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
+import socket
 import ssl
 from typing import Any
 
@@ -14,12 +17,48 @@ from meterhub.config import Settings
 from meterhub.core import gcwatch
 from meterhub.core.auth import GatewayAuthenticator, ThrottledAuthenticator
 from meterhub.core.throttle import LoginThrottle
-from meterhub.logs import get_logger
+from meterhub.logs import get_logger, set_repeat_interval
 from meterhub.mqtt.server import Limits, MQTTServer, fit_to_fd_limit
 from meterhub.storage.database import GroupCommitWriter, create_db_engine, migrate
+from meterhub.storage.lock import ServerLock
 from meterhub.tools.echo import EchoHandler
 
 log = get_logger(__name__)
+
+
+class StartupError(Exception):
+    """meterhub cannot start (a port is taken, ...): the message is one line for the operator."""
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Raise :class:`StartupError` if a configured listening port is taken, before anything else
+    happens (so a server that cannot listen changes nothing in the database). Port 0 is not checked;
+    a port taken in the moment between this check and the listener still fails the start, cleanly."""
+    wanted = [
+        ("MQTT", settings.mqtt_host, settings.mqtt_port),
+        ("HTTP", settings.http_host, settings.http_port),
+    ]
+    if settings.tls_port is not None:
+        wanted.append(("MQTT TLS", settings.mqtt_host, settings.tls_port))
+    if settings.ws_port is not None:
+        wanted.append(("WebSocket", settings.mqtt_host, settings.ws_port))
+    for what, host, port in wanted:
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, type_, proto, _, addr = infos[0]
+            with socket.socket(family, type_, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners do
+                probe.bind(addr)
+        except OSError as exc:
+            raise StartupError(_listen_problem(what, host, port, exc)) from None
+
+
+def _listen_problem(what: str, host: str, port: int, exc: OSError) -> str:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = " (another meterhub or broker?)" if exc.errno == errno.EADDRINUSE else ""
+    return f"cannot listen for {what} on {host or '*'}:{port}: {reason}{hint}"
 
 
 def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -52,11 +91,18 @@ class Hub:
         self.http_port: int | None = None
         self.openhub: Any = None
         self.http_routers: list[Any] = []
+        self.lock = ServerLock.for_url(settings.resolved_database_url)
 
     async def start(self) -> None:
+        """Start everything. First the embedded database's lock (:class:`DataDirInUse` when another
+        server holds it) and a check of the ports (:class:`StartupError`): both before the database
+        is touched."""
         settings = self.settings
-        gcwatch.install()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        check_ports_free(settings)
+        set_repeat_interval(settings.log_repeat_interval)
+        gcwatch.install()
         await asyncio.to_thread(migrate, self.engine)
         loop = asyncio.get_running_loop()
         self.writer = GroupCommitWriter(
@@ -117,12 +163,26 @@ class Hub:
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
         self.engine.dispose()
+        self.lock.release()
+
+
+async def start_or_explain(hub: Hub) -> None:
+    """``hub.start()``; when it fails the hub is stopped again (its lock released), and an OSError (a
+    listener that could not bind after all) becomes a one-line :class:`StartupError`."""
+    try:
+        await hub.start()
+    except OSError as exc:
+        await hub.stop()
+        raise StartupError(f"cannot start: {exc}") from None
+    except BaseException:
+        await hub.stop()
+        raise
 
 
 async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     """Run until SIGINT/SIGTERM."""
     hub = Hub(settings, handler=handler)
-    await hub.start()
+    await start_or_explain(hub)
     gcwatch.tune_for_server(gcwatch.young_threshold_for(settings.max_queued_writes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

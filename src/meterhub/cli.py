@@ -39,6 +39,20 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+
+@contextlib.contextmanager
+def _startup_errors() -> Any:
+    """A server that cannot start (its database served by another process, a port taken) exits
+    with one line (``Error: ...``, status 1) instead of a traceback."""
+    from meterhub.app import StartupError
+    from meterhub.storage.lock import LockError
+
+    try:
+        yield
+    except (LockError, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 _config_opt = click.option(
     "--config", "config", type=click.Path(path_type=Path), default=None, help="TOML configuration file."
 )
@@ -106,7 +120,8 @@ def serve(ctx: Context, handler: str, **overrides: Any) -> None:
     from meterhub.app import run
     from meterhub.app import serve as serve_coro
 
-    run(serve_coro(settings, handler=handler))
+    with _startup_errors():
+        run(serve_coro(settings, handler=handler))
 
 
 @main.command()
@@ -134,20 +149,23 @@ def demo(
     import time
 
     from meterhub.api.security import create_token
-    from meterhub.app import Hub, run
+    from meterhub.app import Hub, check_ports_free, run, start_or_explain
     from meterhub.storage import registry
     from meterhub.tools.simulator import run_fleet
 
     settings = ctx.settings(**overrides)
     configure_logging("WARNING", settings.log_format)
+    hub = Hub(settings)
+    with _startup_errors():
+        hub.lock.acquire()  # before the database is touched; the hub keeps it while it runs
+        check_ports_free(settings)
     engine = ctx.engine()
     vendor = registry.get_vendor(engine, "demo") or registry.add_vendor(engine, "demo")
     token, _ = create_token(engine, f"demo-{int(time.time())}", "admin")
     engine.dispose()
 
     async def main_task() -> None:
-        hub = Hub(settings)
-        await hub.start()
+        await start_or_explain(hub)
         base = f"http://127.0.0.1:{hub.http_port}"
         click.echo(f"meterhub demo: MQTT for gateways on port {hub.mqtt_port}, API and dashboard at {base}/")
         click.echo(f"  dashboard / API token (admin): {token}")
@@ -169,8 +187,11 @@ def demo(
         finally:
             await hub.stop()
 
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        run(main_task())
+    try:
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError), _startup_errors():
+            run(main_task())
+    finally:
+        hub.lock.release()
 
 
 # --- vendors -------------------------------------------------------------------------------------

@@ -340,6 +340,25 @@ def command_cmd(
         click.echo(f"{out['status']}: code {out['code']} {msg}{elapsed} (request_id {out['request_id']})")
 
 
+@click.command("move")
+@_api_options
+@click.argument("cid")
+@click.argument("gateway_id")
+def move_cmd(url: str, token: str | None, as_json: bool, cid: str, gateway_id: str) -> None:
+    """Move device CID to gateway GATEWAY_ID (also one of another vendor; needs an admin token)."""
+    out = ApiClient(url, token).request(
+        "POST", f"/api/v1/devices/{cid}/move", json={"gateway_id": gateway_id}
+    )
+    if as_json:
+        _print_json(out)
+    elif out["moved"]:
+        click.echo(
+            f"{cid} moved from {out['old_gateway_id']} to {out['gateway_id']} (vendor {out['vendor']})"
+        )
+    else:
+        click.echo(f"{cid} is already on {out['gateway_id']} (vendor {out['vendor']}); nothing changed")
+
+
 @click.command("energy")
 @_api_options
 @click.argument("cids", nargs=-1)
@@ -587,6 +606,7 @@ OPS_COMMANDS: list[click.Command] = [
     show_cmd,
     history_cmd,
     command_cmd,
+    move_cmd,
     energy_cmd,
     alarms_cmd,
     token_cmd,

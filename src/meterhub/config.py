@@ -113,6 +113,9 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: str = Field("console", description="console or json")
+    log_repeat_interval: float = Field(
+        60.0, gt=0, description="Seconds between two log lines of one kind of repeated error (with a count)."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -14,10 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.protocol.errors import ErrorCode
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
 _BODY_PARSE_ERROR = "There was an error parsing the body"
 
@@ -107,5 +108,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected API failure", path=request.url.path, method=request.method)
+        _repeats.error(
+            "unexpected",
+            "unexpected API failure",
+            path=request.url.path,
+            method=request.method,
+            exc_info=True,
+        )
         return JSONResponse(error_body("internal error, see the server log", 500), status_code=500)

@@ -95,6 +95,19 @@ class DeviceSummary(_Model):
     install_location: str | None
 
 
+class DeviceMoveIn(_Model):
+    model_config = ConfigDict(extra="forbid")
+    gateway_id: str = Field(min_length=1, max_length=128, description="The gateway to move the device to.")
+
+
+class DeviceMoveOut(_Model):
+    cid: str
+    old_gateway_id: str = Field(description="The gateway the device was bound to.")
+    gateway_id: str = Field(description="The gateway it is bound to now.")
+    vendor: str = Field(description="The vendor it belongs to now (the gateway's).")
+    moved: bool = Field(description="false: it was already there, nothing changed.")
+
+
 class GatewayDetail(GatewayOut):
     devices: list[DeviceSummary]
 

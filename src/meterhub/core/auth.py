@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import Engine
 
 from meterhub.core.throttle import LoginThrottle
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.storage import registry
 from meterhub.transport import (
     CONNACK_ACCEPTED,
@@ -29,6 +29,7 @@ from meterhub.transport import (
 )
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)
 
 
 def gateway_password(client_id: str, username: str) -> str:
@@ -135,7 +136,9 @@ class GatewayAuthenticator:
             try:
                 results = await asyncio.to_thread(check_gateways, self._engine, [c for c, _ in batch])
             except Exception as exc:
-                log.error("authentication lookup failed", error=str(exc), gateways=len(batch))
+                _repeats.error(
+                    "lookup_failed", "authentication lookup failed", error=str(exc), gateways=len(batch)
+                )
                 results = [AuthResult(CONNACK_UNAVAILABLE, None, "storage unavailable")] * len(batch)
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():

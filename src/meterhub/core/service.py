@@ -34,7 +34,7 @@ import msgspec
 from sqlalchemy import Engine, select, update
 
 from meterhub.config import Settings
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.datapoint import DataPoint, ProductModel
 from meterhub.model.errors import ValueRejected
 from meterhub.model.loader import ModelRegistry
@@ -53,18 +53,28 @@ from meterhub.storage.database import GroupCommitWriter
 from meterhub.transport import Principal, Southbound
 
 log = get_logger(__name__)
+#: Per-message log lines (rejects, failed writes): one line per kind and interval, with a count.
+_repeats = RateLimitedLog(log)
 
 _REPORT = Kind.REPORT
 #: Most devices whose last-seen time one periodic flush writes (see ProtocolService._flush_seen).
 SEEN_FLUSH_MAX = 5_000
 _json = msgspec.json.Encoder().encode
 _SYNC = Kind.SYNC
+#: ``param.msg`` of the 400 answer to a sync of a device that belongs to another vendor.
+VENDOR_REFUSED = "tedge error: device belongs to another vendor"
+
+
+def _may_take(owner: int | None, vendor_id: int | None) -> bool:
+    """Whether a gateway of vendor ``vendor_id`` may sync a device owned by ``owner`` (None: nobody
+    yet, the first vendor to sync it takes it)."""
+    return owner is None or owner == vendor_id
 
 
 class DeviceState:
     """What the hot path needs to know about a device, kept in memory."""
 
-    __slots__ = ("cid", "gateway_id", "last_heard", "model", "name", "online", "product_id")
+    __slots__ = ("cid", "gateway_id", "last_heard", "model", "name", "online", "product_id", "vendor_id")
 
     def __init__(
         self,
@@ -75,6 +85,7 @@ class DeviceState:
         online: bool,
         last_heard: float,
         name: str | None = None,
+        vendor_id: int | None = None,
     ) -> None:
         self.cid = cid
         self.gateway_id = gateway_id
@@ -83,6 +94,7 @@ class DeviceState:
         self.online = online
         self.last_heard = last_heard
         self.name = name
+        self.vendor_id = vendor_id  # the owning vendor: only its gateways may sync the device
 
 
 class GatewayRecord:
@@ -193,6 +205,7 @@ class ProtocolService:
                     d.c.online,
                     d.c.last_seen,
                     d.c.device_name,
+                    d.c.vendor_id,
                 )
             ).all()
             stale = [r.cid for r in rows if r.online]
@@ -206,10 +219,17 @@ class ProtocolService:
         for r in rows:
             model = self.models.get(r.model) or self.default_model
             if model is None:
-                log.warning("device model unknown, device ignored until it syncs", cid=r.cid, model=r.model)
+                _repeats.warning(
+                    "load_unknown_model",
+                    "device model unknown, device ignored until it syncs",
+                    cid=r.cid,
+                    model=r.model,
+                )
                 continue
             self._remember(
-                DeviceState(r.cid, r.gateway_id, r.product_id, model, False, r.last_seen, r.device_name)
+                DeviceState(
+                    r.cid, r.gateway_id, r.product_id, model, False, r.last_seen, r.device_name, r.vendor_id
+                )
             )
         log.info("devices loaded", devices=len(self.devices), products=len(self.products))
 
@@ -274,7 +294,12 @@ class ProtocolService:
         if parsed is None or parsed[0] != principal.client_id:
             self.stats["rejected.unknown_topic"] += 1
             self.record(principal.client_id).unknown_topic += 1
-            log.info("message on an unknown topic ignored", gateway_id=principal.client_id, topic=topic[:200])
+            _repeats.info(
+                "unknown_topic",
+                "message on an unknown topic ignored",
+                gateway_id=principal.client_id,
+                topic=topic[:200],
+            )
             return None
         gw, kind = parsed
         try:
@@ -283,11 +308,17 @@ class ProtocolService:
             if kind is Kind.STATUS:
                 return self._on_status(gw, payload)
             if kind is _SYNC:
-                return asyncio.ensure_future(self._on_sync(gw, payload))
+                return asyncio.ensure_future(self._on_sync(gw, payload, principal.extra.get("vendor_id")))
             return self._on_command_response(gw, payload)
         except Exception:
             self.stats["errors.unexpected"] += 1
-            log.exception("unexpected failure handling a message", gateway_id=gw, topic=topic)
+            _repeats.error(
+                ("unexpected", kind),
+                "unexpected failure handling a message",
+                gateway_id=gw,
+                topic=topic,
+                exc_info=True,
+            )
             if kind in (_REPORT, _SYNC):
                 self._reply(gw, kind, None, None, ErrorCode.SYSTEM)
             return None
@@ -304,13 +335,15 @@ class ProtocolService:
             rec = records[gw] = GatewayRecord()
         return rec
 
-    def _reply(self, gw: str, kind: Kind, request_id: str | None, cid: str | None, code: int) -> None:
+    def _reply(
+        self, gw: str, kind: Kind, request_id: str | None, cid: str | None, code: int, msg: str | None = None
+    ) -> None:
         key = self._stat_keys.get((kind, code)) or f"{kind.name.lower()}.code.{code}"
         self.stats[key] += 1
         self.record(gw).codes[kind.name.lower()][int(code)] += 1
         assert self.southbound is not None
         self.southbound.publish(
-            gw, response_topic(gw, kind), encode_response(request_id, cid, code, self.clock()), 1
+            gw, response_topic(gw, kind), encode_response(request_id, cid, code, self.clock(), msg), 1
         )
 
     def _dedupe_lookup(self, key: tuple[str, str]) -> int | asyncio.Future[Any] | None:
@@ -396,7 +429,8 @@ class ProtocolService:
     def _report_committed(self, gw: str, key: tuple[str, str], cid: str, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             code = ErrorCode.SYSTEM
-            log.error(
+            _repeats.error(
+                "report_not_stored",
                 "report not stored",
                 gateway_id=gw,
                 request_id=key[1],
@@ -412,7 +446,8 @@ class ProtocolService:
         self, key: tuple[str, str], gw: str, kind: Kind, cid: str | None, code: int, detail: str
     ) -> None:
         self.stats[f"rejected.{kind.name.lower()}"] += 1
-        log.info(
+        _repeats.info(
+            ("rejected", kind, int(code)),
             "request rejected",
             gateway_id=gw,
             kind=kind.name.lower(),
@@ -426,7 +461,8 @@ class ProtocolService:
 
     def _reject(self, gw: str, kind: Kind, exc: ProtocolError) -> None:
         self.stats[f"rejected.{kind.name.lower()}"] += 1
-        log.info(
+        _repeats.info(
+            ("rejected", kind, int(exc.code)),
             "request rejected",
             gateway_id=gw,
             kind=kind.name.lower(),
@@ -439,7 +475,9 @@ class ProtocolService:
 
     # --- devices/sync ----------------------------------------------------------------------------
 
-    async def _on_sync(self, gw: str, payload: bytes) -> None:
+    async def _on_sync(self, gw: str, payload: bytes, vendor_id: int | None = None) -> None:
+        """``vendor_id``: the syncing gateway's vendor. A device belongs to its vendor: a gateway of
+        another vendor is answered 400 (``VENDOR_REFUSED``) and the device is left as it is."""
         now = self.clock()
         try:
             req = decode_sync(payload, now)
@@ -465,6 +503,19 @@ class ProtocolService:
             )
             return
         dev = self.devices.get(req.cid)
+        if dev is not None and dev.gateway_id != gw and not _may_take(dev.vendor_id, vendor_id):
+            # Not remembered for redeliveries: nothing was stored, and asking again changes nothing.
+            self.stats["devices.vendor_refused"] += 1
+            self.stats["rejected.sync"] += 1
+            _repeats.warning(
+                ("vendor_refused", gw),
+                "sync refused: the device belongs to another vendor",
+                gateway_id=gw,
+                cid=req.cid,
+                owner_gateway_id=dev.gateway_id,
+            )
+            self._reply(gw, _SYNC, req.request_id, req.cid, ErrorCode.UPLINK, VENDOR_REFUSED)
+            return
         ops: list[tuple[str, Any]] = []
         row: dict[str, Any] = {
             "cid": req.cid,
@@ -477,22 +528,26 @@ class ProtocolService:
             "online": False,
         }
         row.update(req.fields)
+        if vendor_id is not None:
+            row["vendor_id"] = vendor_id
         ops.append(("device", row))
         name_changed = False
         created = dev is None
         if dev is None:
-            dev = DeviceState(req.cid, gw, req.product_id, model, False, now, req.fields.get("device_name"))
+            dev = DeviceState(
+                req.cid, gw, req.product_id, model, False, now, req.fields.get("device_name"), vendor_id
+            )
             self._remember(dev)
             self.stats["devices.created"] += 1
         else:
+            if vendor_id is not None:
+                dev.vendor_id = vendor_id
             if dev.gateway_id != gw:
-                ops.append(
-                    (
-                        "rebind",
-                        {"cid": dev.cid, "old_gateway_id": dev.gateway_id, "new_gateway_id": gw, "at": now},
-                    )
+                rebind = {"cid": dev.cid, "old_gateway_id": dev.gateway_id, "new_gateway_id": gw, "at": now}
+                ops.append(("rebind", {**rebind, "cause": "sync"}))
+                _repeats.info(
+                    "rebind", "device moved to another gateway", cid=dev.cid, old=dev.gateway_id, new=gw
                 )
-                log.info("device moved to another gateway", cid=dev.cid, old=dev.gateway_id, new=gw)
                 self.by_gateway.get(dev.gateway_id, set()).discard(dev.cid)
                 self.by_gateway.setdefault(gw, set()).add(dev.cid)
                 dev.gateway_id = gw
@@ -507,7 +562,7 @@ class ProtocolService:
         try:
             await fut
         except Exception as exc:
-            log.error("sync not stored", gateway_id=gw, cid=req.cid, error=str(exc))
+            _repeats.error("sync_not_stored", "sync not stored", gateway_id=gw, cid=req.cid, error=str(exc))
             self._dedupe.pop(key, None)
             if created:
                 self.devices.pop(dev.cid, None)
@@ -537,8 +592,63 @@ class ProtocolService:
             model = self.models.get(name)
             if model is not None:
                 return model
-            log.warning("product refers to an unknown model", product_id=product_id, model=name)
+            _repeats.warning(
+                "product_unknown_model",
+                "product refers to an unknown model",
+                product_id=product_id,
+                model=name,
+            )
         return self.models.for_product(product_id) or self.default_model
+
+    async def move_device(self, cid: str, gateway_id: str) -> dict[str, Any]:
+        """An operator moves a device to another gateway, of any vendor: the device then belongs to
+        that gateway's vendor. Recorded in ``device_rebinds`` (cause ``operator``). From then on the
+        old gateway's reports are answered 2003 (and its syncs 400 when it is of another vendor); the
+        device is offline (cause ``moved``) until the new gateway reports it. Raises
+        :class:`registry.UnknownDevice`, :class:`registry.UnknownGateway` or
+        :class:`registry.RegistryError` (a gateway of no vendor)."""
+        target = await asyncio.to_thread(registry.move_target, self.engine, cid, gateway_id)
+        dev = self.devices.get(cid)
+        old = dev.gateway_id if dev is not None else target.old_gateway_id
+        out = {"cid": cid, "old_gateway_id": old, "gateway_id": gateway_id, "vendor": target.vendor}
+        if old == gateway_id and (dev is None or dev.vendor_id == target.vendor_id):
+            return {**out, "moved": False}
+        now = self.clock()
+        ops: list[tuple[str, Any]] = [
+            ("device_move", {"cid": cid, "gateway_id": gateway_id, "vendor_id": target.vendor_id}),
+            (
+                "rebind",
+                {
+                    "cid": cid,
+                    "old_gateway_id": old,
+                    "new_gateway_id": gateway_id,
+                    "at": now,
+                    "cause": "operator",
+                },
+            ),
+        ]
+        saved = None
+        if dev is not None:  # the cache changes now, so no report of the old gateway slips in meanwhile
+            saved = (dev.gateway_id, dev.vendor_id, dev.online)
+            self.by_gateway.get(dev.gateway_id, set()).discard(cid)
+            self.by_gateway.setdefault(gateway_id, set()).add(cid)
+            dev.gateway_id = gateway_id
+            dev.vendor_id = target.vendor_id
+            if dev.online:
+                self._set_presence(dev, False, "moved", now, ops)
+        elif target.online:
+            ops.append(("presence", {"cid": cid, "online": False, "cause": "moved", "at": now}))
+        try:
+            await self.writer.write(ops)
+        except Exception:
+            if dev is not None and saved is not None and dev.gateway_id == gateway_id:
+                self.by_gateway.get(gateway_id, set()).discard(cid)
+                self.by_gateway.setdefault(saved[0], set()).add(cid)
+                dev.gateway_id, dev.vendor_id, dev.online = saved
+            raise
+        self.stats["devices.moved"] += 1
+        log.info("device moved by an operator", cid=cid, old=old, new=gateway_id, vendor=target.vendor)
+        return {**out, "moved": True}
 
     # --- devices/status --------------------------------------------------------------------------
 
@@ -549,7 +659,8 @@ class ProtocolService:
         except ProtocolError as exc:
             self.stats["rejected.status"] += 1
             self.record(gw).status_rejected += 1
-            log.info(
+            _repeats.info(
+                ("status_rejected", int(exc.code)),
                 "status message rejected",
                 gateway_id=gw,
                 code=int(exc.code),
@@ -559,13 +670,24 @@ class ProtocolService:
             return None
         for reason in req.rejected:
             self.stats["rejected.status_item"] += 1
-            log.info("status item rejected", gateway_id=gw, request_id=req.request_id, detail=reason)
+            _repeats.info(
+                "status_item_rejected",
+                "status item rejected",
+                gateway_id=gw,
+                request_id=req.request_id,
+                detail=reason,
+            )
         ops: list[tuple[str, Any]] = []
         for cid, online in req.items:
             dev = self.devices.get(cid)
             if dev is None or dev.gateway_id != gw:
                 self.stats["rejected.status_item"] += 1
-                log.info("status for a device this gateway never synced", gateway_id=gw, cid=cid)
+                _repeats.info(
+                    "status_unknown_device",
+                    "status for a device this gateway never synced",
+                    gateway_id=gw,
+                    cid=cid,
+                )
                 continue
             if online:
                 dev.last_heard = now
@@ -596,7 +718,7 @@ class ProtocolService:
                 self.check_presence()
                 self._flush_seen()
             except Exception:
-                log.exception("presence check failed")
+                _repeats.error("presence_check", "presence check failed", exc_info=True)
 
     def check_presence(self) -> int:
         """Set offline every online device silent for ``presence_timeout``; returns how many."""
@@ -634,7 +756,8 @@ class ProtocolService:
             resp = decode_command_response(payload, now)
         except ProtocolError as exc:
             self.stats["rejected.command_response"] += 1
-            log.info(
+            _repeats.info(
+                "command_response_rejected",
                 "command response rejected",
                 gateway_id=gw,
                 code=int(exc.code),
@@ -651,13 +774,22 @@ class ProtocolService:
             self.timed_out.pop(resp.request_id, None)
             self.stats["commands.late_answer"] += 1
             self.record(gw).commands["late_answer"] += 1
-            log.info(
-                "late command answer recorded", gateway_id=gw, request_id=resp.request_id, code=resp.code
+            _repeats.info(
+                "late_answer",
+                "late command answer recorded",
+                gateway_id=gw,
+                request_id=resp.request_id,
+                code=resp.code,
             )
             values = {"late": True}
         else:
             self.stats["rejected.command_response_unknown"] += 1
-            log.info("answer to an unknown command", gateway_id=gw, request_id=resp.request_id)
+            _repeats.info(
+                "unknown_command_answer",
+                "answer to an unknown command",
+                gateway_id=gw,
+                request_id=resp.request_id,
+            )
             return None
         values.update(request_id=resp.request_id, code=resp.code, msg=msg, answered_at=now)
         written = self.writer.write([("command_update", values)])
@@ -778,7 +910,7 @@ class ProtocolService:
             try:
                 listener(kind, event)
             except Exception:
-                log.exception("event listener failed", kind=kind)
+                _repeats.error(("listener", kind), "event listener failed", kind=kind, exc_info=True)
 
 
 def _numeric(dp: DataPoint, value: Any) -> float | None:

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.mqtt import codec
 from meterhub.mqtt.topics import matches, valid_filter
 from meterhub.transport import (
@@ -47,6 +47,7 @@ from meterhub.transport import (
 )
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
 _PINGRESP = b"\xd0\x00"
 _FORBIDDEN_ID_CHARS = frozenset("/+#")
@@ -281,7 +282,13 @@ class MQTTConnection(asyncio.Protocol):
             packets = self.decoder.feed(data)
         except codec.MQTTProtocolError as exc:
             self.server.stats[f"protocol_error.{exc.reason}"] += 1
-            log.info("malformed packet, closing", peer=self.peer, client_id=self._cid(), reason=exc.reason)
+            _repeats.info(
+                ("malformed", exc.reason),
+                "malformed packet, closing",
+                peer=self.peer,
+                client_id=self._cid(),
+                reason=exc.reason,
+            )
             self.abort(f"protocol-error:{exc.reason}")
             return
         self.receiving = True
@@ -324,7 +331,12 @@ class MQTTConnection(asyncio.Protocol):
         try:
             server.handler.client_disconnected(principal, reason)
         except Exception:
-            log.exception("client_disconnected handler failed", client_id=principal.client_id)
+            _repeats.error(
+                "disconnect_handler",
+                "client_disconnected handler failed",
+                client_id=principal.client_id,
+                exc_info=True,
+            )
 
     def pause_writing(self) -> None:
         self.write_paused_since = time.monotonic()
@@ -439,10 +451,15 @@ class MQTTConnection(asyncio.Protocol):
                 )
             except TimeoutError:
                 server.stats["auth.timeout"] += 1
-                log.warning("authentication timed out", client_id=packet.client_id)
+                _repeats.warning("auth_timeout", "authentication timed out", client_id=packet.client_id)
                 result = AuthResult(CONNACK_UNAVAILABLE, None, "authenticator timed out")
             except Exception:
-                log.exception("authentication failed with an error", client_id=packet.client_id)
+                _repeats.error(
+                    "auth_error",
+                    "authentication failed with an error",
+                    client_id=packet.client_id,
+                    exc_info=True,
+                )
                 result = AuthResult(CONNACK_UNAVAILABLE, None, "authenticator error")
             code = result.code
             if code == CONNACK_ACCEPTED and result.principal is None:
@@ -463,7 +480,8 @@ class MQTTConnection(asyncio.Protocol):
             record.clean_session = packet.clean_session
             self.record = record
         if code != CONNACK_ACCEPTED:
-            log.info(
+            _repeats.info(
+                ("refused", code),
                 "connection refused",
                 peer=self.peer,
                 client_id=packet.client_id,
@@ -486,7 +504,12 @@ class MQTTConnection(asyncio.Protocol):
         try:
             server.handler.client_connected(principal, self.peer)
         except Exception:
-            log.exception("client_connected handler failed", client_id=principal.client_id)
+            _repeats.error(
+                "connect_handler",
+                "client_connected handler failed",
+                client_id=principal.client_id,
+                exc_info=True,
+            )
         server.resend_inflight(self.session)  # type: ignore[arg-type]
         pending, self.pending = self.pending, None
         if pending:
@@ -516,7 +539,9 @@ class MQTTConnection(asyncio.Protocol):
             stats["rejected.publish_acl"] += 1
             if record is not None:
                 record.acl_rejected += 1
-            log.info("publish refused", client_id=principal.client_id, topic=topic[:200])
+            _repeats.info(
+                "publish_refused", "publish refused", client_id=principal.client_id, topic=topic[:200]
+            )
         elif qos == 2 and session.inbound_qos2 is not None and pid in session.inbound_qos2:
             stats["publish.in_duplicate_qos2"] += 1
         else:
@@ -528,7 +553,13 @@ class MQTTConnection(asyncio.Protocol):
                 result = server.handler.message(principal, topic, packet.payload)
             except Exception:
                 stats["handler.errors"] += 1
-                log.exception("message handler failed", client_id=principal.client_id, topic=topic)
+                _repeats.error(
+                    "handler_failed",
+                    "message handler failed",
+                    client_id=principal.client_id,
+                    topic=topic,
+                    exc_info=True,
+                )
                 result = None
             if result is not None and not isinstance(result, asyncio.Future):
                 result = asyncio.ensure_future(result)
@@ -612,7 +643,12 @@ class MQTTConnection(asyncio.Protocol):
                 or not principal.may_subscribe(topic_filter)
             ):
                 self.server.stats["rejected.subscribe_acl"] += 1
-                log.info("subscribe refused", client_id=principal.client_id, filter=topic_filter[:200])
+                _repeats.info(
+                    "subscribe_refused",
+                    "subscribe refused",
+                    client_id=principal.client_id,
+                    filter=topic_filter[:200],
+                )
                 codes.append(0x80)
                 continue
             session.subscriptions[topic_filter] = qos
@@ -773,7 +809,9 @@ class MQTTServer:
             try:
                 self.handler.client_disconnected(old.principal, "takeover")  # type: ignore[arg-type]
             except Exception:
-                log.exception("client_disconnected handler failed", client_id=cid)
+                _repeats.error(
+                    "disconnect_handler", "client_disconnected handler failed", client_id=cid, exc_info=True
+                )
         session = self.sessions.get(cid)
         present = False
         if session is not None and not clean and not session.clean:
@@ -804,7 +842,13 @@ class MQTTServer:
         try:
             self.handler.message(principal, topic, payload)
         except Exception:
-            log.exception("message handler failed", client_id=principal.client_id, topic=topic)
+            _repeats.error(
+                "handler_failed",
+                "message handler failed",
+                client_id=principal.client_id,
+                topic=topic,
+                exc_info=True,
+            )
 
     def publish(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         session = self.sessions.get(client_id)
@@ -897,7 +941,7 @@ class MQTTServer:
             try:
                 self.sweep()
             except Exception:
-                log.exception("sweep failed")
+                _repeats.error("sweep_failed", "sweep failed", exc_info=True)
 
     def sweep(self) -> None:
         """Close connections past their connect timeout, keep-alive, slow-client limit or expiry."""
@@ -924,14 +968,16 @@ class MQTTServer:
                 stats["closed.keepalive"] += 1
                 if conn.record is not None:
                     conn.record.keepalive_expired += 1
-                log.info("keep-alive expired", client_id=conn._cid(), peer=conn.peer)
+                _repeats.info("keepalive", "keep-alive expired", client_id=conn._cid(), peer=conn.peer)
                 conn.abort("keepalive-timeout")
             elif (
                 conn.write_paused_since is not None
                 and now - conn.write_paused_since > limits.slow_client_timeout
             ):
                 stats["closed.slow_client"] += 1
-                log.info("slow client disconnected", client_id=conn._cid(), peer=conn.peer)
+                _repeats.info(
+                    "slow_client", "slow client disconnected", client_id=conn._cid(), peer=conn.peer
+                )
                 conn.abort("slow-client")
             elif (
                 conn.principal is not None and conn.principal.expires_at and wall > conn.principal.expires_at

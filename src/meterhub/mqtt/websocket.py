@@ -16,10 +16,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.mqtt.server import MQTTConnection, MQTTServer
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
 
 class WebSocketTransport(asyncio.Transport):
@@ -106,7 +107,7 @@ class WebSocketTransport(asyncio.Transport):
         except (ConnectionClosed, asyncio.CancelledError):
             pass
         except Exception:
-            log.exception("websocket write failed")
+            _repeats.error("write_failed", "websocket write failed", exc_info=True)
 
 
 async def listen_websocket(

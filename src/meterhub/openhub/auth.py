@@ -13,7 +13,7 @@ import asyncio
 
 from sqlalchemy import Engine
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.openhub.store import find_link
 from meterhub.transport import (
     CONNACK_ACCEPTED,
@@ -26,6 +26,7 @@ from meterhub.transport import (
 )
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
 USERNAME_PREFIX = "ohu_"
 
@@ -47,7 +48,7 @@ class OpenHubAuthenticator:
                 find_link, self._engine, client_id, username, password.decode("utf-8", "replace")
             )
         except Exception as exc:
-            log.error("open hub credential lookup failed", error=str(exc))
+            _repeats.error("lookup_failed", "open hub credential lookup failed", error=str(exc))
             return AuthResult(CONNACK_UNAVAILABLE, None, "storage unavailable")
         if link is None:
             code = CONNACK_NOT_AUTHORIZED if why == "credentials expired" else CONNACK_BAD_CREDENTIALS

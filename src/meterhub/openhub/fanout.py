@@ -25,12 +25,13 @@ from typing import Any
 import msgspec
 from sqlalchemy import Engine
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.openhub import crypto
 from meterhub.openhub.store import all_bindings
 from meterhub.transport import Principal, Southbound
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
 _encode = msgspec.json.Encoder().encode
 
@@ -70,7 +71,7 @@ class OpenHubFanout:
             try:
                 await self.refresh_bindings()
             except Exception:
-                log.exception("open hub bindings refresh failed")
+                _repeats.error("refresh_failed", "open hub bindings refresh failed", exc_info=True)
 
     # --- the service's listener (runs on the hot path: keep it O(1)) ----------------------------
 
@@ -88,6 +89,9 @@ class OpenHubFanout:
         if len(self.pending) >= self.backlog:
             self.pending.popleft()
             self.stats["fanout.dropped_backlog"] += 1
+            _repeats.warning(
+                "dropped_backlog", "open hub backlog full: oldest event dropped", backlog=self.backlog
+            )
         self.pending.append((kind, event))
         self._wakeup.set()
 
@@ -118,7 +122,7 @@ class OpenHubFanout:
                     self._send(kind, event)
                 except Exception:
                     self.stats["fanout.errors"] += 1
-                    log.exception("open hub message failed", kind=kind)
+                    _repeats.error(("send_failed", kind), "open hub message failed", kind=kind, exc_info=True)
                 sent += 1
                 if sent % 200 == 0:
                     await asyncio.sleep(0)  # let reports through

@@ -23,16 +23,26 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, create_engine, event, insert, update
 from sqlalchemy.engine import Connection
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.storage import schema
 
 log = get_logger(__name__)
+#: Failed writes are logged once per kind and interval, with a count (a full disk fails every batch).
+_repeats = RateLimitedLog(log)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
 class StorageError(Exception):
     """The database could not do what was asked (unavailable, full, locked)."""
+
+
+def brief_error(exc: BaseException, limit: int = 300) -> str:
+    """A database error in one short line: the driver's message without SQLAlchemy's statement and
+    parameters (for a batch of 2,000 rows those made every log line kilobytes long)."""
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line[:limit]
 
 
 def create_db_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
@@ -137,6 +147,17 @@ def _merged_upserts(
 def _apply_devices(conn: Connection, rows: list[dict[str, Any]]) -> None:
     # Each sync carries its own set of fields: fields a sync leaves out are kept.
     _merged_upserts(conn, schema.devices, "cid", rows, frozenset({"first_seen", "online"}))
+
+
+def _apply_device_moves(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """An operator's move of a device to another gateway (and so to that gateway's vendor)."""
+    d = schema.devices
+    conn.execute(
+        update(d)
+        .where(d.c.cid == bindparam("b_cid"))
+        .values(gateway_id=bindparam("b_gateway_id"), vendor_id=bindparam("b_vendor_id")),
+        [{"b_cid": r["cid"], "b_gateway_id": r["gateway_id"], "b_vendor_id": r["vendor_id"]} for r in rows],
+    )
 
 
 def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -244,6 +265,7 @@ def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
 APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "gateway": _apply_gateways,
     "device": _apply_devices,
+    "device_move": _apply_device_moves,
     "rebind": _apply_rebinds,
     "report": _apply_reports,
     "latest": _apply_latest,
@@ -359,7 +381,7 @@ class GroupCommitWriter:
             try:
                 self.on_pressure(pressed)
             except Exception:
-                log.exception("pressure callback failed")
+                _repeats.error("pressure_callback", "pressure callback failed", exc_info=True)
 
     def _finished(self, count: int, results: list[tuple[DoneCallback, BaseException | None]]) -> None:
         """In the event loop: a batch of ``count`` groups is done (committed or failed)."""
@@ -416,15 +438,25 @@ class GroupCommitWriter:
             self.healthy = True
         else:
             # One bad group must not fail its neighbours: retry each group in its own transaction.
-            log.warning("storage batch failed, retrying one by one", error=str(error), size=len(batch))
+            _repeats.warning(
+                "batch_failed",
+                "storage batch failed, retrying one by one",
+                error=brief_error(error),
+                size=len(batch),
+            )
             for ops, cb in batch:
                 try:
                     self._apply([(ops, cb)])
                     res: BaseException | None = None
                 except Exception as exc:
                     self.stats.failures += 1
-                    res = StorageError(str(exc))
-                    log.error("storage write failed", error=str(exc), ops=[k for k, _ in ops])
+                    res = StorageError(brief_error(exc))
+                    _repeats.error(
+                        "write_failed",
+                        "storage write failed",
+                        error=brief_error(exc),
+                        ops=sorted({k for k, _ in ops}),
+                    )
                 if cb is not None:
                     results.append((cb, res))
             self.healthy = any(r is None for _, r in results) or not results
@@ -458,4 +490,4 @@ def _run_callbacks(results: list[tuple[DoneCallback, BaseException | None]]) -> 
         try:
             cb(exc)
         except Exception:
-            log.exception("storage callback failed")
+            _repeats.error("callback_failed", "storage callback failed", exc_info=True)

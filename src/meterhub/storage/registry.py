@@ -22,6 +22,14 @@ class RegistryError(Exception):
     """An operator request that cannot be done (unknown name, duplicate)."""
 
 
+class UnknownDevice(RegistryError):
+    """No device with this cid."""
+
+
+class UnknownGateway(RegistryError):
+    """No gateway with this id (it never connected and no operator registered it)."""
+
+
 @dataclass(slots=True, frozen=True)
 class Vendor:
     id: int
@@ -161,3 +169,39 @@ def list_products(engine: Engine) -> dict[str, str]:
     with engine.connect() as conn:
         rows = conn.execute(select(schema.products.c.product_id, schema.products.c.model)).all()
     return {r.product_id: r.model for r in rows}
+
+
+@dataclass(slots=True, frozen=True)
+class MoveTarget:
+    """What moving a device to a gateway needs to know (see :func:`move_target`)."""
+
+    cid: str
+    old_gateway_id: str
+    online: bool
+    gateway_id: str
+    vendor_id: int
+    vendor: str
+
+
+def move_target(engine: Engine, cid: str, gateway_id: str) -> MoveTarget:
+    """The device and the gateway an operator wants to move it to. Raises :class:`UnknownDevice`,
+    :class:`UnknownGateway`, or :class:`RegistryError` when the gateway belongs to no vendor (the
+    device would then belong to nobody)."""
+    d, g, v = schema.devices, schema.gateways, schema.vendors
+    with engine.connect() as conn:
+        dev = conn.execute(select(d.c.gateway_id, d.c.online).where(d.c.cid == cid)).first()
+        gw = conn.execute(
+            select(g.c.vendor_id, v.c.name)
+            .select_from(g.outerjoin(v, v.c.id == g.c.vendor_id))
+            .where(g.c.gateway_id == gateway_id)
+        ).first()
+    if dev is None:
+        raise UnknownDevice(f"device {cid!r} does not exist")
+    if gw is None:
+        raise UnknownGateway(f"gateway {gateway_id!r} is not known")
+    if gw.vendor_id is None or gw.name is None:
+        raise RegistryError(
+            f"gateway {gateway_id!r} belongs to no vendor yet (it never connected); "
+            f"bind it first: meterhub gateway allow {gateway_id} --vendor NAME"
+        )
+    return MoveTarget(cid, dev.gateway_id, bool(dev.online), gateway_id, gw.vendor_id, gw.name)

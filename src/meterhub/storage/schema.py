@@ -114,6 +114,8 @@ devices = Table(
     Column("first_seen", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("synced_at", Float, nullable=False),
+    # The vendor that owns the device (migration 0005): only its gateways may sync it.
+    Column("vendor_id", Integer, nullable=True),
 )
 
 device_rebinds = Table(
@@ -124,6 +126,7 @@ device_rebinds = Table(
     Column("old_gateway_id", String(128), nullable=False),
     Column("new_gateway_id", String(128), nullable=False),
     Column("at", Float, nullable=False),
+    Column("cause", String(16)),  # "sync" or "operator" (migration 0005)
 )
 
 latest = Table(

@@ -36,10 +36,11 @@ from starlette.types import Scope
 from meterhub import __version__
 from meterhub.api.errors import ApiError
 from meterhub.api.security import TokenInfo, lookup_token
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.web.stream import StreamBroker, event_data, sse
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -211,7 +212,9 @@ async def stream(
                         try:
                             data = event_data(kind, event)
                         except Exception:  # an event of an unexpected shape: skip it, keep the stream
-                            log.exception("stream event not sent", kind=kind)
+                            _repeats.error(
+                                ("stream", kind), "stream event not sent", kind=kind, exc_info=True
+                            )
                             continue
                         chunks.append(sse(kind, data, next_id))
                         next_id += 1

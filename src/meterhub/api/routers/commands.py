@@ -30,11 +30,12 @@ from meterhub.api.errors import ApiError, device_not_found
 from meterhub.api.responses import errors
 from meterhub.api.routers.devices import CidParam
 from meterhub.api.schemas import CommandAccepted, CommandIn, CommandOut, Page
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.errors import ValueRejected
 from meterhub.protocol.errors import ErrorCode
 
 log = get_logger(__name__)
+_repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 router = APIRouter(tags=["commands"])
 
 MAX_JOBS = 10_000
@@ -95,7 +96,7 @@ class CommandJobs:
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("command task failed", error=repr(task.exception()))
+        _repeats.error("task_failed", "command task failed", error=repr(task.exception()))
 
 
 def job_out(job: Job, tz: Any) -> dict[str, Any]:

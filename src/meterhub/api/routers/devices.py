@@ -15,9 +15,19 @@ from meterhub.api.errors import ApiError, device_not_found
 from meterhub.api.responses import errors
 from meterhub.api.routers.alarms import alarm_out
 from meterhub.api.routers.registry import device_summary, models_of
-from meterhub.api.schemas import DeviceDetail, DeviceSummary, HistoryOut, Page, PresenceEvent
+from meterhub.api.schemas import (
+    DeviceDetail,
+    DeviceMoveIn,
+    DeviceMoveOut,
+    DeviceSummary,
+    HistoryOut,
+    Page,
+    PresenceEvent,
+)
 from meterhub.model.datapoint import DataPoint, ProductModel
 from meterhub.protocol.errors import ErrorCode
+from meterhub.storage import registry
+from meterhub.storage.database import StorageError
 
 router = APIRouter(tags=["devices"])
 
@@ -144,6 +154,25 @@ async def presence_history(
         for r in rows
     ]
     return paging.page(items, total)
+
+
+@router.post("/devices/{cid}/move", response_model=DeviceMoveOut, responses=errors(404, 409))
+async def move_device(hub: Hub, cid: CidParam, body: DeviceMoveIn) -> dict[str, Any]:
+    """Move a device to another gateway, also one of another vendor (admin tokens only): the device
+    then belongs to that gateway's vendor, the move is recorded like a rebind (cause `operator`), the
+    old gateway's reports get 2003 and the device is offline until the new gateway reports it.
+    404: unknown device (code 2003) or gateway; 409: the gateway belongs to no vendor yet."""
+    handler = protocol(hub)
+    try:
+        return await handler.move_device(cid, body.gateway_id)
+    except registry.UnknownDevice:
+        raise device_not_found(cid) from None
+    except registry.UnknownGateway as exc:
+        raise ApiError(404, str(exc)) from None
+    except registry.RegistryError as exc:
+        raise ApiError(409, str(exc)) from None
+    except StorageError as exc:
+        raise ApiError(503, f"storage unavailable: {exc}") from None
 
 
 async def resolve_device_dp(hub: Any, cid: str, dp: str | int) -> tuple[DataPoint, ProductModel]:
