@@ -48,8 +48,11 @@ class Meter(World):
                 inbox.put(msg)
 
         self.gw.c.on_message = on_message
-        # an unbound meter: nobody's, so no application sees it
-        self.gateway_send("devices/sync", {"cid": "meter-c", "product_id": "pk-meter"})
+        # alice's second meter, and an unbound one: nobody's, so no application sees it
+        for cid in ("meter-a2", "meter-c"):
+            self.gateway_send("devices/sync", {"cid": cid, "product_id": "pk-meter"})
+        store.bind(hub.engine, self.alice, "meter-a2")
+        hub.call(hub.hub.openhub.fanout.refresh_bindings())
 
     def _on_command(self, cmd: dict[str, Any]) -> None:
         with self._lock:
@@ -110,6 +113,8 @@ def meter(hub_factory, clients) -> Meter:
     world.report("meter-a", "1", True)
     world.report("meter-a", "5", 2301234)
     world.report("meter-a", "19", 3)  # fault: short_circuit_alarm + surge_alarm
+    world.report("meter-a2", "1", True)
+    world.report("meter-a2", "5", 2200000)
     world.report("meter-b", "1", True)
     return world
 
@@ -183,7 +188,8 @@ def test_sdk_managers_see_control_and_follow_the_users_meters(meter: Meter, sdk_
     sdk = sdk_factory(meter, auth)
     assert sdk.login["success"] is True and sdk.login["result"]["uid"] == meter.alice
     devices = sdk("update_cache")["devices"]
-    assert set(devices) == {"meter-a"}  # not bob's meter-b, not the unbound meter-c
+    assert set(devices) == {"meter-a", "meter-a2"}  # not bob's meter-b, not the unbound meter-c
+    assert devices["meter-a2"]["status"] == {"switch": True, "voltage_current": 2200000}
     dev = devices["meter-a"]
     assert (dev["id"], dev["name"], dev["category"], dev["product_id"]) == (
         "meter-a",
@@ -212,6 +218,7 @@ def test_sdk_managers_see_control_and_follow_the_users_meters(meter: Meter, sdk_
     assert [(c["cid"], c["param"]) for c in meter.received] == [("meter-a", {"id": "1", "value": False})]
     followed = sdk("wait_status", id="meter-a", code="switch", value=False)
     assert followed["ok"] is True, followed
+    assert sdk("devices")["devices"]["meter-a2"]["status"]["switch"] is True  # each meter its own
 
     # status and info through the manager's own calls
     status = sdk("manager", method="get_device_list_status", args=[["meter-a", "meter-b"]])["result"]
@@ -219,7 +226,8 @@ def test_sdk_managers_see_control_and_follow_the_users_meters(meter: Meter, sdk_
     assert [s["id"] for s in status["result"]] == ["meter-a"]
     assert {"code": "switch", "value": False} in status["result"][0]["status"]
     info = sdk("manager", method="get_device_info", args=["meter-a"])["result"]
-    assert info["success"] is True and info["result"]["id"] == "meter-a" and "status" not in info["result"]
+    assert info["success"] is True and info["result"]["id"] == "meter-a"
+    assert info["result"].get("status", {}) == {}  # smart-home: the SDK pops it; industry: {}
     functions = sdk("manager", method="get_device_functions", args=["meter-a"])["result"]
     assert functions["success"] is True and functions["result"]["category"] == "zndb"
     assert {f["code"] for f in functions["result"]["functions"]} == {
@@ -255,7 +263,8 @@ def test_sdk_managers_see_control_and_follow_the_users_meters(meter: Meter, sdk_
     if auth == "custom":
         assets = sdk("asset", method="get_asset_list", args=["-1"])["result"]
         assert len(assets) == 1 and assets[0]["asset_name"] == "alice"
-        assert sdk("asset", method="get_device_list", args=[assets[0]["asset_id"]]) == {"result": ["meter-a"]}
+        in_asset = sdk("asset", method="get_device_list", args=[assets[0]["asset_id"]])
+        assert in_asset == {"result": ["meter-a", "meter-a2"]}
         assert sdk("asset", method="get_asset_list", args=[assets[0]["asset_id"]]) == {"result": []}
     else:
         homes = sdk("get", path=f"/v1.0/users/{meter.alice}/homes")["result"]
@@ -326,15 +335,20 @@ def test_scope_shapes_and_errors(meter: Meter) -> None:
     assert set(denied) == {"success", "code", "msg", "t"}
     # the industry list carries no status (the SDK's industry manager breaks on one)
     iot = meter.call(alice, "GET", "/v1.0/iot-03/devices", params={"device_ids": "meter-a"})["result"]
-    assert [d["id"] for d in iot["list"]] == ["meter-a"] and "status" not in iot["list"][0]
+    assert [d["id"] for d in iot["list"]] == ["meter-a"] and iot["list"][0]["status"] == {}
     assert iot["list"][0]["asset_id"] == str(
         meter.call(alice, "GET", f"/v1.0/users/{meter.alice}/homes")["result"][0]["home_id"]
     )
     # a project token sees every bound meter, never an unbound one
     every = meter.call(project, "GET", "/v1.0/iot-03/devices", params={"page_size": 10})["result"]
-    assert [d["id"] for d in every["list"]] == ["meter-a", "meter-b"] and every["has_more"] is False
+    assert [d["id"] for d in every["list"]] == ["meter-a", "meter-a2", "meter-b"]
+    assert every["has_more"] is False
     page = meter.call(project, "GET", "/v1.0/iot-03/devices", params={"page_size": 1})["result"]
     assert [d["id"] for d in page["list"]] == ["meter-a"] and page["has_more"] is True
+    assert page["last_row_key"] == "meter-a"
+    params = {"page_size": 5, "last_row_key": "meter-a"}
+    rest = meter.call(project, "GET", "/v1.0/iot-03/devices", params=params)
+    assert [d["id"] for d in rest["result"]["list"]] == ["meter-a2", "meter-b"]
     assert meter.call(project, "GET", "/v1.0/iot-03/devices/meter-c")["code"] == 1106
     bobs = meter.call(project, "GET", f"/v1.0/users/{meter.bob}/devices")["result"]
     assert [d["id"] for d in bobs] == ["meter-b"]

@@ -8,8 +8,9 @@ plumbing (signature, token, and whatever else it checks), and answered HTTP 200 
 
 - devices: ``/v1.0/users/{uid}/devices`` (a list, each with ``status``), ``/v1.0/devices/{id}``
   (with ``status``), ``/v1.0/devices/?device_ids=`` (``{"devices": [...]}``, each with ``status``);
-  ``/v1.0/iot-03/devices/{id}`` and ``/v1.0/iot-03/devices?device_ids=`` (``{"list": [...]}``) without
-  ``status`` (the SDK's industry manager breaks on one), which comes from ``.../status``;
+  ``/v1.0/iot-03/devices/{id}`` and ``/v1.0/iot-03/devices?device_ids=`` (``{"list": [...]}``) with
+  ``"status": {}`` (the SDK's industry manager breaks on a status list, and without any ``status`` its
+  devices share one dict), the values coming from ``.../status``;
 - functions and specifications generated from the device's product model (:mod:`meterhub.model.tuya`);
 - commands: each ``{"code", "value"}`` becomes one edge-protocol command through
   ``ProtocolService.send_command``, in order, after all of them were checked against the model;
@@ -241,11 +242,14 @@ class DeviceAPI:
         }
         if industry:
             out["asset_id"] = str(place_id)
+            # An empty object, never Tuya's status list: the SDK's industry manager keeps a device's
+            # status in the dict it got here; without one, every device shares one class-level dict.
+            out["status"] = {}
         else:
             out["uid"] = row.uid
             out["owner_id"] = str(place_id)
             out["biz_type"] = 0
-        if values is not None:
+        if values is not None and not industry:
             out["status"] = self._status(model, values.get(row.cid, ()))
         return out
 
