@@ -353,6 +353,19 @@ def test_scope_shapes_and_errors(meter: Meter) -> None:
     bobs = meter.call(project, "GET", f"/v1.0/users/{meter.bob}/devices")["result"]
     assert [d["id"] for d in bobs] == ["meter-b"]
     assert meter.call(project, "GET", "/v1.0/users/nobody/devices")["code"] == 1000
+    # homes: the user's own only; their devices, no scenes, no infrared remotes
+    home = meter.call(alice, "GET", f"/v1.0/users/{meter.alice}/homes")["result"][0]
+    bob_home = meter.call(project, "GET", f"/v1.0/users/{meter.bob}/homes")["result"][0]
+    assert home["home_id"] != bob_home["home_id"] and bob_home["name"] == "bob"
+    assert meter.call(alice, "GET", f"/v1.0/homes/{home['home_id']}")["result"] == home
+    assert meter.call(alice, "GET", f"/v1.0/homes/{bob_home['home_id']}")["code"] == 1106
+    in_home = meter.call(alice, "GET", f"/v1.0/homes/{home['home_id']}/devices")["result"]
+    assert [d["id"] for d in in_home] == ["meter-a", "meter-a2"]
+    assert in_home[0]["owner_id"] == str(home["home_id"]) and in_home[0]["uid"] == meter.alice
+    trigger = meter.call(alice, "POST", f"/v1.0/homes/{home['home_id']}/scenes/s1/trigger")
+    assert (trigger["success"], trigger["code"]) == (False, 1000)
+    assert meter.call(alice, "GET", "/v1.0/infrareds/meter-a/remotes")["result"] == []
+    assert meter.call(alice, "GET", "/v1.0/infrareds/meter-b/remotes")["code"] == 1106
     # status paths
     status = meter.call(alice, "GET", "/v1.0/iot-03/devices/meter-a/status")["result"]
     assert status == [
