@@ -132,9 +132,10 @@ class DeviceAPI:
     # --- plumbing --------------------------------------------------------------------------------
 
     def _endpoint(self, handler: Handler) -> Callable[[Request], Awaitable[JSONResponse]]:
-        """``handler(request, scope, body)`` returns the result; authentication is OpenHubAPI's."""
+        """``handler(request, scope, body)`` returns the result; authentication is OpenHubAPI's
+        (``_wrap``: the same signature, token and replay checks as the token paths)."""
 
-        async def run(request: Request, *, access_id: str, uid: str | None, body: dict[str, Any]) -> Any:
+        async def run(request: Request, *, uid: str | None, body: dict[str, Any], **_: Any) -> Any:
             try:
                 return ok(await handler(request, uid or None, body))
             except OpenHubError:
