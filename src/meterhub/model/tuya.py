@@ -30,7 +30,7 @@ from typing import Any
 from meterhub.model.datapoint import DataPoint, ProductModel
 from meterhub.model.errors import ModelError
 
-__all__ = ["DEFAULT_CATEGORY", "import_tuya_spec", "spec_item", "specification"]
+__all__ = ["DEFAULT_CATEGORY", "functions", "import_tuya_spec", "spec_item", "specification"]
 
 #: Tuya's category code for a smart electricity meter, used when a model names none.
 DEFAULT_CATEGORY = "zndb"

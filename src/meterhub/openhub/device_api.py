@@ -191,24 +191,25 @@ class DeviceAPI:
     @staticmethod
     def _page(request: Request) -> tuple[str, int]:
         size = request.query_params.get("page_size") or "20"
-        if not size.isdigit() or not 1 <= int(size) <= MAX_PAGE_SIZE:
+        if not (size.isascii() and size.isdigit()) or not 1 <= int(size) <= MAX_PAGE_SIZE:
             raise OpenHubError(1109, f"param is illegal: page_size must be 1 to {MAX_PAGE_SIZE}")
         return request.query_params.get("last_row_key") or "", int(size)
 
     # --- device JSON -----------------------------------------------------------------------------
 
     def _status(self, model: ProductModel | None, values: Sequence[tuple[str, Any, float]]) -> list[Any]:
+        """``[{"code", "value"}]`` of the reported values, in the model's order, in wire form."""
         if model is None:
             return []
+        latest = {dp_id: value for dp_id, value, _t in values}
         out = []
-        for dp_id, value, _t in sorted(values, key=lambda v: int(v[0]) if v[0].isdigit() else 0):
-            dp = model.get(dp_id)
-            if dp is None:
+        for dp in model:
+            if dp.id_str not in latest:
                 continue
             try:
-                out.append({"code": dp.code, "value": dp.to_wire(value)})
+                out.append({"code": dp.code, "value": dp.to_wire(latest[dp.id_str])})
             except Exception:
-                continue
+                continue  # a stored value the model no longer accepts: left out
         return out
 
     def _device_json(
