@@ -380,7 +380,12 @@ def test_scope_shapes_and_errors(meter: Meter) -> None:
     expired = store.issue_token(meter.hub.engine, meter.app.access_id, meter.alice, 60, now=time.time() - 120)
     assert meter.call(expired.access_token, "GET", "/v1.0/devices/meter-a")["code"] == 1010
     assert meter.call(alice, "GET", "/v1.0/iot-03/devices/status")["code"] == 1100
-    assert meter.call(alice, "GET", "/v1.0/iot-03/devices", params={"page_size": 0})["code"] == 1109
+    for size in (0, 101, "x", "²"):
+        answer = meter.call(alice, "GET", "/v1.0/iot-03/devices", params={"page_size": size})
+        assert answer["code"] == 1109, size
+    too_many = ",".join(f"m{i}" for i in range(1001))
+    assert meter.call(alice, "GET", "/v1.0/devices/", params={"device_ids": too_many})["code"] == 1109
+    assert meter.call(alice, "POST", "/v1.0/devices/meter-a/commands", body={"commands": "x"})["code"] == 1109
     for method, path in [("GET", "/v2.0/cloud/thing/meter-a/model"), ("PUT", "/v1.0/devices/meter-a")]:
         answer = meter.call(alice, method, path)
         assert (answer["success"], answer["code"]) == (False, 1108), path
