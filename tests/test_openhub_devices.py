@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RunningHub
+from conftest import RunningHub, wait_for
 from meterhub.model.loader import builtin_model, load_model, parse_model
 from meterhub.model.tuya import import_tuya_spec, specification
 from meterhub.openhub import store
@@ -591,3 +591,27 @@ def test_cli_model_import(tmp_path: Path) -> None:
     spec.write_text(json.dumps(TSL))
     printed = cli("model", "import", str(spec), "--name", "m2", "--output", "-", *env_args)
     assert printed.returncode == 0 and json.loads(printed.stdout)["model"] == "m2"
+
+
+def test_one_application_cannot_pile_up_commands(meter: Meter, monkeypatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meterhub.openhub import device_api
+
+    monkeypatch.setattr(device_api, "MAX_CONCURRENT_COMMANDS", 3)
+    alice = meter.token("alice")
+    meter.answer = None  # the meter never answers: each command waits command_timeout (3 s)
+    body = {"commands": [{"code": "switch", "value": False}]}
+
+    def send(_: int) -> int:
+        return meter.call(alice, "POST", "/v1.0/devices/meter-a/commands", body=body)["code"]
+
+    with ThreadPoolExecutor(5) as pool:
+        waiting = [pool.submit(send, i) for i in range(3)]
+        wait_for(lambda: len(meter.received) == 3)
+        assert send(3) == 1110  # over the limit: answered at once, never sent
+        codes = sorted(f.result() for f in waiting)
+    assert codes == [500, 500, 500] and len(meter.received) == 3
+    meter.answer = 0
+    done = meter.call(alice, "POST", "/v1.0/devices/meter-a/commands", body=body)
+    assert done["result"] is True  # the slots are free again

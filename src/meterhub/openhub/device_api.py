@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -49,6 +50,9 @@ log = get_logger(__name__)
 MAX_DEVICE_IDS = 1000
 #: Most commands in one request (each waits for the meter's answer).
 MAX_COMMANDS = 20
+#: Most command requests of one application waiting at once (then 1110, Tuya's "concurrent request
+#: over limit"), so one application cannot pile up commands without bound.
+MAX_CONCURRENT_COMMANDS = 32
 MAX_PAGE_SIZE = 100
 #: Tuya error codes used here beyond the global ones in ``http.py``.
 DEVICE_OFFLINE = 2001
@@ -81,6 +85,7 @@ class DeviceAPI:
         self.router = APIRouter(tags=["open hub: Tuya device API"])
         self.fallback = APIRouter(include_in_schema=False)
         self._zone = ZoneInfo(hub.settings.timezone)
+        self._commanding: Counter[str] = Counter()  # application -> command requests waiting
         get, post, delete = ["GET"], ["POST"], ["DELETE"]
         routes: list[tuple[str, Handler, list[str]]] = [
             # smart-home project (AuthType.SMART_HOME)
@@ -135,7 +140,8 @@ class DeviceAPI:
         """``handler(request, scope, body)`` returns the result; authentication is OpenHubAPI's
         (``_wrap``: the same signature, token and replay checks as the token paths)."""
 
-        async def run(request: Request, *, uid: str | None, body: dict[str, Any], **_: Any) -> Any:
+        async def run(request: Request, *, uid: str | None, body: dict[str, Any], **kw: Any) -> Any:
+            request.state.openhub_app = kw.get("access_id", "")
             try:
                 return ok(await handler(request, uid or None, body))
             except OpenHubError:
@@ -354,10 +360,19 @@ class DeviceAPI:
                     COMMAND_NOT_SUPPORTED, f"command or value not support: {dp.code}: {exc.message}"
                 ) from None
             checked.append((dp, item["value"]))
-        for n, (dp, value) in enumerate(checked):
-            result = await self._service.send_command(row.cid, dp.id, value)
-            if result.status != "ok":
-                raise self._command_error(dp.code, result, n)
+        app = request.state.openhub_app
+        if self._commanding[app] >= MAX_CONCURRENT_COMMANDS:
+            raise OpenHubError(1110, "concurrent request over limit")
+        self._commanding[app] += 1
+        try:
+            for n, (dp, value) in enumerate(checked):
+                result = await self._service.send_command(row.cid, dp.id, value)
+                if result.status != "ok":
+                    raise self._command_error(dp.code, result, n)
+        finally:
+            self._commanding[app] -= 1
+            if not self._commanding[app]:
+                del self._commanding[app]
         return True
 
     @staticmethod
