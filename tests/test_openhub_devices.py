@@ -601,9 +601,9 @@ def test_one_application_cannot_pile_up_commands(meter: Meter, monkeypatch) -> N
     monkeypatch.setattr(device_api, "MAX_CONCURRENT_COMMANDS", 3)
     alice = meter.token("alice")
     meter.answer = None  # the meter never answers: each command waits command_timeout (3 s)
-    body = {"commands": [{"code": "switch", "value": False}]}
 
-    def send(_: int) -> int:
+    def send(i: int) -> int:
+        body = {"commands": [{"code": "voltage_over", "value": 2500000 + i}]}  # each request its own
         return meter.call(alice, "POST", "/v1.0/devices/meter-a/commands", body=body)["code"]
 
     with ThreadPoolExecutor(5) as pool:
@@ -613,5 +613,6 @@ def test_one_application_cannot_pile_up_commands(meter: Meter, monkeypatch) -> N
         codes = sorted(f.result() for f in waiting)
     assert codes == [500, 500, 500] and len(meter.received) == 3
     meter.answer = 0
+    body = {"commands": [{"code": "switch", "value": False}]}
     done = meter.call(alice, "POST", "/v1.0/devices/meter-a/commands", body=body)
     assert done["result"] is True  # the slots are free again
