@@ -616,3 +616,20 @@ def test_one_application_cannot_pile_up_commands(meter: Meter, monkeypatch) -> N
     body = {"commands": [{"code": "switch", "value": False}]}
     done = meter.call(alice, "POST", "/v1.0/devices/meter-a/commands", body=body)
     assert done["result"] is True  # the slots are free again
+
+
+def test_a_storage_failure_is_answered_tuya_style(meter: Meter) -> None:
+    from sqlalchemy import text
+
+    alice = meter.token("alice")
+    with meter.hub.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE latest_values RENAME TO latest_away"))
+    try:
+        for path in ("/v1.0/devices/meter-a", "/v1.0/iot-03/devices/meter-a/status"):
+            answer = meter.call(alice, "GET", path)
+            assert (answer["success"], answer["code"]) == (False, 500), answer
+            assert answer["msg"] == "system error, please contact the admin"
+    finally:
+        with meter.hub.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE latest_away RENAME TO latest_values"))
+    assert meter.call(alice, "GET", "/v1.0/devices/meter-a")["success"] is True
