@@ -145,7 +145,12 @@ class Hub:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
         if self.openhub is not None:
             await self.openhub.start()
-            self.http_routers = [OpenHubAPI(self).router]
+            from meterhub.openhub.device_api import DeviceAPI
+
+            openhub_api = OpenHubAPI(self)
+            devices_api = DeviceAPI(self, openhub_api)
+            # the device API's catch-all for other Tuya paths goes last
+            self.http_routers = [openhub_api.router, devices_api.router, devices_api.fallback]
         from meterhub.api.server import ApiServer
 
         self.api = ApiServer(self)

@@ -400,6 +400,63 @@ def models_cmd(ctx: Context) -> None:
         click.echo(f"{m.model}\t{len(m)} data points\t{m.name}")
 
 
+@main.group("model")
+def model_group() -> None:
+    """Product models: import one from Tuya's specification JSON."""
+
+
+@model_group.command("import")
+@_common
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", "name", required=True, help="The model's name (letters, digits, '.', '_', '-').")
+@click.option("--product-id", "product_ids", multiple=True, help="Product ids (default: the file's).")
+@click.option("--category", default=None, help="Tuya category code (default: the file's, else zndb).")
+@click.option("--models-dir", type=click.Path(path_type=Path), default=None, help="Default: models_dir.")
+@click.option("--output", default=None, help="Write this file instead ('-': print the model).")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+@pass_ctx
+def model_import(
+    ctx: Context,
+    file: Path,
+    name: str,
+    product_ids: tuple[str, ...],
+    category: str | None,
+    models_dir: Path | None,
+    output: str | None,
+    force: bool,
+) -> None:
+    """Turn a Tuya specification (thing model, DP schema or device specification JSON) into a model file."""
+    from meterhub.model.errors import ModelError
+    from meterhub.model.tuya import import_tuya_spec
+
+    try:
+        model = import_tuya_spec(
+            file.read_bytes(),
+            model=name,
+            product_ids=list(product_ids) or None,
+            category=category,
+            source=str(file),
+        )
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    text = json.dumps(model.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    if output is None:
+        folder = models_dir or ctx.settings().models_dir
+        if folder is None:
+            raise click.ClickException("no models_dir configured: pass --models-dir or --output")
+        target = Path(folder) / f"{model.model}.json"
+    else:
+        target = Path(output)
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists (--force replaces it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    click.echo(f"{target}: model {model.model}, {len(model)} data points, category {model.category}")
+
+
 # --- open hub ------------------------------------------------------------------------------------
 
 

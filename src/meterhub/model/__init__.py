@@ -9,6 +9,7 @@ document's table; other products use the same format, one model per ``*.json`` f
       "version": "1.0",
       "source": "...",                    # optional: where the model comes from
       "product_ids": ["..."],             # optional: product ids (sync's product_id) using this model
+      "category": "zndb",                 # optional: Tuya's category code (zndb = smart electricity meter)
       "data_points": [
         {"id": 1, "code": "switch", "name": "Switch", "access": "rw", "type": "bool"},
         {"id": 10, "code": "temp_current", "name": "Actual temperature", "access": "ro", "type": "value",

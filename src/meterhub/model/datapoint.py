@@ -280,7 +280,17 @@ class DataPoint:
 class ProductModel:
     """A product model: its data points, looked up by id (``"1"`` or ``1``) or by code."""
 
-    __slots__ = ("_by_code", "_by_id", "data_points", "model", "name", "product_ids", "source", "version")
+    __slots__ = (
+        "_by_code",
+        "_by_id",
+        "category",
+        "data_points",
+        "model",
+        "name",
+        "product_ids",
+        "source",
+        "version",
+    )
 
     def __init__(
         self,
@@ -291,12 +301,17 @@ class ProductModel:
         *,
         source: str | None = None,
         product_ids: Sequence[str] = (),
+        category: str | None = None,
     ) -> None:
         where = f"model {model!r}"
         if type(model) is not str or not model or not all(ch.isalnum() or ch in "._-" for ch in model):
             raise ModelError(where, "model", "must be a non-empty name of letters, digits, '.', '_', '-'")
         if not data_points:
             raise ModelError(where, "data_points", "must list at least one data point")
+        if category is not None and (
+            type(category) is not str or not category or not category.isascii() or not category.isalnum()
+        ):
+            raise ModelError(where, "category", "must be a Tuya category code (ASCII letters and digits)")
         by_id: dict[str | int, DataPoint] = {}
         by_code: dict[str, DataPoint] = {}
         for i, dp in enumerate(data_points):
@@ -312,6 +327,8 @@ class ProductModel:
         self.version = version
         self.source = source
         self.product_ids = tuple(product_ids)
+        #: Tuya's product category code (``zndb`` = smart electricity meter); None: not given.
+        self.category = category
         self.data_points = tuple(sorted(data_points, key=lambda dp: dp.id))
         self._by_id = by_id
         self._by_code = by_code
@@ -358,6 +375,8 @@ class ProductModel:
             out["source"] = self.source
         if self.product_ids:
             out["product_ids"] = list(self.product_ids)
+        if self.category is not None:
+            out["category"] = self.category
         out["data_points"] = [dp.to_dict() for dp in self.data_points]
         return out
 

@@ -48,6 +48,7 @@ class _ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     data_points: list[_DataPointSpec]
     source: str | None = None
     product_ids: list[str] = []
+    category: str | None = None
 
 
 _SPEC_DECODER = msgspec.json.Decoder(_ModelSpec)
@@ -108,6 +109,7 @@ def parse_model(data: bytes | str, source: str = "<memory>") -> ProductModel:
             data_points,
             source=source,
             product_ids=spec.product_ids,
+            category=spec.category,
         )
     except ModelError as exc:
         raise ModelError(source, exc.field, exc.reason) from None
