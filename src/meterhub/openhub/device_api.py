@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -36,7 +35,7 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.datapoint import ProductModel
 from meterhub.model.errors import ValueRejected
 from meterhub.model.tuya import DEFAULT_CATEGORY, functions, specification
@@ -46,6 +45,7 @@ from meterhub.openhub.store import OpenHubError, user_exists
 from meterhub.protocol.errors import ErrorCode
 
 log = get_logger(__name__)
+log_repeated = RateLimitedLog(log)
 
 #: Most device ids in one ``device_ids=`` (Tuya documents 20; the SDK sends all of a user's at once).
 MAX_DEVICE_IDS = 1000
@@ -88,7 +88,6 @@ class DeviceAPI:
         self._zone = ZoneInfo(hub.settings.timezone)
         self._commanding: Counter[str] = Counter()  # application -> command requests waiting
         self.errors = 0  # requests answered 500 for an unexpected failure
-        self._error_logged = -1e9
         get, post, delete = ["GET"], ["POST"], ["DELETE"]
         routes: list[tuple[str, Handler, list[str]]] = [
             # smart-home project (AuthType.SMART_HOME)
@@ -149,17 +148,14 @@ class DeviceAPI:
                 return ok(await handler(request, uid or None, body))
             except OpenHubError:
                 raise
-            except Exception as exc:  # storage down, a bug: Tuya's shape, counted, logged every 10 s
+            except Exception as exc:  # storage down, a bug: Tuya's shape, counted, rate-limited log
                 self.errors += 1
-                now = time.monotonic()
-                if now - self._error_logged >= 10:
-                    self._error_logged = now
-                    log.error(
-                        "open hub device API failed",
-                        path=request.url.path,
-                        error=repr(exc).splitlines()[0][:300],
-                        errors_total=self.errors,
-                    )
+                log_repeated.error(
+                    "failed",
+                    "open hub device API failed",
+                    path=request.url.path,
+                    error=repr(exc).splitlines()[0][:300],
+                )
                 return fail(SYSTEM_ERROR, "system error, please contact the admin")
 
         run.__name__ = handler.__name__

@@ -39,13 +39,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.openhub import store
 from meterhub.openhub.crypto import VERSIONS
 from meterhub.openhub.replay import MAX_CLOCK_SKEW_MS, ReplayGuard
 from meterhub.openhub.store import OpenHubError
 
 log = get_logger(__name__)
+log_repeated = RateLimitedLog(log)
 
 TOKEN_TTL = 7200
 _LOGIN_PATHS = {
@@ -86,7 +87,6 @@ class OpenHubAPI:
         self.engine = hub.engine
         self.replay: ReplayGuard = hub.openhub.replay
         self._storage_errors = 0
-        self._storage_error_logged = -10.0
         self.router = APIRouter(tags=["open hub (Tuya-compatible)"], include_in_schema=True)
         r = self.router
         r.add_api_route("/v1.0/token", self._wrap(self.project_token, token=False), methods=["GET"])
@@ -124,14 +124,9 @@ class OpenHubAPI:
                 return fail(exc.code, exc.msg)
             except SQLAlchemyError as exc:  # storage unavailable: Tuya's shape, not a bare HTTP 500
                 self._storage_errors += 1
-                now = time.monotonic()
-                if now - self._storage_error_logged >= 10:  # one line per 10 s, every one counted
-                    self._storage_error_logged = now
-                    log.error(
-                        "open hub request failed: storage error",
-                        error=str(exc).splitlines()[0],
-                        errors_total=self._storage_errors,
-                    )
+                log_repeated.error(
+                    "storage", "open hub request failed: storage error", error=str(exc).splitlines()[0]
+                )
                 return fail(500, "system error, please contact the admin")
 
         endpoint.__name__ = handler.__name__

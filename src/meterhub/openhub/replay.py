@@ -17,11 +17,12 @@ from collections import Counter
 
 from sqlalchemy import Engine
 
-from meterhub.logs import get_logger
+from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.openhub import store
 from meterhub.openhub.store import OpenHubError
 
 log = get_logger(__name__)
+log_repeated = RateLimitedLog(log)
 
 MAX_CLOCK_SKEW_MS = 10 * 60 * 1000  # how far a signed request's t may be from the server's clock
 REPLAY_CODE = 1113
@@ -38,7 +39,6 @@ class ReplayGuard:
         self._engine = engine
         self._window_s = window_ms / 1000
         self._next_purge = 0.0
-        self._last_log = 0.0
         self.stats: Counter[str] = Counter()
 
     async def check(self, client_id: str, sign: str, nonce: str, t_ms: int) -> None:
@@ -50,14 +50,7 @@ class ReplayGuard:
         fresh = await asyncio.to_thread(store.remember_request, self._engine, keys, expires_at)
         if not fresh:
             self.stats["replay.refused"] += 1
-            now = time.monotonic()
-            if now - self._last_log >= 60:  # at most one line a minute; every refusal is counted
-                self._last_log = now
-                log.warning(
-                    "replayed open hub request refused",
-                    client_id=client_id,
-                    refused_total=self.stats["replay.refused"],
-                )
+            log_repeated.warning("replay", "replayed open hub request refused", client_id=client_id)
             raise OpenHubError(REPLAY_CODE, REPLAY_MSG)
         self.stats["replay.recorded"] += 1
         if time.monotonic() >= self._next_purge:
