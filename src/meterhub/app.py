@@ -50,6 +50,7 @@ class Hub:
         self.alarms: Any = None
         self.http_port: int | None = None
         self.openhub: Any = None
+        self.homeassistant: Any = None
         self.http_routers: list[Any] = []
 
     async def start(self) -> None:
@@ -87,6 +88,11 @@ class Hub:
         if self.openhub is not None:
             await self.openhub.start()
             self.http_routers = [OpenHubAPI(self).router]
+        if settings.ha_broker and self.handler_name == "protocol":
+            from meterhub.northbound.homeassistant import HomeAssistantPublisher
+
+            self.homeassistant = HomeAssistantPublisher(settings, self.handler, self.engine, self.writer)
+            await self.homeassistant.start()
         from meterhub.api.server import ApiServer
 
         self.api = ApiServer(self)
@@ -95,6 +101,8 @@ class Hub:
     async def stop(self) -> None:
         if self.api is not None:
             await self.api.stop()
+        if self.homeassistant is not None:
+            await self.homeassistant.stop()
         if self.openhub is not None:
             await self.openhub.stop()
         if self.mqtt is not None:
