@@ -41,6 +41,7 @@ from sqlalchemy import text
 
 from conftest import RunningHub, free_port, wait_for
 from meterhub.config import load_settings
+from meterhub.core.metrics import HubCollector
 from meterhub.storage import registry
 from meterhub.tools.devcert import make_dev_cert
 
@@ -596,6 +597,13 @@ def test_a_stalled_broker_never_slows_reports_and_the_queue_is_bounded_newest_wi
         waiting = hub.run(lambda: len(hub.hub.homeassistant.pending))
         assert waiting <= 2
         assert stats["ha.dropped"] >= 1 and stats["ha.coalesced"] >= 1
+        samples = {
+            (sample.name, tuple(sample.labels.values())): sample.value
+            for family in hub.run(lambda: list(HubCollector(hub.hub).collect()))
+            for sample in family.samples
+        }
+        assert samples[("meterhub_homeassistant_events_total", ("dropped",))] == stats["ha.dropped"]
+        assert samples[("meterhub_homeassistant_pending", ())] == waiting
     finally:
         broker.resume()
     # The newest values of the meters still waiting arrive (older ones were coalesced away).
@@ -661,6 +669,32 @@ def test_home_assistants_birth_message_republishes_everything(
     ha.publish("homeassistant/status", "online")
     wait_for(lambda: len(ha.configs()) == 27, 10)
     ha.wait_value("meterhub/meter-1/voltage_current", "230.0")
+
+
+def test_the_bridge_availability_follows_meterhub(
+    broker: Mosquitto, ha: HomeAssistant, make_hub: Callable[..., RunningHub]
+) -> None:
+    """Every entity needs ``meterhub/status`` online too (availability_mode all): the publisher's will
+    says offline when its connection breaks, a clean stop says it itself, a reconnection says online."""
+    hub = make_hub(broker.port)
+    ha.wait_value("meterhub/status", "online")
+    publisher = hub.hub.homeassistant
+    before = len(ha.log)
+
+    def cut() -> None:  # the connection breaks without a DISCONNECT (network failure)
+        publisher._client._client.socket().shutdown(socket.SHUT_RDWR)
+
+    hub.run(cut)
+    wait_for(lambda: b"offline" in [p for t, p, _r in ha.log[before:] if t == "meterhub/status"], 10)
+    ha.wait_value("meterhub/status", "online")  # reconnected
+    assert hub.run(lambda: publisher.stats["ha.connects"]) >= 2
+    hub.call(publisher.stop())
+    ha.wait_value("meterhub/status", "offline")
+    late = HomeAssistant(broker.port)
+    try:
+        late.wait_value("meterhub/status", "offline", 5)  # retained
+    finally:
+        late.close()
 
 
 def test_tls_broker_with_a_ca_file(tmp_path: Path, make_hub: Callable[..., RunningHub]) -> None:

@@ -101,7 +101,7 @@ def _common(f: Any) -> Any:
     "--ha-broker", default=None, help="Publish to Home Assistant: mqtt://host:1883 or mqtts://host:8883."
 )
 @click.option("--ha-username", default=None, help="User name on the Home Assistant broker.")
-@click.option("--ha-password", default=None, envvar="METERHUB_HA_PASSWORD", help="Its password.")
+@click.option("--ha-password", default=None, help="Its password (better: METERHUB_HA_PASSWORD).")
 @click.option(
     "--ha-tls-ca", type=click.Path(path_type=Path, exists=True), default=None, help="CA file (TLS)."
 )

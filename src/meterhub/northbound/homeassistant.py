@@ -305,7 +305,7 @@ class HomeAssistantPublisher:
 
     def _dispatch(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.topics.birth:
-            if payload == b"online":
+            if payload == b"online" and not retained:  # a retained one: we just published everything
                 self._birth.set()
                 self._wake.set()
             return
