@@ -55,6 +55,9 @@ CHUNK = 500
 #: Commands from Home Assistant in flight at once (more are dropped and counted).
 MAX_COMMANDS = 1000
 _LOG_EVERY = 60.0
+#: A connection that lasted this long resets the reconnection backoff (a broker that accepts and then
+#: drops the client at once is not hammered).
+STABLE_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -195,6 +198,7 @@ class HomeAssistantPublisher:
                 max_inflight_messages=WINDOW,
             )
             client.pending_calls_threshold = WINDOW * 10
+            session_started: float | None = None
             try:
                 async with client:
                     self.stats["ha.connects"] += 1
@@ -207,7 +211,7 @@ class HomeAssistantPublisher:
                         outage_since = None
                     else:
                         log.info("connected to the Home Assistant broker", broker=broker)
-                    attempt = 0
+                    session_started = time.monotonic()
                     await self._session(client)
             except aiomqtt.MqttError as exc:
                 self.stats["ha.connection_errors"] += 1
@@ -228,6 +232,8 @@ class HomeAssistantPublisher:
                 self._client = None
                 self.pending.clear()
                 self._scan = None
+            if session_started is not None and time.monotonic() - session_started >= STABLE_SECONDS:
+                attempt = 0  # a connection that lasted: back off from the base again
             delay = random.uniform(
                 self.reconnect_base,
                 max(self.reconnect_base, min(self.reconnect_cap, self.reconnect_base * 2**attempt)),
