@@ -548,7 +548,7 @@ def test_the_energy_dashboard_inputs_are_the_meters_totals(
 
 
 def test_an_absent_broker_costs_the_gateways_nothing_and_everything_arrives_when_it_comes(
-    tmp_path: Path, make_hub: Callable[..., RunningHub]
+    tmp_path: Path, make_hub: Callable[..., RunningHub], capfd: pytest.CaptureFixture[str]
 ) -> None:
     port = free_port()  # nothing listens here yet
     hub = make_hub(port)
@@ -569,6 +569,13 @@ def test_an_absent_broker_costs_the_gateways_nothing_and_everything_arrives_when
             ha.wait_value("meterhub/meter-1/availability", "online")
             ha.wait_value("meterhub/status", "online")
             assert json.loads(next(iter(ha.configs().values())))["device"]["name"] == "Late meter"
+            # Quiet: several failed attempts, one warning for the outage, one line when it was over.
+            errors = hub.run(lambda: hub.hub.homeassistant.stats["ha.connection_errors"])
+            captured = capfd.readouterr()
+            logged = captured.out + captured.err
+            assert errors >= 2
+            assert logged.count("Home Assistant broker unreachable") == 1, logged
+            assert logged.count("Home Assistant broker reachable again") == 1
         finally:
             ha.close()
     finally:
