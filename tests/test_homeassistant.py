@@ -168,6 +168,9 @@ def check_config(topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
         assert config["state_class"] in STATE_CLASSES
     if "entity_category" in config:
         assert config["entity_category"] == "diagnostic"
+    if "suggested_display_precision" in config:
+        precision = config["suggested_display_precision"]
+        assert isinstance(precision, int) and not isinstance(precision, bool) and precision >= 0
     if "options" in config:
         assert dc == "enum" and config["options"] and isinstance(config["options"], list)
         assert "state_class" not in config and "unit_of_measurement" not in config
@@ -411,6 +414,7 @@ def test_every_discovery_config_follows_home_assistants_documented_schema(
             "total_increasing",
         )
     assert entity("meter-1", "voltage_current")["unit_of_measurement"] == "V"
+    assert entity("meter-1", "voltage_current")["suggested_display_precision"] == 1
     assert entity("meter-1", "cur_current")["unit_of_measurement"] == "mA"  # the model's unit
     assert entity("meter-1", "temp_current")["unit_of_measurement"] == "°C"
     assert entity("meter-1", "supply_frequency")["unit_of_measurement"] == "Hz"

@@ -64,46 +64,58 @@ class EntitySpec:
     unit: Any = _KEEP  # Home Assistant unit; _KEEP = the model's display unit; None = no unit
     field: str | None = None  # phase entities: which field of the phase object
     entity_category: str | None = None
-    enabled_by_default: bool = True
+    precision: int | None = None  # suggested_display_precision (decimals shown; the value keeps all)
+
+
+_M, _TI = "measurement", "total_increasing"
 
 
 def _value(
-    code: str, name: str, device_class: str | None, state_class: str | None, unit: Any = _KEEP
+    code: str,
+    name: str,
+    device_class: str | None,
+    state_class: str | None,
+    precision: int,
+    unit: Any = _KEEP,
 ) -> EntitySpec:
-    return EntitySpec(code, code, "sensor", name, "value", device_class, state_class, unit)
+    return EntitySpec(
+        code, code, "sensor", name, "value", device_class, state_class, unit, precision=precision
+    )
 
 
 def _phase(code: str, letter: str) -> tuple[EntitySpec, ...]:
     return tuple(
-        EntitySpec(code, f"{code}_{f}", "sensor", f"Phase {letter} {f}", "raw", dc, "measurement", unit, f)
-        for f, dc, unit in (("voltage", "voltage", "V"), ("current", "current", "A"), ("power", "power", "W"))
+        EntitySpec(code, f"{code}_{f}", "sensor", f"Phase {letter} {f}", "raw", dc, _M, unit, f, precision=p)
+        for f, dc, unit, p in (
+            ("voltage", "voltage", "V", 1),
+            ("current", "current", "A", 3),
+            ("power", "power", "W", 0),
+        )
     )
 
-
-_M, _TI = "measurement", "total_increasing"
 
 #: The smart meter's data points (src/meterhub/model/data/smart-meter.json) as Home Assistant entities.
 ENTITIES: dict[str, tuple[EntitySpec, ...]] = {
     spec[0].code: spec
     for spec in (
         (EntitySpec("switch", "switch", "switch", "Switch", "bool", device_class="switch"),),
-        (_value("power_current", "Power", "power", _M),),
-        (_value("voltage_current", "Voltage", "voltage", _M),),
-        (_value("cur_current", "Current", "current", _M),),  # the model's unit: mA
-        (_value("temp_current", "Temperature", "temperature", _M),),
-        (_value("leakage_current", "Leakage current", "current", _M),),
-        (_value("power_effective", "Active power", "power", _M),),
+        (_value("power_current", "Power", "power", _M, 1),),
+        (_value("voltage_current", "Voltage", "voltage", _M, 1),),
+        (_value("cur_current", "Current", "current", _M, 0),),  # the model's unit: mA
+        (_value("temp_current", "Temperature", "temperature", _M, 1),),
+        (_value("leakage_current", "Leakage current", "current", _M, 1),),
+        (_value("power_effective", "Active power", "power", _M, 1),),
         # The document says W; reactive power is measured in var, the only unit Home Assistant takes.
-        (_value("power_reactive", "Reactive power", "reactive_power", _M, "var"),),
+        (_value("power_reactive", "Reactive power", "reactive_power", _M, 1, "var"),),
         # Apparent power in kVA: Home Assistant's apparent_power class only takes VA, so no class.
-        (_value("power_apparent", "Apparent power", None, _M),),
-        (_value("power_factor", "Power factor", "power_factor", _M, None),),  # 0..1, unitless
-        (_value("supply_frequency", "Frequency", "frequency", _M, "Hz"),),  # the model has no unit
-        (_value("electric_total", "Energy", "energy", _TI),),
-        (_value("forward_energy_total", "Forward active energy", "energy", _TI),),
+        (_value("power_apparent", "Apparent power", None, _M, 3),),
+        (_value("power_factor", "Power factor", "power_factor", _M, 2, None),),  # 0..1, unitless
+        (_value("supply_frequency", "Frequency", "frequency", _M, 2, "Hz"),),  # the model has no unit
+        (_value("electric_total", "Energy", "energy", _TI, 3),),
+        (_value("forward_energy_total", "Forward active energy", "energy", _TI, 3),),
         # Daily / monthly totals restart at 0: total_increasing takes a decrease as a new meter cycle.
-        (_value("electric_daily", "Energy today", "energy", _TI),),
-        (_value("electric_month", "Energy this month", "energy", _TI),),
+        (_value("electric_daily", "Energy today", "energy", _TI, 3),),
+        (_value("electric_month", "Energy this month", "energy", _TI, 3),),
         (EntitySpec("fault", "fault", "sensor", "Fault", "fault"),),
         (EntitySpec("alarm_level", "alarm_level", "sensor", "Alarm level", "enum", device_class="enum"),),
         (
@@ -289,6 +301,8 @@ def discovery_configs(topics: Topics, info: DeviceInfo, model: ProductModel) -> 
             config["state_class"] = spec.state_class
         if spec.entity_category is not None:
             config["entity_category"] = spec.entity_category
+        if spec.precision is not None:
+            config["suggested_display_precision"] = spec.precision
         if spec.component == "switch":
             config.update(
                 command_topic=topics.command(cid, spec.code),
