@@ -102,6 +102,7 @@ class HomeAssistantPublisher:
         self._commands: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._next_command: dict[tuple[str, str], bool] = {}
         self._scan: dict[str, dict[str, bytes]] | None = None
+        self._scan_known: set[str] = set()
         self._probe: tuple[str, asyncio.Event] | None = None
         self._logged: dict[str, float] = {}
 
@@ -323,7 +324,10 @@ class HomeAssistantPublisher:
             if self._scan is not None and payload:
                 cid = hd.cid_of_config(payload)
                 if cid is not None:
-                    self._scan.setdefault(cid, {})[topic] = payload
+                    # Payloads only for meters that are gone (to clear what they point at); for the
+                    # others the topic is enough (entities their model no longer has).
+                    keep = b"" if cid in self._scan_known else payload
+                    self._scan.setdefault(cid, {})[topic] = keep
             return
         parsed = self.topics.parse_command(topic)
         if parsed is not None:
@@ -395,10 +399,14 @@ class HomeAssistantPublisher:
         """Everything again: configs, presence, latest values from the database; with ``scan``, first
         read back our retained configs and remove those of meters that are gone."""
         found: dict[str, dict[str, bytes]] = {}
-        if scan:
-            found = await self._read_our_configs(client)
         cids = await asyncio.to_thread(_all_cids, self.engine)
         known = set(cids)
+        if scan:
+            self._scan_known = known
+            try:
+                found = await self._read_our_configs(client)
+            finally:
+                self._scan_known = set()
         stale = [cid for cid in found if cid not in known]
         for cid in stale:
             await self._clear(client, found[cid])
