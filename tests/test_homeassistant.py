@@ -39,7 +39,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import text
 
-from conftest import RunningHub, free_port, wait_for
+from conftest import RunningHub, free_port, storage_held, wait_for
 from meterhub.config import load_settings
 from meterhub.core.metrics import HubCollector
 from meterhub.storage import registry
@@ -529,6 +529,28 @@ def test_states_availability_and_a_switch_command_reach_the_meter(
     # The gateway goes away: its meters become unavailable in Home Assistant.
     gw.close(clean=False)
     ha.wait_value("meterhub/meter-1/availability", "offline")
+
+
+def test_a_value_reaches_home_assistant_only_once_it_is_committed(
+    broker: Mosquitto, ha: HomeAssistant, make_hub: Callable[..., RunningHub]
+) -> None:
+    hub = make_hub(broker.port)
+    gw = vendor_gateway(hub)
+    gw.sync("meter-1", device_name="Kitchen")
+    gw.report("meter-1", "5", 2300000)
+    ha.wait_value("meterhub/meter-1/voltage_current", "230.0")
+    with storage_held(hub.engine):  # the writer cannot commit
+        report = {"t": int(time.time()), "request_id": "held-1", "param": {"cid": "meter-1", "id": "5"}}
+        report["param"]["value"] = 2400000
+        # (meterhub's PUBACK waits for the commit too, so do not wait for it here)
+        gw.c.publish("gateway_id/gw-ha/properties/report", json.dumps(report), 1)
+        time.sleep(1.0)
+        assert ha.value("meterhub/meter-1/voltage_current") == b"230.0"  # not committed: not published
+    ha.wait_value("meterhub/meter-1/voltage_current", "240.0")
+    # A new sync updates the device in Home Assistant (the config is published again).
+    gw.sync("meter-1", device_name="Kitchen meter")
+    config = "homeassistant/sensor/meterhub/meter-1_voltage_current/config"
+    wait_for(lambda: json.loads(ha.value(config) or b"{}").get("device", {}).get("name") == "Kitchen meter")
 
 
 def test_the_energy_dashboard_inputs_are_the_meters_totals(
