@@ -615,7 +615,9 @@ def test_a_stalled_broker_never_slows_reports_and_the_queue_is_bounded_newest_wi
     gw = vendor_gateway(hub)
     for i in range(4):
         gw.sync(f"meter-{i}")
-    wait_for(lambda: len(ha.configs()) == 4 * 27, 10)
+    # Even if some of these syncs were pushed out of the bounded queue, every config arrives (a dropped
+    # config or presence change makes the publisher republish everything from the database).
+    wait_for(lambda: len(ha.configs()) == 4 * 27, 15)
     gw.report("meter-0", "5", 2000000)
     ha.wait_value("meterhub/meter-0/voltage_current", "200.0")
     broker.pause()  # the broker stops reading: the publisher's PUBACKs never come
@@ -637,11 +639,22 @@ def test_a_stalled_broker_never_slows_reports_and_the_queue_is_bounded_newest_wi
         }
         assert samples[("meterhub_homeassistant_events_total", ("dropped",))] == stats["ha.dropped"]
         assert samples[("meterhub_homeassistant_pending", ())] == waiting
+        # Two new meters, whose sync (a config to publish) is then pushed out of the queue.
+        gw.sync("meter-4")
+        gw.sync("meter-5")
+        gw.report("meter-0", "5", 2300000)
+        gw.report("meter-1", "5", 2300000)
     finally:
         broker.resume()
-    # The newest values of the meters still waiting arrive (older ones were coalesced away).
+    # The newest values arrive: those still waiting, and (republished from the database because a
+    # dropped update held a config) those pushed out, with the new meters' configs.
+    ha.wait_value("meterhub/meter-0/voltage_current", "230.0")
     ha.wait_value("meterhub/meter-3/voltage_current", "220.0042")
     ha.wait_value("meterhub/meter-2/voltage_current", "220.0009")
+    wait_for(lambda: len(ha.configs()) == 6 * 27, 15)
+    stats = hub.run(lambda: dict(hub.hub.homeassistant.stats))
+    assert stats["ha.resyncs"] >= 1
+    assert stats["ha.connects"] == 1  # not by a reconnection
 
 
 def test_a_deleted_meter_and_a_stale_config_are_removed(

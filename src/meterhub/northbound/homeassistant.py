@@ -5,7 +5,8 @@ Enabled by ``ha_broker`` (``mqtt://host:1883`` or ``mqtts://host:8883``; ``ha_us
 
 Off the gateways' hot path: the service's event listener (:meth:`on_event`) only records the newest
 value per (meter, data point) in a bounded map of meters waiting to be published (``ha_queue_max``;
-when full, the meter waiting longest is dropped and counted, ``ha.dropped``); one task publishes them.
+when full, the meter waiting longest is dropped and counted, ``ha.dropped``; if it held a config or a
+presence change, everything is republished from the database soon after); one task publishes them.
 Before publishing, it waits for a storage barrier (an empty write group: the writer commits in order),
 so what Home Assistant sees is committed. A slow broker only makes the map coalesce more; an absent one
 costs nothing: while disconnected nothing is recorded, and every (re)connection publishes everything
@@ -58,6 +59,8 @@ _LOG_EVERY = 60.0
 #: A connection that lasted this long resets the reconnection backoff (a broker that accepts and then
 #: drops the client at once is not hammered).
 STABLE_SECONDS = 10.0
+#: Shortest time between two full republications after dropped config or presence changes.
+FULL_SYNC_INTERVAL = 5.0
 
 
 @dataclass(slots=True)
@@ -105,6 +108,8 @@ class HomeAssistantPublisher:
         self._scan_known: set[str] = set()
         self._probe: tuple[str, asyncio.Event] | None = None
         self._logged: dict[str, float] = {}
+        self._lost = False
+        self._next_full = 0.0
 
     def _ssl_context(self) -> ssl.SSLContext:
         ca = self.settings.ha_tls_ca
@@ -161,8 +166,10 @@ class HomeAssistantPublisher:
         rec = pending.get(cid)
         if rec is None:
             if len(pending) >= self.queue_max:
-                pending.popitem(last=False)
+                _, lost = pending.popitem(last=False)
                 self.stats["ha.dropped"] += 1
+                if lost.config or lost.online is not None:
+                    self._lost = True  # a config or presence change: republish from the database
                 self._log_once(
                     "dropped",
                     "Home Assistant broker is slow: oldest waiting meter updates dropped (counted)",
@@ -266,16 +273,25 @@ class HomeAssistantPublisher:
         await self._full_sync(client, scan=True)
         next_check = time.monotonic() + self.resync_interval
         while True:
-            timeout = max(0.0, next_check - time.monotonic())
+            deadline = min(next_check, self._next_full) if self._lost else next_check
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.monotonic()))
             self._wake.clear()
             if self._birth.is_set():
                 self._birth.clear()
                 await asyncio.sleep(random.uniform(0, self.birth_delay))
+                await self._barrier()
                 await self._full_sync(client, scan=False)
             if self.pending:
                 await self._drain(client)
+            if self._lost and time.monotonic() >= self._next_full:
+                # Dropped updates held a config or presence change: everything again from the database
+                # (at most every FULL_SYNC_INTERVAL seconds; values alone are simply newer next time).
+                self._lost = False
+                self.stats["ha.resyncs"] += 1
+                await self._barrier()
+                await self._full_sync(client, scan=False)
+                self._next_full = time.monotonic() + FULL_SYNC_INTERVAL
             if time.monotonic() >= next_check:
                 await self._remove_deleted(client)
                 next_check = time.monotonic() + self.resync_interval
