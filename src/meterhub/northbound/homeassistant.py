@@ -384,7 +384,13 @@ class HomeAssistantPublisher:
     async def _command(self, cid: str, code: str, value: bool) -> None:
         key = (cid, code)
         while True:
-            result = await self.service.send_command(cid, code, value)
+            try:
+                result = await self.service.send_command(cid, code, value)
+            except Exception:
+                self.stats["ha.errors"] += 1
+                self._next_command.pop(key, None)
+                log.exception("Home Assistant command failed", cid=cid, code=code)
+                return
             self.stats[f"ha.commands.{result.status}"] += 1
             if result.status == "ok":
                 dev = self.service.devices.get(cid)
