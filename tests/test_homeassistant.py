@@ -355,6 +355,11 @@ def ha(broker: Mosquitto) -> Iterator[HomeAssistant]:
     client.close()
 
 
+def sql(hub: RunningHub, query: str) -> list[tuple[Any, ...]]:
+    with hub.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(query))]
+
+
 def vendor_gateway(hub: RunningHub, gw_id: str = "gw-ha") -> Gateway:
     vendor = registry.add_vendor(hub.engine, "Acme Meters")
     return Gateway(hub, gw_id, vendor.username)
@@ -501,8 +506,7 @@ def test_states_availability_and_a_switch_command_reach_the_meter(
     command = gw.commands[0]
     assert command["cid"] == "meter-1" and command["param"] == {"id": "1", "value": False}
     ha.wait_value("meterhub/meter-1/switch", "OFF")
-    rows = hub.engine.connect().execute(text("SELECT dp_id, status FROM commands")).all()
-    assert [tuple(r) for r in rows] == [("1", "ok")]
+    assert sql(hub, "SELECT dp_id, status FROM commands") == [("1", "ok")]
 
     # A retained command is not executed when it is replayed at (re)subscription: it would switch the
     # meter at every restart. Kick the publisher's connection (same client id) so it subscribes again.
@@ -529,6 +533,11 @@ def test_states_availability_and_a_switch_command_reach_the_meter(
     # The gateway goes away: its meters become unavailable in Home Assistant.
     gw.close(clean=False)
     ha.wait_value("meterhub/meter-1/availability", "offline")
+    # A command now is refused by meterhub (device offline), logged like any command; the state stays.
+    ha.publish("meterhub/meter-1/switch/set", "OFF")
+    wait_for(lambda: hub.run(lambda: publisher.stats["ha.commands.rejected"]) == 1)
+    assert ha.value("meterhub/meter-1/switch") == b"ON"
+    assert sql(hub, "SELECT status, code FROM commands ORDER BY id")[-1] == ("rejected", 2001)
 
 
 def test_a_value_reaches_home_assistant_only_once_it_is_committed(
