@@ -340,6 +340,7 @@ def make_hub(hub_factory: Callable[..., RunningHub]) -> Callable[..., RunningHub
     def make(broker_port: int, **overrides: Any) -> RunningHub:
         overrides.setdefault("ha_resync_interval", 0.5)
         overrides.setdefault("ha_client_id", "meterhub-test")
+        overrides.setdefault("ha_publish_interval", 0.05)
         hub = hub_factory("protocol", ha_broker=f"mqtt://127.0.0.1:{broker_port}", **overrides)
         ha = hub.hub.homeassistant
         ha.reconnect_base, ha.reconnect_cap, ha.birth_delay = 0.05, 0.3, 0.05
@@ -560,6 +561,21 @@ def test_a_value_reaches_home_assistant_only_once_it_is_committed(
     gw.sync("meter-1", device_name="Kitchen meter")
     config = "homeassistant/sensor/meterhub/meter-1_voltage_current/config"
     wait_for(lambda: json.loads(ha.value(config) or b"{}").get("device", {}).get("name") == "Kitchen meter")
+
+
+def test_updates_coalesce_within_the_publish_interval(
+    broker: Mosquitto, ha: HomeAssistant, make_hub: Callable[..., RunningHub]
+) -> None:
+    hub = make_hub(broker.port, ha_publish_interval=1.0)
+    gw = vendor_gateway(hub)
+    gw.sync("meter-1")
+    wait_for(lambda: len(ha.configs()) == 27, 10)
+    for i in range(20):
+        gw.report("meter-1", "5", 2300000 + i)
+    ha.wait_value("meterhub/meter-1/voltage_current", "230.0019")  # the newest value arrives
+    time.sleep(1.2)
+    sent = [p for t, p, _r in list(ha.log) if t == "meterhub/meter-1/voltage_current"]
+    assert sent[-1] == b"230.0019" and len(sent) < 20  # not one message per report
 
 
 def test_the_energy_dashboard_inputs_are_the_meters_totals(

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     ha_queue_max: int = Field(
         10_000, ge=1, description="Meters with updates waiting for the broker; oldest dropped (counted)."
     )
+    ha_publish_interval: float = Field(
+        1.0, ge=0, description="Least seconds between two batches of state updates (values coalesce)."
+    )
     ha_resync_interval: float = Field(
         60.0, gt=0, description="Seconds between checks for meters deleted from the database."
     )

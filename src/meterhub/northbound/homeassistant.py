@@ -110,6 +110,8 @@ class HomeAssistantPublisher:
         self._logged: dict[str, float] = {}
         self._lost = False
         self._next_full = 0.0
+        self._last_drain = 0.0
+        self.publish_interval = settings.ha_publish_interval
 
     def _ssl_context(self) -> ssl.SSLContext:
         ca = self.settings.ha_tls_ca
@@ -283,6 +285,11 @@ class HomeAssistantPublisher:
                 await self._barrier()
                 await self._full_sync(client, scan=False)
             if self.pending:
+                # At most one batch per publish interval: meanwhile each meter's values coalesce.
+                rest = self._last_drain + self.publish_interval - time.monotonic()
+                if rest > 0:
+                    await asyncio.sleep(rest)
+                self._last_drain = time.monotonic()
                 await self._drain(client)
             if self._lost and time.monotonic() >= self._next_full:
                 # Dropped updates held a config or presence change: everything again from the database
@@ -507,7 +514,7 @@ class HomeAssistantPublisher:
         return out
 
     async def _drain(self, client: aiomqtt.Client) -> None:
-        while self.pending:
+        if self.pending:
             batch, self.pending = self.pending, OrderedDict()
             await self._barrier()  # every value in the batch is committed now
             need = [cid for cid, rec in batch.items() if rec.config or cid not in self.announced]
