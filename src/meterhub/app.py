@@ -88,15 +88,15 @@ class Hub:
         if self.openhub is not None:
             await self.openhub.start()
             self.http_routers = [OpenHubAPI(self).router]
+        from meterhub.api.server import ApiServer
+
+        self.api = ApiServer(self)
+        self.http_port = await self.api.start()
         if settings.ha_broker and self.handler_name == "protocol":
             from meterhub.northbound.homeassistant import HomeAssistantPublisher
 
             self.homeassistant = HomeAssistantPublisher(settings, self.handler, self.engine, self.writer)
             await self.homeassistant.start()
-        from meterhub.api.server import ApiServer
-
-        self.api = ApiServer(self)
-        self.http_port = await self.api.start()
 
     async def stop(self) -> None:
         if self.api is not None:
