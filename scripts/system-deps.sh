@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# System packages the tests use: mosquitto clients (real MQTT clients) and Chromium (dashboard tests).
+# System packages the tests use: mosquitto clients (real MQTT clients), the mosquitto broker (the Home
+# Assistant tests start their own) and Chromium (dashboard tests).
 # Installs with apt-get when something is missing; prints what to do when it cannot.
 set -euo pipefail
 need=()
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""

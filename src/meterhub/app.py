@@ -90,6 +90,7 @@ class Hub:
         self.alarms: Any = None
         self.http_port: int | None = None
         self.openhub: Any = None
+        self.homeassistant: Any = None
         self.http_routers: list[Any] = []
         self.lock = ServerLock.for_url(settings.resolved_database_url)
 
@@ -155,10 +156,17 @@ class Hub:
 
         self.api = ApiServer(self)
         self.http_port = await self.api.start()
+        if settings.ha_broker and self.handler_name == "protocol":
+            from meterhub.northbound.homeassistant import HomeAssistantPublisher
+
+            self.homeassistant = HomeAssistantPublisher(settings, self.handler, self.engine, self.writer)
+            await self.homeassistant.start()
 
     async def stop(self) -> None:
         if self.api is not None:
             await self.api.stop()
+        if self.homeassistant is not None:
+            await self.homeassistant.stop()
         if self.openhub is not None:
             await self.openhub.stop()
         if self.mqtt is not None:

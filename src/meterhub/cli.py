@@ -111,6 +111,16 @@ def _common(f: Any) -> Any:
     default="protocol",
     help="Application handler: the edge protocol, or echo (transport benchmarks).",
 )
+@click.option(
+    "--ha-broker", default=None, help="Publish to Home Assistant: mqtt://host:1883 or mqtts://host:8883."
+)
+@click.option("--ha-username", default=None, help="User name on the Home Assistant broker.")
+@click.option("--ha-password", default=None, help="Its password (better: METERHUB_HA_PASSWORD).")
+@click.option(
+    "--ha-tls-ca", type=click.Path(path_type=Path, exists=True), default=None, help="CA file (TLS)."
+)
+@click.option("--ha-tls-insecure", is_flag=True, default=None, help="Skip the broker's host name check.")
+@click.option("--ha-discovery-prefix", default=None, help="Home Assistant's discovery prefix.")
 @click.option("--log-level", default=None)
 @pass_ctx
 def serve(ctx: Context, handler: str, **overrides: Any) -> None:

@@ -59,6 +59,26 @@ class Settings(BaseSettings):
         description="Seconds open hub link credentials stay valid (at least 300).",
     )
     openhub_backlog: int = Field(100_000, description="Open hub events waiting to be sent; oldest dropped.")
+    # Home Assistant (northbound MQTT discovery, meterhub.northbound.homeassistant); off unless ha_broker
+    ha_broker: str | None = Field(
+        None, description="Home Assistant's MQTT broker, mqtt://host:1883 or mqtts://host:8883; None = off."
+    )
+    ha_username: str | None = None
+    ha_password: str | None = None
+    ha_tls_ca: Path | None = Field(None, description="CA file for the broker's certificate (implies TLS).")
+    ha_tls_insecure: bool = Field(False, description="Do not check the broker certificate's host name.")
+    ha_discovery_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
+    ha_base_topic: str = Field("meterhub", description="Topic prefix of states, availability, commands.")
+    ha_client_id: str | None = Field(None, description="MQTT client id; default meterhub-<host name>.")
+    ha_queue_max: int = Field(
+        10_000, ge=1, description="Meters with updates waiting for the broker; oldest dropped (counted)."
+    )
+    ha_publish_interval: float = Field(
+        1.0, ge=0, description="Least seconds between two batches of state updates (values coalesce)."
+    )
+    ha_resync_interval: float = Field(
+        60.0, gt=0, description="Seconds between checks for meters deleted from the database."
+    )
     conformance_status_interval: float = Field(
         60.0, description="Longest expected gap between a gateway's devices/status messages (report card)."
     )
@@ -131,6 +151,15 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @field_validator("ha_broker")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value:
+            from meterhub.northbound.ha_discovery import parse_broker
+
+            parse_broker(value)  # ValueError with the reason
+        return value or None
 
     @field_validator("timezone")
     @classmethod

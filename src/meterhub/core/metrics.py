@@ -54,6 +54,27 @@ class HubCollector(Collector):
         yield from self._protocol()
         yield from self._storage()
         yield from self._gc()
+        yield from self._homeassistant()
+
+    def _homeassistant(self) -> Iterator[Metric]:
+        publisher = getattr(self.hub, "homeassistant", None)
+        if publisher is None:
+            return
+        events = CounterMetricFamily(
+            "meterhub_homeassistant_events",
+            "Home Assistant publisher counters (published, dropped, coalesced, commands, connects).",
+            labels=["event"],
+        )
+        for key, value in sorted(dict(publisher.stats).items()):
+            events.add_metric([key.removeprefix("ha.")], value)
+        yield events
+        for name, value, doc in (
+            ("homeassistant_connected", int(publisher.connected), "1 while connected to the broker."),
+            ("homeassistant_pending", len(publisher.pending), "Meters with updates waiting to be sent."),
+        ):
+            g = GaugeMetricFamily(f"meterhub_{name}", doc)
+            g.add_metric([], value)
+            yield g
 
     def _gc(self) -> Iterator[Metric]:
         watch = gcwatch.WATCH

@@ -1,0 +1,1 @@
+"""Northbound publishers: meterhub's data pushed to systems the user already runs (Home Assistant)."""
