@@ -263,6 +263,48 @@ def test_duplicate_request_id_is_stored_once_and_answered_again(hub: RunningHub,
     assert hub.run(lambda: service(hub).stats["report.duplicate"]) == 2
 
 
+def test_strings_a_database_would_refuse_are_1101_on_every_database(
+    hub: RunningHub, gw: Gateway, gateway_factory
+) -> None:
+    """NUL (PostgreSQL refuses it; SQLite stored it), other control characters and lone surrogates are
+    refused by the validator with 1101, the same on SQLite and PostgreSQL: no storage error, storage
+    stays healthy, other gateways still get in."""
+    assert gw.sync("m-nul")["param"]["code"] == 0
+    now = int(time.time())
+
+    def ask_raw(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
+        return gw.ask(kind, json.dumps(doc, ensure_ascii=True))  # lone surrogates as \udXXX escapes
+
+    bad_rid = ask_raw(
+        "properties/report", envelope({"cid": "m-nul", "id": "5", "value": 1}, request_id="r\x00")
+    )
+    assert (bad_rid["request_id"], bad_rid["param"]) == (
+        None,
+        {"cid": "m-nul", "msg": "params range invalid", "code": 1101},
+    )
+    for param in (
+        {"cid": "m-nul\x00", "id": "5", "value": 1},
+        {"cid": "m-nul", "id": "2", "value": "BRK\x00"},
+        {"cid": "m-nul", "id": "2", "value": "BRK\ud800"},
+        {"cid": "m-nul", "id": "39", "value": {"note": "\x00"}},
+    ):
+        answer = ask_raw("properties/report", envelope(param, request_id="r-bad"))
+        assert (answer["request_id"], answer["param"]["code"]) == ("r-bad", 1101), (param, answer)
+    answer = ask_raw("devices/sync", envelope({"cid": "m-nul", "product_id": "p", "device_name": "a\x00"}))
+    assert answer["param"]["code"] == 1101
+    digits = "9" * 60_000
+    huge = f'{{"t":{now},"request_id":"r-60k","param":{{"cid":"m-nul","id":"5","value":{digits}}}}}'
+
+    answer = gw.ask("properties/report", huge)
+    assert (answer["request_id"], answer["param"]["code"]) == ("r-60k", 1101)
+    assert gw.report("m-nul", "5", 2300000)["param"]["code"] == 0
+    assert rows(hub, "select count(*) from reports where cid='m-nul'") == [(1,)]
+    assert rows(hub, "select device_name from devices where cid='m-nul'") == [(None,)]
+    assert (hub.hub.writer.healthy, hub.hub.writer.stats.failures) == (True, 0)
+    other = gateway_factory("gw-other")  # CONNACK 0 (asserted by the factory)
+    assert other.sync("m-other")["param"]["code"] == 0
+
+
 def test_buffered_old_report_does_not_replace_latest(hub: RunningHub, gw: Gateway) -> None:
     gw.sync("m6")
     now = int(time.time())
