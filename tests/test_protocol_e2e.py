@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
 
-from conftest import Client, RunningHub, wait_for
+from conftest import Client, RunningHub, storage_held, wait_for
 from meterhub.storage import registry, schema
 
 GW = "gw-e2e"
@@ -350,6 +352,93 @@ def test_storage_outage_turns_new_gateways_away_until_it_is_over(
     assert gw.report("m-out", "5", 2310000)["param"]["code"] == 0
     assert writer.healthy is True
     assert rows(hub, "select value from latest_values where cid='m-out'") == [("2310000",)]
+
+
+def refuse_marked_reports(engine: Any, marker: str = "poison-") -> None:
+    """Make the database itself refuse every report whose request_id starts with ``marker`` (a real
+    database error the validator cannot foresee): a CHECK constraint on PostgreSQL, a trigger that
+    raises on SQLite (which cannot add constraints to a table)."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_marked BEFORE INSERT ON reports "
+                    f"WHEN NEW.request_id LIKE '{marker}%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "ALTER TABLE reports ADD CONSTRAINT refuse_marked "
+                    f"CHECK (request_id NOT LIKE '{marker}%')"
+                )
+            )
+
+
+@contextlib.contextmanager
+def reports_held(engine: Any) -> Iterator[None]:
+    """Block writes to the reports table until the block ends (so that what arrives meanwhile is
+    committed as one batch): on PostgreSQL only that table is locked, so the writer cannot deadlock
+    with the lock (conftest's ``storage_held`` locks every table, one after the other)."""
+    if engine.dialect.name == "sqlite":
+        with storage_held(engine):
+            yield
+        return
+    with engine.connect() as conn, conn.begin():
+        conn.execute(text("LOCK TABLE reports IN EXCLUSIVE MODE"))
+        yield
+
+
+def test_a_report_the_database_refuses_fails_alone_and_locks_nobody_out(
+    hub: RunningHub, gateway_factory, clients
+) -> None:
+    """One report the database refuses is answered 500 and counted; its batch-mates (this gateway's
+    and another's) are stored and answered 0; storage stays healthy, so new gateways still get
+    CONNACK 0 (it used to mark storage unhealthy: 0x03 for every CONNECT for 5 s)."""
+    refuse_marked_reports(hub.engine)
+    writer, svc = hub.hub.writer, service(hub)
+    a, b = gateway_factory("gw-a"), gateway_factory("gw-b")
+    assert a.sync("m-a")["param"]["code"] == 0 and b.sync("m-b")["param"]["code"] == 0
+    # alone in its batch
+    answer = a.ask(
+        "properties/report", envelope({"cid": "m-a", "id": "5", "value": 1}, request_id="poison-1")
+    )
+    assert (answer["request_id"], answer["param"]["code"]) == ("poison-1", 500)
+    vendor = registry.list_vendors(hub.engine)[0]
+    rc, _ = clients(hub.port, "gw-new-1", vendor.username).connect()
+    assert rc == 0
+    assert (writer.healthy, writer.admits_clients(), writer.stats.rows_refused) == (True, True, 1)
+    # in a batch with honest reports of two gateways: they are held back until all are queued
+    ids_a = ["a-1", "poison-2", "a-2", "a-3"]
+    before = writer.stats.batches_split
+    with reports_held(hub.engine):
+        b.client.c.publish(
+            "gateway_id/gw-b/properties/report",
+            json.dumps(envelope({"cid": "m-b", "id": "5", "value": 7}, request_id="b-0")),
+            1,
+        )
+        wait_for(lambda: writer.outstanding >= 1)
+        for i, rid in enumerate(ids_a):
+            payload = json.dumps(envelope({"cid": "m-a", "id": "5", "value": 100 + i}, request_id=rid))
+            a.client.c.publish("gateway_id/gw-a/properties/report", payload, 1)
+        b.client.c.publish(
+            "gateway_id/gw-b/properties/report",
+            json.dumps(envelope({"cid": "m-b", "id": "5", "value": 8}, request_id="b-1")),
+            1,
+        )
+        wait_for(lambda: writer.outstanding >= 6)
+    answers = {}
+    for gw in (a, a, a, a, b, b):
+        msg = json.loads(gw.client.get(timeout=10).payload)
+        answers[msg["request_id"]] = msg["param"]["code"]
+    assert answers == {"a-1": 0, "poison-2": 500, "a-2": 0, "a-3": 0, "b-0": 0, "b-1": 0}
+    assert writer.stats.batches_split > before  # the refused report shared a batch and was isolated
+    stored = {r[0] for r in rows(hub, "select request_id from reports")}
+    assert stored == {"a-1", "a-2", "a-3", "b-0", "b-1"}
+    assert (writer.healthy, writer.stats.rows_refused) == (True, 2)
+    assert hub.run(lambda: svc.stats["report.code.500"]) == 2
+    rc, _ = clients(hub.port, "gw-new-2", vendor.username).connect()
+    assert rc == 0
 
 
 def test_last_seen_is_flushed_in_bounded_rounds_longest_waiting_first(hub: RunningHub, gw: Gateway) -> None:
