@@ -307,6 +307,97 @@ def test_strings_a_database_would_refuse_are_1101_on_every_database(
     assert other.sync("m-other")["param"]["code"] == 0
 
 
+def test_a_reused_request_id_with_other_content_is_a_new_report(hub: RunningHub, gw: Gateway) -> None:
+    """Gateways that restart their request counter reuse request_ids: a report is a redelivery only
+    when gateway, request_id **and content** match. Other content is stored (it used to be answered 0
+    and dropped); a redelivery of either is answered 0 again and not stored twice."""
+    gw.sync("m-re")
+    svc = service(hub)
+    now = int(time.time())
+    first = envelope({"cid": "m-re", "id": "5", "value": 2300000}, t=now - 60, request_id="r-1")
+    second = envelope({"cid": "m-re", "id": "5", "value": 2310000}, t=now, request_id="r-1")
+    same_value_later = envelope({"cid": "m-re", "id": "5", "value": 2300000}, t=now + 1, request_id="r-1")
+    for payload in (first, second, second, first, same_value_later):
+        assert gw.ask("properties/report", payload)["param"] == {"cid": "m-re", "msg": "success", "code": 0}
+    stored = rows(hub, "select request_id, value, t from reports where cid='m-re' order by t")
+    assert stored == [
+        ("r-1", "2300000", float(now - 60)),
+        ("r-1", "2310000", float(now)),
+        ("r-1", "2300000", float(now + 1)),
+    ]
+    assert hub.run(lambda: svc.stats["report.duplicate"]) == 1  # the second `second`, from memory
+    # raw objects: the same content with keys in another order is the same report
+    obj = {"cid": "m-re", "id": "39", "value": {"b": 1, "a": [1, 2]}}
+    assert gw.ask("properties/report", envelope(obj, t=now, request_id="r-obj"))["param"]["code"] == 0
+    obj["value"] = {"a": [1, 2], "b": 1}
+    hub.run(svc._reports.clear)  # so the database has to recognise it
+    assert gw.ask("properties/report", envelope(obj, t=now, request_id="r-obj"))["param"]["code"] == 0
+    assert rows(hub, "select value from reports where request_id='r-obj'") == [('{"a":[1,2],"b":1}',)]
+
+
+def test_the_answer_cache_is_bounded_in_age_and_the_database_decides_after(hub_factory, clients) -> None:
+    hub = hub_factory("protocol", dedupe_max_age=0.5)
+    vendor = registry.add_vendor(hub.engine, "aging")
+    c = clients(hub.port, "gw-age", vendor.username)
+    assert c.connect()[0] == 0
+    c.subscribe("gateway_id/gw-age/#")
+    g = Gateway(c)
+    g.sync("m-age")
+    svc = service(hub)
+    payload = envelope({"cid": "m-age", "id": "5", "value": 2300000}, request_id="r-age")
+    assert g.ask("properties/report", payload)["param"]["code"] == 0
+    assert hub.run(lambda: svc._reports.get(("gw-age", "r-age"))) is not None
+    time.sleep(0.6)
+    assert g.report("m-age", "5", 2300001)["param"]["code"] == 0  # its answer pushes the old one out
+    assert hub.run(lambda: (len(svc._reports), svc._reports.get(("gw-age", "r-age")))) == (1, None)
+    assert g.ask("properties/report", payload)["param"]["code"] == 0  # the redelivery, forgotten...
+    assert rows(hub, "select count(*) from reports where request_id='r-age'") == [(1,)]  # ...stored once
+    assert hub.run(lambda: svc.stats["report.duplicate"]) == 0
+
+
+@pytest.fixture
+def shared_db_url(tmp_path) -> Iterator[str]:
+    """One database for several hubs (a cluster); request it before ``hub_factory`` so it is dropped
+    after the hubs are stopped."""
+    from conftest import TEST_DB, drop_postgres, fresh_postgres_url
+
+    url = fresh_postgres_url() if TEST_DB == "postgresql" else f"sqlite:///{tmp_path / 'cluster.db'}"
+    yield url
+    if TEST_DB == "postgresql":
+        drop_postgres(url)
+
+
+def test_a_redelivery_to_another_node_of_the_cluster_is_stored_once(
+    shared_db_url, hub_factory, clients
+) -> None:
+    """Two meterhub processes on one database: a report first sent to one and redelivered to the
+    other (the gateway reconnected elsewhere) is stored once and answered 0 by both; the database's
+    unique index on (gateway_id, request_id, digest) decides, not either node's memory."""
+    one = hub_factory("protocol", database_url=shared_db_url)
+    vendor = registry.add_vendor(one.engine, "cluster")
+
+    def gateway_on(node: RunningHub) -> Gateway:
+        c = clients(node.port, "gw-cl", vendor.username)
+        assert c.connect()[0] == 0
+        c.subscribe("gateway_id/gw-cl/#")
+        return Gateway(c)
+
+    g1 = gateway_on(one)
+    assert g1.sync("m-cl")["param"]["code"] == 0
+    payload = envelope({"cid": "m-cl", "id": "5", "value": 2300000}, request_id="r-cl")
+    assert g1.ask("properties/report", payload)["param"]["code"] == 0
+    g1.client.close()
+    two = hub_factory("protocol", database_url=shared_db_url)  # loads the device synced through the first
+    g2 = gateway_on(two)
+    assert g2.ask("properties/report", payload)["param"]["code"] == 0
+    other = envelope({"cid": "m-cl", "id": "5", "value": 2300001}, request_id="r-cl")
+    assert g2.ask("properties/report", other)["param"]["code"] == 0  # reused id, other content
+    assert rows(two, "select value from reports where request_id='r-cl' order by id") == [
+        ("2300000",),
+        ("2300001",),
+    ]
+
+
 def test_buffered_old_report_does_not_replace_latest(hub: RunningHub, gw: Gateway) -> None:
     gw.sync("m6")
     now = int(time.time())

@@ -209,3 +209,64 @@ def test_a_group_the_database_refuses_fails_alone_and_storage_stays_healthy(engi
 def rows_of(engine: Engine, sql: str) -> list[Any]:
     with engine.connect() as conn:
         return list(conn.execute(text(sql)).all())
+
+
+def test_migration_0004_gives_existing_reports_their_digest(tmp_path: Path) -> None:
+    """Reports stored before 0004 keep their data and get the digest a redelivery of them has now
+    (raw objects' keys sorted), so a redelivery across the upgrade is still stored once; a reused
+    request_id with other content is stored."""
+    from alembic import command
+    from alembic.config import Config
+
+    from meterhub.storage import schema
+    from meterhub.storage.database import MIGRATIONS_DIR
+
+    url = fresh_postgres_url() if TEST_DB == "postgresql" else f"sqlite:///{tmp_path / 'old.db'}"
+    eng = create_db_engine(url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with eng.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+        old = [
+            ("gw-1", "r-1", "m-1", "5", "2300000", 230.0, 1000.0, 1001.0),
+            ("gw-1", "r-2", "m-1", "39", '{"b":1,"a":"x"}', None, 1000.5, 1001.0),
+        ]
+        with eng.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at) "
+                    "VALUES (:g, :r, :c, :d, :v, :n, :t, :at)"
+                ),
+                [dict(zip(("g", "r", "c", "d", "v", "n", "t", "at"), row, strict=True)) for row in old],
+            )
+        migrate(eng)
+        with eng.connect() as conn:
+            got = conn.execute(text("SELECT request_id, value, digest FROM reports ORDER BY id")).all()
+        assert [tuple(r) for r in got] == [
+            ("r-1", "2300000", schema.report_digest("m-1", "5", "2300000", 1000.0)),
+            ("r-2", '{"b":1,"a":"x"}', schema.report_digest("m-1", "39", '{"a":"x","b":1}', 1000.5)),
+        ]
+
+        async def main() -> None:
+            writer = GroupCommitWriter(eng, asyncio.get_running_loop())
+            writer.start()
+            try:
+                for value, t in (('{"a":"x","b":1}', 1000.5), ('{"a":"y","b":1}', 1000.5)):
+                    digest = schema.report_digest("m-1", "39", value, t)
+                    row = ("gw-1", "r-2", "m-1", "39", value, None, t, 2000.0, digest)
+                    await asyncio.wait_for(writer.write([("report", row)]), 10)
+            finally:
+                writer.stop()
+
+        asyncio.run(main())
+        with eng.connect() as conn:
+            values = conn.execute(
+                text("SELECT value FROM reports WHERE request_id = 'r-2' ORDER BY id")
+            ).all()
+        assert [v[0] for v in values] == ['{"b":1,"a":"x"}', '{"a":"y","b":1}']  # redelivery skipped
+    finally:
+        eng.dispose()
+        if TEST_DB == "postgresql":
+            drop_postgres(url)

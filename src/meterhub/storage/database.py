@@ -172,8 +172,8 @@ def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
 # values already JSON text. SQLAlchemy's per-row parameter processing for executemany cost more CPU
 # than the rest of the report's path (measured: docs/benchmarks.md).
 _REPORTS_SQL = (
-    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at) "
-    "VALUES ({p}) ON CONFLICT (gateway_id, request_id) DO NOTHING"
+    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at, digest) "
+    "VALUES ({p}) ON CONFLICT (gateway_id, request_id, digest) DO NOTHING"
 )
 _LATEST_SQL = (
     "INSERT INTO latest_values (cid, dp_id, value, num, t, received_at) VALUES ({p}) "
@@ -191,9 +191,10 @@ def _driver_sql(conn: Connection, template: str, columns: int) -> str:
 
 
 def _apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """History rows ``(gateway_id, request_id, cid, dp_id, value_json, num, t, received_at)``;
-    a QoS 1 redelivery (same gateway and request_id) is skipped by the unique index."""
-    conn.exec_driver_sql(_driver_sql(conn, _REPORTS_SQL, 8), rows)
+    """History rows ``(gateway_id, request_id, cid, dp_id, value_json, num, t, received_at, digest)``;
+    a redelivery (same gateway, request_id and content digest, ``schema.report_digest``) is skipped by
+    the unique index, in this process or any other on the same database."""
+    conn.exec_driver_sql(_driver_sql(conn, _REPORTS_SQL, 9), rows)
 
 
 def _apply_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
