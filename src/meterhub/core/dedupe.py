@@ -31,7 +31,7 @@ class AnswerCache:
         # key -> [digest, answer, stored_at]; insertion order is age order (put moves an entry last)
         self._entries: OrderedDict[Key, list[Any]] = OrderedDict()
 
-    def get(self, key: Key) -> tuple[str, Any] | None:
+    def get(self, key: Key) -> tuple[object, Any] | None:
         """``(digest, answer)`` for ``key``, or None (never seen, evicted, or older than ``max_age``)."""
         entry = self._entries.get(key)
         if entry is None:
@@ -41,7 +41,7 @@ class AnswerCache:
             return None
         return entry[0], entry[1]
 
-    def put(self, key: Key, digest: str, answer: Any) -> None:
+    def put(self, key: Key, digest: object, answer: Any) -> None:
         """Remember ``answer`` for ``key`` and ``digest`` (replacing what ``key`` had)."""
         entries = self._entries
         now = self._clock()
@@ -56,13 +56,13 @@ class AnswerCache:
                 break
             entries.popitem(last=False)
 
-    def settle(self, key: Key, digest: str, answer: Any) -> None:
+    def settle(self, key: Key, digest: object, answer: Any) -> None:
         """Replace the answer of ``key`` if it still stands for ``digest`` (a future became a code)."""
         entry = self._entries.get(key)
         if entry is not None and entry[0] == digest:
             entry[1] = answer
 
-    def discard(self, key: Key, digest: str) -> None:
+    def discard(self, key: Key, digest: object) -> None:
         """Forget ``key`` if it still stands for ``digest`` (so a redelivery is tried again)."""
         entry = self._entries.get(key)
         if entry is not None and entry[0] == digest:

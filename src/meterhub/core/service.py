@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import time
 import uuid
@@ -437,7 +436,7 @@ class ProtocolService:
         return fut
 
     def _report_committed(
-        self, gw: str, key: tuple[str, str], content: str, cid: str, fut: asyncio.Future[Any]
+        self, gw: str, key: tuple[str, str], content: int, cid: str, fut: asyncio.Future[Any]
     ) -> None:
         if fut.cancelled() or fut.exception() is not None:
             code = ErrorCode.SYSTEM
@@ -453,7 +452,7 @@ class ProtocolService:
             self._reports.settle(key, content, code)
         self._reply(gw, _REPORT, key[1], cid, code)
 
-    def _refuse_report(self, key: tuple[str, str], content: str, cid: str, code: int, detail: str) -> None:
+    def _refuse_report(self, key: tuple[str, str], content: int, cid: str, code: int, detail: str) -> None:
         """Answer a report with an error code now; a redelivery of it gets the same answer."""
         gw = key[0]
         self.stats["rejected.report"] += 1
@@ -842,14 +841,15 @@ class ProtocolService:
                 log.exception("event listener failed", kind=kind)
 
 
-def _request_digest(cid: str, dp_id: str, value: Any, t: float, payload: bytes) -> str:
+def _request_digest(cid: str, dp_id: str, value: Any, t: float, payload: bytes) -> int:
     """What the answer cache compares to tell a redelivery (same content) from a reused request_id:
-    the report's device, data point, value as sent and time (the payload itself when the value cannot
-    be encoded, e.g. an integer of more than 4300 digits)."""
+    a hash of the report's device, data point, value as sent and time (of the payload itself when the
+    value cannot be encoded, e.g. an integer of more than 4300 digits). In-process only: the
+    database's ``report_digest`` is what makes a redelivery a conflict across processes."""
     try:
-        return report_digest(cid, dp_id, _json(value).decode(), t)
+        return hash((cid, dp_id, _json(value), t))
     except (ValueError, TypeError, OverflowError, msgspec.EncodeError):
-        return hashlib.blake2b(payload, digest_size=16).hexdigest()
+        return hash(payload)
 
 
 def _numeric(dp: DataPoint, value: Any) -> float | None:

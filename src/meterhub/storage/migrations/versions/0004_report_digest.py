@@ -11,6 +11,7 @@ Revises: 0003
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import msgspec
 import sqlalchemy as sa
@@ -34,8 +35,8 @@ def _sorted_json(value_json: str) -> str:
 
 def _digest(cid: str, dp_id: str, value_json: str, t: float) -> str:
     # Frozen copy of meterhub.storage.schema.report_digest at this revision.
-    text = f"{cid}\x00{dp_id}\x00{value_json}\x00{float(t)!r}"
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    head = f"{cid}\x00{dp_id}\x00{value_json}\x00".encode("utf-8", "surrogatepass")
+    return hashlib.md5(head + struct.pack("<d", float(t)), usedforsecurity=False).hexdigest()
 
 
 def upgrade() -> None:
