@@ -530,6 +530,16 @@ def test_a_report_the_database_refuses_fails_alone_and_locks_nobody_out(
     assert hub.run(lambda: svc.stats["report.code.500"]) == 2
     rc, _ = clients(hub.port, "gw-new-2", vendor.username).connect()
     assert rc == 0
+    import httpx
+
+    from meterhub.api.security import create_token
+
+    token, _ = create_token(hub.engine, "metrics", "read")
+    metrics = httpx.get(
+        f"http://127.0.0.1:{hub.hub.http_port}/metrics", headers={"Authorization": f"Bearer {token}"}
+    ).text
+    assert "meterhub_storage_rows_refused_total 2.0" in metrics
+    assert "meterhub_storage_healthy 1.0" in metrics
 
 
 def test_last_seen_is_flushed_in_bounded_rounds_longest_waiting_first(hub: RunningHub, gw: Gateway) -> None:
