@@ -548,3 +548,28 @@ def test_operator_cli(api: Api, tmp_path: Any) -> None:
     )
     dup = runner.invoke(cli, ["token", "create", "ops", "--scope", "admin", *data])
     assert dup.exit_code == 1 and "already exists" in dup.output
+
+
+def test_every_cid_a_sync_accepts_is_addressable_in_the_api(api: Api) -> None:
+    """A cid must work as one path segment of /api/v1/devices/{cid}: sync refuses (1101) a cid with
+    '/', control characters, or that is '.' or '..'; every other cid works in every device path."""
+    from urllib.parse import quote
+
+    gw = api.gateway("gw-cids")
+    refused = ["a/b", "/", "..", ".", "m\x00", "m\n", "m\x7f"]
+    for cid in refused:
+        answer = gw.ask("devices/sync", {"cid": cid, "product_id": "pid-meter"})
+        assert answer["param"]["code"] == 1101, (cid, answer)
+    odd = ["a..b", "...", "m 1", "a%2Fb", "a?b#c", "zähler-1", "a\\b", "😀", "a+b;c", "%", " x "]
+    for cid in odd:
+        gw.sync(cid)
+        gw.report(cid, "5", 2300000)
+    listed = {d["cid"] for d in api.read.get("/api/v1/devices", params={"limit": 100}).json()["items"]}
+    assert listed == set(odd)
+    for cid in odd:
+        path = f"/api/v1/devices/{quote(cid, safe='')}"
+        r = api.read.get(path)
+        assert r.status_code == 200 and r.json()["cid"] == cid, (cid, r.text)
+        for sub in ("/presence", "/history/5", "/commands", "/energy"):
+            r = api.read.get(path + sub)
+            assert r.status_code == 200, (cid, sub, r.text)

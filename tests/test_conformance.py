@@ -68,7 +68,7 @@ def test_well_behaved_gateway_passes(hub: RunningHub, vendor: registry.Vendor, c
     time.sleep(0.1)
     v = verdicts(hub, "gw-good")
     assert v == {rule: "pass" for rule in v}, v
-    assert len(v) == 9
+    assert len(v) == 10 and "request-id-unique" in v
 
 
 def test_each_misbehaviour_is_flagged(hub: RunningHub, vendor: registry.Vendor, clients) -> None:
@@ -97,6 +97,33 @@ def test_each_misbehaviour_is_flagged(hub: RunningHub, vendor: registry.Vendor, 
     valid = next(f for f in card["findings"] if f["rule"] == "valid-messages")
     assert "1101" in valid["observed"] and "params range invalid" in valid["observed"]
     assert card["verdict"] == "fail"
+
+
+def test_a_reused_request_id_is_its_own_rule(hub: RunningHub, vendor: registry.Vendor, clients) -> None:
+    """A gateway that restarts its request counter sends an old request_id with a new report: both
+    are stored and answered 0, and the report card warns under its own rule (a redelivery of the same
+    report does not count)."""
+    c = good_gateway(hub, vendor, clients, "gw-counter")
+    now = int(time.time())
+
+    def send(request_id: str, value: int) -> int:
+        doc = {
+            "t": now,
+            "request_id": request_id,
+            "param": {"cid": "gw-counter-m1", "id": "5", "value": value},
+        }
+        c.publish("gateway_id/gw-counter/properties/report", json.dumps(doc))
+        return json.loads(c.get().payload)["param"]["code"]
+
+    assert [send("1", 2300000), send("1", 2300000), send("2", 2300001)] == [0, 0, 0]  # a redelivery
+    v = verdicts(hub, "gw-counter")
+    assert v["request-id-unique"] == "pass"
+    assert [send("1", 2310000), send("2", 2310001)] == [0, 0]  # the counter restarted
+    card = hub.run(lambda: report_card(hub.hub, "gw-counter"))
+    finding = next(f for f in card["findings"] if f["rule"] == "request-id-unique")
+    assert finding["verdict"] == "warn"
+    assert finding["observed"].startswith("2 of 5 reports reused a recent request_id")
+    assert hub.run(lambda: hub.hub.handler.stats["report.request_id_reused"]) == 2
 
 
 def test_status_gaps_and_unanswered_commands(hub: RunningHub, vendor: registry.Vendor, clients) -> None:

@@ -32,6 +32,8 @@ def start_server(data: Path, port: int) -> subprocess.Popen[bytes]:
             str(data),
             "--mqtt-port",
             str(port),
+            "--http-port",
+            str(free_port()),
             "--log-level",
             "WARNING",
         ],

@@ -166,6 +166,7 @@ def insert(hub: RunningHub, cid: str, rows: list[tuple[str, float, int]], gatewa
                     "num": raw / 10_000,
                     "t": t,
                     "received_at": now,
+                    "digest": schema.report_digest(cid, dp, str(raw), t),
                 }
                 for dp, t, raw in rows
             ],

@@ -382,7 +382,9 @@ def test_every_discovery_config_follows_home_assistants_documented_schema(
         install_location="Basement",
         mac_address="02:5B:26:A8:DC:12",
     )
-    gw.sync("meter 2/b")  # not topic-safe: gets a slug; no vendor_code: the vendor's name
+    gw.sync(
+        "meter 2+b"
+    )  # not topic-safe (+ is an MQTT wildcard): gets a slug; no vendor_code: the vendor's name
     wait_for(lambda: len(ha.configs()) == 2 * 27, 10)
     configs = ha.configs()
     by_uid: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -435,12 +437,12 @@ def test_every_discovery_config_follows_home_assistants_documented_schema(
     assert switch["state_topic"] == "meterhub/meter-1/switch"
     assert (switch["payload_on"], switch["payload_off"]) == ("ON", "OFF")
 
-    other = [c for _, c in by_uid.values() if c["device"]["identifiers"] == ["meterhub:meter 2/b"]]
+    other = [c for _, c in by_uid.values() if c["device"]["identifiers"] == ["meterhub:meter 2+b"]]
     assert len(other) == 27
     slugged = other[0]["state_topic"].split("/")[1]
     assert re.fullmatch(r"meter_2_b_[0-9a-f]{10}", slugged)
     assert other[0]["device"]["manufacturer"] == "Acme Meters"  # no vendor_code: the vendor's name
-    assert other[0]["device"]["name"] == "meter 2/b"
+    assert other[0]["device"]["name"] == "meter 2+b"
 
     # Retained where Home Assistant expects it: a subscriber arriving later gets every config and the
     # bridge's availability at once.

@@ -356,6 +356,19 @@ def test_string(model: ProductModel) -> None:
     assert rejected(point.coerce, None) == NULL
 
 
+def test_string_and_raw_values_follow_the_text_rule(model: ProductModel) -> None:
+    """NUL (PostgreSQL refuses it), other control characters and lone surrogates (not encodable):
+    1101 for every database alike; tab, LF and CR are text. Commands go through the same check."""
+    string, raw = dp(model, 2), dp(model, 39)
+    for bad in ("a\x00b", "\ud800", "esc\x1b[0m", "\x7f", "\x9b"):
+        assert rejected(string.coerce, bad) == RANGE, repr(bad)
+        assert rejected(raw.coerce, {"note": bad}) == RANGE, repr(bad)
+        assert rejected(raw.coerce, {bad: 1}) == RANGE, repr(bad)
+        assert rejected(raw.coerce, {"days": [{"x": [bad]}]}) == RANGE, repr(bad)
+    assert string.coerce("two\nlines\tand\r\n") == "two\nlines\tand\r\n"
+    assert raw.coerce({"note": "a\nb", "n": [1, "ü"]}) == {"note": "a\nb", "n": [1, "ü"]}
+
+
 # ------------------------------------------------------------------------------------ phase
 
 

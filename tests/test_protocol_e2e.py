@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
 
-from conftest import Client, RunningHub, wait_for
+from conftest import Client, RunningHub, storage_held, wait_for
 from meterhub.storage import registry, schema
 
 GW = "gw-e2e"
@@ -263,6 +265,128 @@ def test_duplicate_request_id_is_stored_once_and_answered_again(hub: RunningHub,
     assert hub.run(lambda: service(hub).stats["report.duplicate"]) == 2
 
 
+def test_strings_a_database_would_refuse_are_1101_on_every_database(
+    hub: RunningHub, gw: Gateway, gateway_factory
+) -> None:
+    """NUL (PostgreSQL refuses it; SQLite stored it), other control characters and lone surrogates are
+    refused by the validator with 1101, the same on SQLite and PostgreSQL: no storage error, storage
+    stays healthy, other gateways still get in."""
+    assert gw.sync("m-nul")["param"]["code"] == 0
+    now = int(time.time())
+
+    def ask_raw(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
+        return gw.ask(kind, json.dumps(doc, ensure_ascii=True))  # lone surrogates as \udXXX escapes
+
+    bad_rid = ask_raw(
+        "properties/report", envelope({"cid": "m-nul", "id": "5", "value": 1}, request_id="r\x00")
+    )
+    assert (bad_rid["request_id"], bad_rid["param"]) == (
+        None,
+        {"cid": "m-nul", "msg": "params range invalid", "code": 1101},
+    )
+    for param in (
+        {"cid": "m-nul\x00", "id": "5", "value": 1},
+        {"cid": "m-nul", "id": "2", "value": "BRK\x00"},
+        {"cid": "m-nul", "id": "2", "value": "BRK\ud800"},
+        {"cid": "m-nul", "id": "39", "value": {"note": "\x00"}},
+    ):
+        answer = ask_raw("properties/report", envelope(param, request_id="r-bad"))
+        assert (answer["request_id"], answer["param"]["code"]) == ("r-bad", 1101), (param, answer)
+    answer = ask_raw("devices/sync", envelope({"cid": "m-nul", "product_id": "p", "device_name": "a\x00"}))
+    assert answer["param"]["code"] == 1101
+    digits = "9" * 60_000
+    huge = f'{{"t":{now},"request_id":"r-60k","param":{{"cid":"m-nul","id":"5","value":{digits}}}}}'
+
+    answer = gw.ask("properties/report", huge)
+    assert (answer["request_id"], answer["param"]["code"]) == ("r-60k", 1101)
+    assert gw.report("m-nul", "5", 2300000)["param"]["code"] == 0
+    assert rows(hub, "select count(*) from reports where cid='m-nul'") == [(1,)]
+    assert rows(hub, "select device_name from devices where cid='m-nul'") == [(None,)]
+    assert (hub.hub.writer.healthy, hub.hub.writer.stats.failures) == (True, 0)
+    other = gateway_factory("gw-other")  # CONNACK 0 (asserted by the factory)
+    assert other.sync("m-other")["param"]["code"] == 0
+
+
+def test_a_reused_request_id_with_other_content_is_a_new_report(hub: RunningHub, gw: Gateway) -> None:
+    """Gateways that restart their request counter reuse request_ids: a report is a redelivery only
+    when gateway, request_id **and content** match. Other content is stored (it used to be answered 0
+    and dropped); a redelivery of either is answered 0 again and not stored twice."""
+    gw.sync("m-re")
+    svc = service(hub)
+    now = int(time.time())
+    first = envelope({"cid": "m-re", "id": "5", "value": 2300000}, t=now - 60, request_id="r-1")
+    second = envelope({"cid": "m-re", "id": "5", "value": 2310000}, t=now, request_id="r-1")
+    same_value_later = envelope({"cid": "m-re", "id": "5", "value": 2300000}, t=now + 1, request_id="r-1")
+    for payload in (first, second, second, first, same_value_later):
+        assert gw.ask("properties/report", payload)["param"] == {"cid": "m-re", "msg": "success", "code": 0}
+    stored = rows(hub, "select request_id, value, t from reports where cid='m-re' order by t")
+    assert stored == [
+        ("r-1", "2300000", float(now - 60)),
+        ("r-1", "2310000", float(now)),
+        ("r-1", "2300000", float(now + 1)),
+    ]
+    assert hub.run(lambda: svc.stats["report.duplicate"]) == 1  # the second `second`, from memory
+    # raw objects: the same content with keys in another order is the same report
+    obj = {"cid": "m-re", "id": "39", "value": {"b": 1, "a": [1, 2]}}
+    assert gw.ask("properties/report", envelope(obj, t=now, request_id="r-obj"))["param"]["code"] == 0
+    obj["value"] = {"a": [1, 2], "b": 1}
+    hub.run(svc._reports.clear)  # so the database has to recognise it
+    assert gw.ask("properties/report", envelope(obj, t=now, request_id="r-obj"))["param"]["code"] == 0
+    assert rows(hub, "select value from reports where request_id='r-obj'") == [('{"a":[1,2],"b":1}',)]
+
+
+def test_the_answer_cache_is_bounded_in_age_and_the_database_decides_after(hub_factory, clients) -> None:
+    hub = hub_factory("protocol", dedupe_max_age=0.5)
+    vendor = registry.add_vendor(hub.engine, "aging")
+    c = clients(hub.port, "gw-age", vendor.username)
+    assert c.connect()[0] == 0
+    c.subscribe("gateway_id/gw-age/#")
+    g = Gateway(c)
+    g.sync("m-age")
+    svc = service(hub)
+    payload = envelope({"cid": "m-age", "id": "5", "value": 2300000}, request_id="r-age")
+    assert g.ask("properties/report", payload)["param"]["code"] == 0
+    assert hub.run(lambda: svc._reports.get(("gw-age", "r-age"))) is not None
+    time.sleep(0.6)
+    assert g.report("m-age", "5", 2300001)["param"]["code"] == 0  # its answer pushes the old one out
+    assert hub.run(lambda: (len(svc._reports), svc._reports.get(("gw-age", "r-age")))) == (1, None)
+    assert g.ask("properties/report", payload)["param"]["code"] == 0  # the redelivery, forgotten...
+    assert rows(hub, "select count(*) from reports where request_id='r-age'") == [(1,)]  # ...stored once
+    assert hub.run(lambda: svc.stats["report.duplicate"]) == 0
+
+
+def test_a_redelivery_to_another_node_of_the_cluster_is_stored_once(
+    shared_postgres, hub_factory, clients
+) -> None:
+    """Two meterhub processes on one PostgreSQL database (nodes share a database only there): a
+    report first sent to one and redelivered to the
+    other (the gateway reconnected elsewhere) is stored once and answered 0 by both; the database's
+    unique index on (gateway_id, request_id, digest) decides, not either node's memory."""
+    one = hub_factory("protocol", database_url=shared_postgres)
+    vendor = registry.add_vendor(one.engine, "cluster")
+
+    def gateway_on(node: RunningHub) -> Gateway:
+        c = clients(node.port, "gw-cl", vendor.username)
+        assert c.connect()[0] == 0
+        c.subscribe("gateway_id/gw-cl/#")
+        return Gateway(c)
+
+    g1 = gateway_on(one)
+    assert g1.sync("m-cl")["param"]["code"] == 0
+    payload = envelope({"cid": "m-cl", "id": "5", "value": 2300000}, request_id="r-cl")
+    assert g1.ask("properties/report", payload)["param"]["code"] == 0
+    g1.client.close()
+    two = hub_factory("protocol", database_url=shared_postgres)  # loads the device synced through the first
+    g2 = gateway_on(two)
+    assert g2.ask("properties/report", payload)["param"]["code"] == 0
+    other = envelope({"cid": "m-cl", "id": "5", "value": 2300001}, request_id="r-cl")
+    assert g2.ask("properties/report", other)["param"]["code"] == 0  # reused id, other content
+    assert rows(two, "select value from reports where request_id='r-cl' order by id") == [
+        ("2300000",),
+        ("2300001",),
+    ]
+
+
 def test_buffered_old_report_does_not_replace_latest(hub: RunningHub, gw: Gateway) -> None:
     gw.sync("m6")
     now = int(time.time())
@@ -308,6 +432,103 @@ def test_storage_outage_turns_new_gateways_away_until_it_is_over(
     assert gw.report("m-out", "5", 2310000)["param"]["code"] == 0
     assert writer.healthy is True
     assert rows(hub, "select value from latest_values where cid='m-out'") == [("2310000",)]
+
+
+def refuse_marked_reports(engine: Any, marker: str = "poison-") -> None:
+    """Make the database itself refuse every report whose request_id starts with ``marker`` (a real
+    database error the validator cannot foresee): a CHECK constraint on PostgreSQL, a trigger that
+    raises on SQLite (which cannot add constraints to a table)."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_marked BEFORE INSERT ON reports "
+                    f"WHEN NEW.request_id LIKE '{marker}%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "ALTER TABLE reports ADD CONSTRAINT refuse_marked "
+                    f"CHECK (request_id NOT LIKE '{marker}%')"
+                )
+            )
+
+
+@contextlib.contextmanager
+def reports_held(engine: Any) -> Iterator[None]:
+    """Block writes to the reports table until the block ends (so that what arrives meanwhile is
+    committed as one batch): on PostgreSQL only that table is locked, so the writer cannot deadlock
+    with the lock (conftest's ``storage_held`` locks every table, one after the other)."""
+    if engine.dialect.name == "sqlite":
+        with storage_held(engine):
+            yield
+        return
+    with engine.connect() as conn, conn.begin():
+        conn.execute(text("LOCK TABLE reports IN EXCLUSIVE MODE"))
+        yield
+
+
+def test_a_report_the_database_refuses_fails_alone_and_locks_nobody_out(
+    hub: RunningHub, gateway_factory, clients
+) -> None:
+    """One report the database refuses is answered 500 and counted; its batch-mates (this gateway's
+    and another's) are stored and answered 0; storage stays healthy, so new gateways still get
+    CONNACK 0 (it used to mark storage unhealthy: 0x03 for every CONNECT for 5 s)."""
+    refuse_marked_reports(hub.engine)
+    writer, svc = hub.hub.writer, service(hub)
+    a, b = gateway_factory("gw-a"), gateway_factory("gw-b")
+    assert a.sync("m-a")["param"]["code"] == 0 and b.sync("m-b")["param"]["code"] == 0
+    # alone in its batch
+    answer = a.ask(
+        "properties/report", envelope({"cid": "m-a", "id": "5", "value": 1}, request_id="poison-1")
+    )
+    assert (answer["request_id"], answer["param"]["code"]) == ("poison-1", 500)
+    vendor = registry.list_vendors(hub.engine)[0]
+    rc, _ = clients(hub.port, "gw-new-1", vendor.username).connect()
+    assert rc == 0
+    assert (writer.healthy, writer.admits_clients(), writer.stats.rows_refused) == (True, True, 1)
+    # in a batch with honest reports of two gateways: they are held back until all are queued
+    ids_a = ["a-1", "poison-2", "a-2", "a-3"]
+    before = writer.stats.batches_split
+    with reports_held(hub.engine):
+        b.client.c.publish(
+            "gateway_id/gw-b/properties/report",
+            json.dumps(envelope({"cid": "m-b", "id": "5", "value": 7}, request_id="b-0")),
+            1,
+        )
+        wait_for(lambda: writer.outstanding >= 1)
+        for i, rid in enumerate(ids_a):
+            payload = json.dumps(envelope({"cid": "m-a", "id": "5", "value": 100 + i}, request_id=rid))
+            a.client.c.publish("gateway_id/gw-a/properties/report", payload, 1)
+        b.client.c.publish(
+            "gateway_id/gw-b/properties/report",
+            json.dumps(envelope({"cid": "m-b", "id": "5", "value": 8}, request_id="b-1")),
+            1,
+        )
+        wait_for(lambda: writer.outstanding >= 6)
+    answers = {}
+    for gw in (a, a, a, a, b, b):
+        msg = json.loads(gw.client.get(timeout=10).payload)
+        answers[msg["request_id"]] = msg["param"]["code"]
+    assert answers == {"a-1": 0, "poison-2": 500, "a-2": 0, "a-3": 0, "b-0": 0, "b-1": 0}
+    assert writer.stats.batches_split > before  # the refused report shared a batch and was isolated
+    stored = {r[0] for r in rows(hub, "select request_id from reports")}
+    assert stored == {"a-1", "a-2", "a-3", "b-0", "b-1"}
+    assert (writer.healthy, writer.stats.rows_refused) == (True, 2)
+    assert hub.run(lambda: svc.stats["report.code.500"]) == 2
+    rc, _ = clients(hub.port, "gw-new-2", vendor.username).connect()
+    assert rc == 0
+    import httpx
+
+    from meterhub.api.security import create_token
+
+    token, _ = create_token(hub.engine, "metrics", "read")
+    metrics = httpx.get(
+        f"http://127.0.0.1:{hub.hub.http_port}/metrics", headers={"Authorization": f"Bearer {token}"}
+    ).text
+    assert "meterhub_storage_rows_refused_total 2.0" in metrics
+    assert "meterhub_storage_healthy 1.0" in metrics
 
 
 def test_last_seen_is_flushed_in_bounded_rounds_longest_waiting_first(hub: RunningHub, gw: Gateway) -> None:

@@ -15,7 +15,13 @@ import pytest
 from sqlalchemy import Engine, text
 
 from conftest import TEST_DB, drop_postgres, fresh_postgres_url, storage_held
-from meterhub.storage.database import GroupCommitWriter, StorageError, create_db_engine, migrate
+from meterhub.storage.database import (
+    GroupCommitWriter,
+    RowRefused,
+    StorageError,
+    create_db_engine,
+    migrate,
+)
 
 
 @pytest.fixture
@@ -125,8 +131,12 @@ def test_after_a_failed_batch_clients_are_admitted_again_without_a_write(engine:
         writer.start()
         try:
             assert writer.admits_clients()
-            with pytest.raises(StorageError):  # a device row without its required columns
-                await asyncio.wait_for(writer.write([("device", {"cid": "broken"})]), 10)
+            with engine.begin() as conn:  # the database fails: a table it writes to is gone
+                conn.execute(text("ALTER TABLE devices RENAME TO devices_gone"))
+            with pytest.raises(StorageError):
+                await asyncio.wait_for(writer.write([device("m-lost", 1.0)]), 10)
+            with engine.begin() as conn:
+                conn.execute(text("ALTER TABLE devices_gone RENAME TO devices"))
             assert (writer.healthy, writer.admits_clients()) == (False, False)
             await asyncio.sleep(0.4)
             assert (writer.healthy, writer.admits_clients()) == (False, True)
@@ -165,3 +175,98 @@ def test_a_writer_past_its_high_water_mark_asks_for_a_pause_until_half_is_done(e
         assert one(engine, "select last_seen from devices where cid = 'm-p'")[0] == 26.0
 
     asyncio.run(main())
+
+
+def test_a_group_the_database_refuses_fails_alone_and_storage_stays_healthy(engine: Engine) -> None:
+    """The database refuses one group's data (here a device row without its required columns: a
+    NOT NULL violation, on SQLite and PostgreSQL alike): the batch is split until that group is found;
+    it alone fails (RowRefused, counted), its batch-mates are committed, and storage stays healthy, so
+    new clients are still let in. Not a mock: the database's own constraint refuses the row."""
+
+    async def main() -> None:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop())
+        groups = [[device(f"m-{i}", float(i))] for i in range(9)]
+        groups.insert(3, [("device", {"cid": "broken-1"})])
+        groups.insert(7, [device("m-x", 1.0), ("device", {"cid": "broken-2"})])  # one bad op spoils its group
+        futures = [writer.write(ops) for ops in groups]  # queued before the thread starts: one batch
+        writer.start()
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+            assert writer.stats.batches == 1 and writer.stats.batches_split == 1
+        finally:
+            writer.stop()
+        refused = [i for i, r in enumerate(done) if r is not None]
+        assert refused == [3, 7]
+        assert all(isinstance(done[i], RowRefused) for i in refused)
+        assert (writer.healthy, writer.admits_clients()) == (True, True)
+        assert (writer.stats.rows_refused, writer.stats.failures) == (2, 2)
+
+    asyncio.run(main())
+    stored = {r[0] for r in rows_of(engine, "SELECT cid FROM devices")}
+    assert stored == {f"m-{i}" for i in range(9)}  # m-x went with its group's refused op
+
+
+def rows_of(engine: Engine, sql: str) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(text(sql)).all())
+
+
+def test_migration_0004_gives_existing_reports_their_digest(tmp_path: Path) -> None:
+    """Reports stored before 0004 keep their data and get the digest a redelivery of them has now
+    (raw objects' keys sorted), so a redelivery across the upgrade is still stored once; a reused
+    request_id with other content is stored."""
+    from alembic import command
+    from alembic.config import Config
+
+    from meterhub.storage import schema
+    from meterhub.storage.database import MIGRATIONS_DIR
+
+    url = fresh_postgres_url() if TEST_DB == "postgresql" else f"sqlite:///{tmp_path / 'old.db'}"
+    eng = create_db_engine(url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with eng.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0003")
+        old = [
+            ("gw-1", "r-1", "m-1", "5", "2300000", 230.0, 1000.0, 1001.0),
+            ("gw-1", "r-2", "m-1", "39", '{"b":1,"a":"x"}', None, 1000.5, 1001.0),
+        ]
+        with eng.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at) "
+                    "VALUES (:g, :r, :c, :d, :v, :n, :t, :at)"
+                ),
+                [dict(zip(("g", "r", "c", "d", "v", "n", "t", "at"), row, strict=True)) for row in old],
+            )
+        migrate(eng)
+        with eng.connect() as conn:
+            got = conn.execute(text("SELECT request_id, value, digest FROM reports ORDER BY id")).all()
+        assert [tuple(r) for r in got] == [
+            ("r-1", "2300000", schema.report_digest("m-1", "5", "2300000", 1000.0)),
+            ("r-2", '{"b":1,"a":"x"}', schema.report_digest("m-1", "39", '{"a":"x","b":1}', 1000.5)),
+        ]
+
+        async def main() -> None:
+            writer = GroupCommitWriter(eng, asyncio.get_running_loop())
+            writer.start()
+            try:
+                for value, t in (('{"a":"x","b":1}', 1000.5), ('{"a":"y","b":1}', 1000.5)):
+                    digest = schema.report_digest("m-1", "39", value, t)
+                    row = ("gw-1", "r-2", "m-1", "39", value, None, t, 2000.0, digest)
+                    await asyncio.wait_for(writer.write([("report", row)]), 10)
+            finally:
+                writer.stop()
+
+        asyncio.run(main())
+        with eng.connect() as conn:
+            values = conn.execute(
+                text("SELECT value FROM reports WHERE request_id = 'r-2' ORDER BY id")
+            ).all()
+        assert [v[0] for v in values] == ['{"b":1,"a":"x"}', '{"a":"y","b":1}']  # redelivery skipped
+    finally:
+        eng.dispose()
+        if TEST_DB == "postgresql":
+            drop_postgres(url)

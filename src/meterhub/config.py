@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     command_timeout: float = 10.0
     presence_timeout: float = Field(180.0, description="Seconds of silence after which a device is offline.")
     dedupe_window: int = Field(100_000, description="Recent (gateway, request_id) answers remembered.")
+    dedupe_max_age: float = Field(
+        600.0, gt=0, description="Seconds a report's answer stays in memory (the database decides after)."
+    )
     batch_max: int = Field(2000, description="Most operations per storage commit.")
     max_queued_writes: int = Field(
         20_000,

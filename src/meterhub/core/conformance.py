@@ -46,6 +46,7 @@ def report_card(hub: Any, gateway_id: str, *, status_interval: float | None = No
         _status_heartbeat(gw, interval, mqtt.is_connected(gateway_id)),
         _qos(client),
         _valid_values(gw),
+        _request_ids(gw),
         _commands(gw),
         _subscriptions(mqtt, gateway_id),
         _topics(client, gw),
@@ -147,6 +148,30 @@ def _valid_values(gw: Any) -> Finding:
     verdict = FAIL if bad * 100 >= total else WARN
     return Finding(
         rule, title, verdict, expected, f"{bad} of {total} messages refused ({_pct(bad, total)}): {detail}"
+    )
+
+
+def _request_ids(gw: Any) -> Finding:
+    rule, title = "request-id-unique", "Each report has its own request_id"
+    expected = (
+        "A new request_id for every new report; the same one only when the same report is sent again "
+        "(a QoS 1 redelivery is answered again and stored once)."
+    )
+    reports = sum(gw.codes["report"].values()) if gw is not None else 0
+    if not reports:
+        return Finding(rule, title, UNKNOWN, expected, "no property reports seen yet")
+    reused = gw.request_id_reused
+    if reused:
+        return Finding(
+            rule,
+            title,
+            WARN,
+            expected,
+            f"{reused} of {reports} reports reused a recent request_id for other content (stored as new "
+            "reports; a gateway that restarts its request counter does this)",
+        )
+    return Finding(
+        rule, title, PASS, expected, f"no request_id reused for other content in {reports} reports"
     )
 
 

@@ -17,6 +17,7 @@ Metrics (all prefixed ``meterhub_``):
   ``protocol_events_total{event}`` (the service's other counters), gauges ``devices{state}``,
   ``pending_commands``, ``alarms_active``.
 - Storage: ``storage_batches_total``, ``storage_operations_total``, ``storage_failures_total``,
+  ``storage_rows_refused_total`` (groups whose data the database refused, answered 500),
   ``storage_commit_seconds_total``, gauges ``storage_last_batch_size``, ``storage_last_commit_seconds``,
   ``storage_commit_seconds_max`` (the longest batch since start), ``storage_queue_depth``,
   ``storage_outstanding``, ``storage_healthy``; back-pressure: ``storage_pressure`` (1 while gateways
@@ -196,6 +197,11 @@ class HubCollector(Collector):
                 "Write groups committed (a group is one message's writes).",
             ),
             ("storage_failures", st.failures, "Write groups that could not be stored."),
+            (
+                "storage_rows_refused",
+                st.rows_refused,
+                "Write groups the database refused (their batch-mates were stored; storage stays healthy).",
+            ),
             (
                 "storage_pressure_episodes",
                 st.pressure_episodes,

@@ -34,6 +34,7 @@ import msgspec
 from sqlalchemy import Engine, select, update
 
 from meterhub.config import Settings
+from meterhub.core.dedupe import AnswerCache
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.datapoint import DataPoint, ProductModel
 from meterhub.model.errors import ValueRejected
@@ -50,6 +51,7 @@ from meterhub.protocol.messages import (
 from meterhub.protocol.topics import Kind, commands_topic, parse_topic, response_topic
 from meterhub.storage import registry, schema
 from meterhub.storage.database import GroupCommitWriter
+from meterhub.storage.schema import report_digest
 from meterhub.transport import Principal, Southbound
 
 log = get_logger(__name__)
@@ -59,7 +61,9 @@ _repeats = RateLimitedLog(log)
 _REPORT = Kind.REPORT
 #: Most devices whose last-seen time one periodic flush writes (see ProtocolService._flush_seen).
 SEEN_FLUSH_MAX = 5_000
-_json = msgspec.json.Encoder().encode
+# Sorted keys: the stored JSON of a raw object does not depend on the order the gateway sent its keys
+# in, so the content digest of a redelivery is the same (storage.schema.report_digest).
+_json = msgspec.json.Encoder(order="sorted").encode
 _SYNC = Kind.SYNC
 #: ``param.msg`` of the 400 answer to a sync of a device that belongs to another vendor.
 VENDOR_REFUSED = "tedge error: device belongs to another vendor"
@@ -100,10 +104,20 @@ class DeviceState:
 class GatewayRecord:
     """What a gateway did at the protocol level, kept for its conformance report card (bounded)."""
 
-    __slots__ = ("codes", "command_latencies", "commands", "status_rejected", "status_times", "unknown_topic")
+    __slots__ = (
+        "codes",
+        "command_latencies",
+        "commands",
+        "request_id_reused",
+        "status_rejected",
+        "status_times",
+        "unknown_topic",
+    )
 
     def __init__(self) -> None:
         self.codes: dict[str, Counter[int]] = {"sync": Counter(), "report": Counter()}
+        #: reports whose request_id was seen shortly before with other content
+        self.request_id_reused = 0
         self.status_times: deque[float] = deque(maxlen=64)
         self.status_rejected = 0
         self.unknown_topic = 0
@@ -166,6 +180,8 @@ class ProtocolService:
         self.pending_commands: dict[str, _PendingCommand] = {}
         self.timed_out: OrderedDict[str, str] = OrderedDict()
         self._dedupe: OrderedDict[tuple[str, str], int | asyncio.Future[Any]] = OrderedDict()
+        #: reports' answers by (gateway, request_id) with their content digest, bounded in count and age
+        self._reports = AnswerCache(settings.dedupe_window, settings.dedupe_max_age)
         self._dirty_seen: dict[str, float] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.presence_interval = min(5.0, max(0.05, settings.presence_timeout / 10))
@@ -365,8 +381,10 @@ class ProtocolService:
             return None
 
         def again(fut: asyncio.Future[Any]) -> None:
-            answer = self._dedupe.get((gw, request_id))
-            self._reply(gw, kind, request_id, cid, answer if isinstance(answer, int) else ErrorCode.SYSTEM)
+            # The first one's outcome, from its own write (not from a cache the first one's callback
+            # may not have updated yet): committed -> 0, failed -> 500.
+            failed = fut.cancelled() or fut.exception() is not None
+            self._reply(gw, kind, request_id, cid, ErrorCode.SYSTEM if failed else ErrorCode.SUCCESS)
 
         previous.add_done_callback(again)
         return previous
@@ -381,35 +399,60 @@ class ProtocolService:
             self._reject(gw, _REPORT, exc)
             return None
         key = (gw, req.request_id)
-        previous = self._dedupe.get(key)
+        content = _request_digest(req.cid, req.dp_id, req.value, req.t, payload)
+        previous = self._reports.get(key)
         if previous is not None:
-            return self._repeat(gw, _REPORT, req.request_id, req.cid, previous)
+            if previous[0] == content:
+                return self._repeat(gw, _REPORT, req.request_id, req.cid, previous[1])
+            # Same request_id, other content (a gateway restarted its counter): a new report.
+            self.stats["report.request_id_reused"] += 1
+            self.record(gw).request_id_reused += 1
+            _repeats.info(
+                ("request_id_reused", gw),
+                "request_id reused for other content: handled as a new report",
+                gateway_id=gw,
+                request_id=req.request_id,
+                cid=req.cid,
+            )
         dev = self.devices.get(req.cid)
         if dev is None or dev.gateway_id != gw:
-            return self._answer_now(
+            return self._refuse_report(
                 key,
-                gw,
-                _REPORT,
+                content,
                 req.cid,
                 ErrorCode.DEVICE_NOT_EXIST,
                 "report for a device this gateway never synced",
             )
         dp = dev.model.get(req.dp_id)
         if dp is None:
-            return self._answer_now(
-                key, gw, _REPORT, req.cid, ErrorCode.NOT_SUPPORTED, f"unknown data point {req.dp_id}"
+            return self._refuse_report(
+                key, content, req.cid, ErrorCode.NOT_SUPPORTED, f"unknown data point {req.dp_id}"
             )
         try:
             value = dp.coerce(req.value)
         except ValueRejected as exc:
-            return self._answer_now(key, gw, _REPORT, req.cid, exc.code, exc.message)
+            return self._refuse_report(key, content, req.cid, exc.code, exc.message)
         num = _numeric(dp, value)
         t = req.t
         dp_id = dp.id_str
         stored = _json(value).decode()
-        # Rows as tuples in column order, for the writer's prepared statements (see storage.database).
+        # Rows as tuples in column order, for the writer's prepared statements (see storage.database);
+        # the digest makes a redelivery a conflict on the unique index in any process of a cluster.
         ops: list[tuple[str, Any]] = [
-            ("report", (gw, req.request_id, req.cid, dp_id, stored, num, t, now)),
+            (
+                "report",
+                (
+                    gw,
+                    req.request_id,
+                    req.cid,
+                    dp_id,
+                    stored,
+                    num,
+                    t,
+                    now,
+                    report_digest(req.cid, dp_id, stored, t),
+                ),
+            ),
             ("latest", (req.cid, dp_id, stored, num, t, now)),
         ]
         dev.last_heard = now
@@ -417,8 +460,8 @@ class ProtocolService:
         if not dev.online:
             self._set_presence(dev, True, "report", now, ops)
         fut = self.writer.write(ops)
-        self._dedupe_store(key, fut)
-        fut.add_done_callback(partial(self._report_committed, gw, key, req.cid))
+        self._reports.put(key, content, fut)
+        fut.add_done_callback(partial(self._report_committed, gw, key, content, req.cid))
         if self.listeners:
             self._emit(
                 "report",
@@ -426,7 +469,9 @@ class ProtocolService:
             )
         return fut
 
-    def _report_committed(self, gw: str, key: tuple[str, str], cid: str, fut: asyncio.Future[Any]) -> None:
+    def _report_committed(
+        self, gw: str, key: tuple[str, str], content: int, cid: str, fut: asyncio.Future[Any]
+    ) -> None:
         if fut.cancelled() or fut.exception() is not None:
             code = ErrorCode.SYSTEM
             _repeats.error(
@@ -436,10 +481,27 @@ class ProtocolService:
                 request_id=key[1],
                 error=None if fut.cancelled() else str(fut.exception()),
             )
-            self._dedupe.pop(key, None)  # a redelivery may try again
+            self._reports.discard(key, content)  # a redelivery may try again
         else:
             code = ErrorCode.SUCCESS
-            self._dedupe[key] = code
+            self._reports.settle(key, content, code)
+        self._reply(gw, _REPORT, key[1], cid, code)
+
+    def _refuse_report(self, key: tuple[str, str], content: int, cid: str, code: int, detail: str) -> None:
+        """Answer a report with an error code now; a redelivery of it gets the same answer."""
+        gw = key[0]
+        self.stats["rejected.report"] += 1
+        _repeats.info(
+            ("rejected", _REPORT, int(code)),
+            "request rejected",
+            gateway_id=gw,
+            kind="report",
+            request_id=key[1],
+            cid=cid,
+            code=int(code),
+            detail=detail,
+        )
+        self._reports.put(key, content, int(code))
         self._reply(gw, _REPORT, key[1], cid, code)
 
     def _answer_now(
@@ -911,6 +973,17 @@ class ProtocolService:
                 listener(kind, event)
             except Exception:
                 _repeats.error(("listener", kind), "event listener failed", kind=kind, exc_info=True)
+
+
+def _request_digest(cid: str, dp_id: str, value: Any, t: float, payload: bytes) -> int:
+    """What the answer cache compares to tell a redelivery (same content) from a reused request_id:
+    a hash of the report's device, data point, value as sent and time (of the payload itself when the
+    value cannot be encoded, e.g. an integer of more than 4300 digits). In-process only: the
+    database's ``report_digest`` is what makes a redelivery a conflict across processes."""
+    try:
+        return hash((cid, dp_id, _json(value), t))
+    except (ValueError, TypeError, OverflowError, msgspec.EncodeError):
+        return hash(payload)
 
 
 def _numeric(dp: DataPoint, value: Any) -> float | None:

@@ -44,7 +44,9 @@ is silent, these choices were made:
   float/string, exponent forms, NaN/inf, and bool are 1103. A numeric string too long to parse is 1101.
 - bool: True/False from true/false, "true"/"false", 1/0, "1"/"0" (case-sensitive); anything else 1103
   (so 2 and "yes" are 1103, not 1101).
-- enum: a label, exactly (case-sensitive). string: at most 255 characters (1101 beyond).
+- enum: a label, exactly (case-sensitive). string: at most 255 characters (1101 beyond), and no control
+  character other than tab, LF and CR and no lone surrogate (1101; ``meterhub.protocol.text``).
+- raw objects: every string in them (keys too) follows the same text rule (1101).
 - raw, phase layout: ``{"voltage": V, "current": A, "power": W, "electricity": kWh | None}``, floats,
   voltage rounded to 0.1 V and current to 1 mA (the binary layout's precision), power to 3 decimals,
   electricity to 4. Binary forms: base64 of exactly 8 bytes, or 16 hex digits (other lengths: 1101).

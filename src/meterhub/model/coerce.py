@@ -17,6 +17,7 @@ import msgspec
 
 from meterhub.model.errors import ValueRejected
 from meterhub.protocol.errors import ErrorCode
+from meterhub.protocol.text import bad_text, describe_bad
 
 __all__ = [
     "PHASE_BYTES",
@@ -165,9 +166,12 @@ def string_coercer(name: str, max_length: int = STRING_MAX_LENGTH) -> Coercer:
 
     def coerce_string(value: Any) -> str:
         if type(value) is str:
-            if len(value) <= max_length:
-                return value
-            raise ValueRejected(_RANGE, f"{name}: {len(value)} characters, at most {max_length} allowed")
+            if len(value) > max_length:
+                raise ValueRejected(_RANGE, f"{name}: {len(value)} characters, at most {max_length} allowed")
+            if bad_text(value):
+                bad = describe_bad(value, free_text=True)
+                raise ValueRejected(_RANGE, f"{name}: the string holds a {bad}")
+            return value
         raise _wrong_type(name, value, "a string")
 
     return coerce_string
@@ -282,6 +286,9 @@ def raw_coercer(name: str, max_bytes: int = RAW_MAX_BYTES) -> Coercer:
                 if size > max_bytes:
                     raise ValueRejected(_RANGE, f"{name}: {size} bytes, at most {max_bytes} allowed")
                 return {"hex": text.lower()}
+            bad = _bad_string_in(value)  # before encoding: a lone surrogate cannot be encoded
+            if bad is not None:
+                raise ValueRejected(_RANGE, f"{name}: a string in the object holds a {bad}")
             try:
                 size = len(_JSON.encode(value))
             except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
@@ -292,6 +299,23 @@ def raw_coercer(name: str, max_bytes: int = RAW_MAX_BYTES) -> Coercer:
         raise _wrong_type(name, value, "an object, a hex string or a base64 string")
 
     return coerce_raw
+
+
+def _bad_string_in(value: Any) -> str | None:
+    """The first offending character (free-text rule) of any string in a JSON value, keys included."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        tp = type(item)
+        if tp is str:
+            if bad_text(item):
+                return describe_bad(item, free_text=True)
+        elif tp is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif tp is list or tp is tuple:
+            stack.extend(item)
+    return None
 
 
 def _binary(name: str, text: str, max_bytes: int) -> bytes:

@@ -7,8 +7,17 @@ and whose ``request_id``/``cid`` are set whenever they could be read (for the er
 Envelope rules (CLARIFICATIONS.md), and the choices made where it is silent (marked *choice*):
 
 - Checks run in the order JSON -> request_id -> t -> param -> fields; the first failure is reported.
-- Payload not JSON, not a JSON object, nested too deeply, or holding a number msgspec cannot represent
-  (e.g. 1e400): 1103 with ``request_id`` None.
+- Payload not JSON, not a JSON object, or nested too deeply: 1103 with ``request_id`` None. *choice*: JSON
+  that msgspec cannot hold (an integer of more than 4300 digits, a float beyond double range such as
+  1e400, a lone surrogate escape ``"\ud800"``) is re-read with Python's ``json`` and checked like any
+  message, so the answer keeps its request_id: such an integer counts as larger than every bound (``t``
+  1001, ``param.id`` / a value 1101), 1e400 is not an integer (``t`` 1001, a value 1103).
+- Strings (``meterhub.protocol.text``), the same for every database: *choice*: a control character
+  (U+0000-U+001F, U+007F-U+009F) or a lone surrogate in request_id, cid, product_id, ``param.id`` or the
+  short sync fields is 1101; in free text (device_name, device_desc, install_location, a string
+  ``param.value`` of any data point) tab, LF and CR are allowed, the rest is 1101. An error answer
+  echoes ``request_id`` only when it is valid (else null). A command response's ``msg`` is kept with
+  such characters replaced by U+FFFD.
 - ``request_id``: a string of 1-128 characters. Wrong JSON type 1103, null 1102. *choice*: missing is 1100
   (like any missing required field), and a string of the wrong length ("" or > 128) is 1101 (range), the
   same rule as string data points.
@@ -19,7 +28,9 @@ Envelope rules (CLARIFICATIONS.md), and the choices made where it is silent (mar
   for sync/report/command response, an object for status) or a scalar: 1103.
 - Required fields inside ``param`` (cid, product_id, id, value, status): *choice*: missing 1100, null 1102,
   wrong JSON type 1103, wrong length 1101.
-- ``cid``: a string of 1-128 characters (same codes as request_id).
+- ``cid``: a string of 1-128 characters (same codes as request_id). *choice*: it must also be usable as
+  one path segment of the REST API: a ``/``, or a cid that is ``.`` or ``..``, is 1101 (in sync, report,
+  status items and command responses alike).
 - sync: *choice*: ``product_id`` must be a string of 0-128 characters — the document's own sample sends
   ``""``, so empty is accepted and left to the caller. Optional fields (vendor_code, comm_type, device_ip,
   mac_address, device_name, device_desc, install_location, device_server_id, product_sub_type) may be

@@ -9,6 +9,7 @@ the ``request_id`` and ``cid`` whenever they were readable, so an error response
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ import msgspec
 from msgspec import UNSET
 
 from meterhub.protocol.errors import ErrorCode, ProtocolError, message_for
+from meterhub.protocol.text import bad_identifier, bad_text, clean_text, describe_bad
 
 __all__ = [
     "ID_MAX_LENGTH",
@@ -25,10 +27,12 @@ __all__ = [
     "MSG_MAX_LENGTH",
     "SYNC_FIELDS",
     "SYNC_FIELD_MAX_LENGTH",
+    "SYNC_FREE_TEXT_FIELDS",
     "CommandResponse",
     "ReportRequest",
     "StatusRequest",
     "SyncRequest",
+    "cid_problem",
     "decode_command_response",
     "decode_report",
     "decode_status",
@@ -75,6 +79,8 @@ SYNC_FIELDS: tuple[str, ...] = (
     "device_server_id",
     "product_sub_type",
 )
+#: The sync fields that are free text (tab, LF and CR allowed); the others follow the identifier rule.
+SYNC_FREE_TEXT_FIELDS = frozenset({"device_name", "device_desc", "install_location"})
 
 _EMPTY = ErrorCode.PARAMS_EMPTY
 _RANGE = ErrorCode.PARAMS_RANGE_INVALID
@@ -160,13 +166,54 @@ def _envelope(decoder: msgspec.json.Decoder[Any], payload: bytes) -> Any:
     try:
         return decoder.decode(payload)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(_TYPE, f"payload is not a usable JSON object: {exc}") from None
+        error = ProtocolError(_TYPE, f"payload is not a usable JSON object: {exc}")
     except msgspec.DecodeError as exc:
-        raise ProtocolError(_TYPE, f"payload is not JSON: {exc}") from None
+        error = ProtocolError(_TYPE, f"payload is not JSON: {exc}")
     except RecursionError:
         raise ProtocolError(_TYPE, "payload is nested too deeply") from None
     except TypeError as exc:  # not bytes/str at all
         raise ProtocolError(_TYPE, f"payload has an unusable type: {exc}") from None
+    doc = _salvage(payload)
+    if type(doc) is not dict:
+        raise error
+    struct = decoder.type
+    return struct(**{name: doc.get(name, UNSET) for name in struct.__struct_fields__})
+
+
+#: the most digits msgspec (and Python's ``int()``, by default) read in one integer.
+_INT_DIGITS_MAX = 4300
+#: stands for any longer integer: larger than every bound meterhub checks, so it fails them all.
+_HUGE = 10 ** (_INT_DIGITS_MAX + 1)
+#: payloads larger than this are not re-read by :func:`_salvage` (MQTT's packet limit is lower).
+_SALVAGE_MAX_BYTES = 1 << 20
+
+
+def _salvage_int(text: str) -> int:
+    negative = text[0] == "-"
+    if len(text) - negative <= _INT_DIGITS_MAX:
+        return int(text)
+    return -_HUGE if negative else _HUGE
+
+
+def _refuse_constant(text: str) -> object:
+    raise ValueError(f"{text} is not JSON")
+
+
+_SALVAGE = json.JSONDecoder(parse_int=_salvage_int, parse_constant=_refuse_constant)
+
+
+def _salvage(payload: bytes) -> Any:
+    """Re-read a payload msgspec refused, in case it is JSON after all: an integer of more than 4300
+    digits (read as ``_HUGE``, so the usual range checks refuse it with the field's own code and the
+    answer keeps its request_id), a float beyond double range (``inf``: not an integer), or a lone
+    surrogate escape such as ``"\\ud800"`` (the string checks refuse it: 1101). None if it is not JSON."""
+    if len(payload) > _SALVAGE_MAX_BYTES:
+        return None
+    try:
+        text = payload.decode("utf-8") if type(payload) is not str else payload
+        return _SALVAGE.decode(text)
+    except (ValueError, RecursionError, TypeError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- field checks
@@ -207,16 +254,50 @@ def _show(value: object) -> str:
 
 
 def _identifier(value: object, field: str) -> str:
-    """request_id / cid: a string of 1..128 characters."""
+    """request_id: a string of 1..128 characters, without control characters or surrogates."""
     if type(value) is str:
-        if 0 < len(value) <= ID_MAX_LENGTH:
-            return value
-        raise ProtocolError(_RANGE, f"{field} must be 1-{ID_MAX_LENGTH} characters, got {len(value)}")
+        if not 0 < len(value) <= ID_MAX_LENGTH:
+            raise ProtocolError(_RANGE, f"{field} must be 1-{ID_MAX_LENGTH} characters, got {len(value)}")
+        if bad_identifier(value):
+            raise ProtocolError(_RANGE, f"{field} holds a {describe_bad(value)}")
+        return value
     raise _absent(value, field)
 
 
+def cid_problem(cid: str) -> str | None:
+    """Why ``cid`` cannot name a device, or None: besides the identifier rule, a cid must be usable as
+    one path segment of the REST API (``/api/v1/devices/{cid}``), so no ``/`` and not ``.`` or ``..``."""
+    if "/" in cid:
+        return "holds a '/'"
+    if cid in (".", ".."):
+        return f"is {cid!r}"
+    return None
+
+
+def _cid(value: object, field: str) -> str:
+    """A device id: an identifier (1..128 characters) that is also one path segment."""
+    cid = _identifier(value, field)
+    problem = cid_problem(cid)
+    if problem is not None:
+        raise ProtocolError(_RANGE, f"{field} {problem}")
+    return cid
+
+
 def _readable_identifier(value: object) -> str | None:
-    return value if type(value) is str and 0 < len(value) <= ID_MAX_LENGTH else None
+    """``value`` when it can be echoed in an error response (a valid identifier), else None."""
+    if type(value) is str and 0 < len(value) <= ID_MAX_LENGTH and not bad_identifier(value):
+        return value
+    return None
+
+
+def _short_text(value: object, field: str, max_length: int, *, free_text: bool) -> None:
+    """An optional string field (sync): at most ``max_length`` characters, the text rule."""
+    if type(value) is not str:
+        raise ProtocolError(_TYPE, f"{field} must be a string, not {_json_type(value)}")
+    if len(value) > max_length:
+        raise ProtocolError(_RANGE, f"{field} is longer than {max_length} characters")
+    if bad_text(value) if free_text else bad_identifier(value):
+        raise ProtocolError(_RANGE, f"{field} holds a {describe_bad(value, free_text=free_text)}")
 
 
 def _timestamp(value: object, now: float) -> float:
@@ -278,24 +359,20 @@ def decode_sync(payload: bytes, now: float) -> SyncRequest:
         request_id = _identifier(env.request_id, "request_id")
         t = _timestamp(env.t, now)
         param = _param_object(env.param)
-        cid = _identifier(param.get("cid", UNSET), "param.cid")
+        cid = _cid(param.get("cid", UNSET), "param.cid")
         product_id = param.get("product_id", UNSET)
         if type(product_id) is not str:
             raise _absent(product_id, "param.product_id")
-        if len(product_id) > PRODUCT_ID_MAX_LENGTH:
-            raise ProtocolError(_RANGE, f"param.product_id is longer than {PRODUCT_ID_MAX_LENGTH} characters")
+        _short_text(product_id, "param.product_id", PRODUCT_ID_MAX_LENGTH, free_text=False)
         fields: dict[str, str | None] = {}
         for key in SYNC_FIELDS:
             value = param.get(key, UNSET)
             if value is UNSET:
                 continue
             if value is not None:
-                if type(value) is not str:
-                    raise ProtocolError(_TYPE, f"param.{key} must be a string, not {_json_type(value)}")
-                if len(value) > SYNC_FIELD_MAX_LENGTH:
-                    raise ProtocolError(
-                        _RANGE, f"param.{key} is longer than {SYNC_FIELD_MAX_LENGTH} characters"
-                    )
+                _short_text(
+                    value, f"param.{key}", SYNC_FIELD_MAX_LENGTH, free_text=key in SYNC_FREE_TEXT_FIELDS
+                )
             fields[key] = value
     except ProtocolError as exc:
         _annotate(exc, env.request_id, _param_cid(env.param))
@@ -309,7 +386,11 @@ def decode_report(payload: bytes, now: float) -> ReportRequest:
     try:
         # Hot path: the common valid case is checked inline; the helpers run only to raise the exact error.
         request_id = env.request_id
-        if type(request_id) is not str or not 0 < len(request_id) <= ID_MAX_LENGTH:
+        if (
+            type(request_id) is not str
+            or not 0 < len(request_id) <= ID_MAX_LENGTH
+            or not (request_id.isascii() and request_id.isprintable())
+        ):
             _identifier(request_id, "request_id")
         t = env.t
         if type(t) is int and now - MAX_AGE_SECONDS <= t <= now + MAX_FUTURE_SECONDS:
@@ -320,12 +401,20 @@ def decode_report(payload: bytes, now: float) -> ReportRequest:
         if type(param) is not dict or not param:
             _param_object(param)
         cid = param.get("cid", UNSET)
-        if type(cid) is not str or not 0 < len(cid) <= ID_MAX_LENGTH:
-            _identifier(cid, "param.cid")
+        if (
+            type(cid) is not str
+            or not 0 < len(cid) <= ID_MAX_LENGTH
+            or not (cid.isascii() and cid.isprintable())
+            or "/" in cid
+            or cid in (".", "..")
+        ):
+            _cid(cid, "param.cid")
         dp_id = param.get("id", UNSET)
         if type(dp_id) is str:
             if not 0 < len(dp_id) <= DP_ID_MAX_LENGTH:
                 raise ProtocolError(_RANGE, f"param.id must be 1-{DP_ID_MAX_LENGTH} characters")
+            if bad_identifier(dp_id):
+                raise ProtocolError(_RANGE, f"param.id holds a {describe_bad(dp_id)}")
         elif type(dp_id) is int:
             if not 0 <= dp_id < DP_ID_INT_LIMIT:
                 raise ProtocolError(_RANGE, f"param.id {_show(dp_id)} is out of range")
@@ -335,6 +424,8 @@ def decode_report(payload: bytes, now: float) -> ReportRequest:
         value = param.get("value", UNSET)
         if value is UNSET or value is None:
             raise _absent(value, "param.value")
+        if type(value) is str and bad_text(value):  # whatever the data point's type: 1101
+            raise ProtocolError(_RANGE, f"param.value holds a {describe_bad(value, free_text=True)}")
     except ProtocolError as exc:
         _annotate(exc, env.request_id, _param_cid(env.param))
         raise
@@ -361,7 +452,7 @@ def decode_status(payload: bytes, now: float) -> StatusRequest:
         try:
             if type(item) is not dict:
                 raise _absent(item, "item", "an object")
-            cid = _identifier(item.get("cid", UNSET), "cid")
+            cid = _cid(item.get("cid", UNSET), "cid")
             status = item.get("status", UNSET)
             tp = type(status)
             online = _STATUS_VALUES.get(status) if tp is bool or tp is int or tp is str else None
@@ -382,7 +473,7 @@ def decode_command_response(payload: bytes, now: float) -> CommandResponse:
     try:
         request_id = _identifier(env.request_id, "request_id")
         t = _timestamp(env.t, now)
-        cid = _identifier(env.cid, "cid")
+        cid = _cid(env.cid, "cid")
         param = _param_object(env.param)
         code = param.get("code")
         if code is None:
@@ -397,6 +488,7 @@ def decode_command_response(payload: bytes, now: float) -> CommandResponse:
                 raise ProtocolError(_TYPE, f"param.msg must be a string, not {_json_type(msg)}")
             if len(msg) > MSG_MAX_LENGTH:
                 msg = msg[:MSG_MAX_LENGTH]
+            msg = clean_text(msg)  # informational: kept, with unstorable characters replaced
     except ProtocolError as exc:
         _annotate(exc, env.request_id, env.cid)
         raise

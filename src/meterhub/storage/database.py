@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, create_engine, event, insert, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from meterhub.logs import RateLimitedLog, get_logger
@@ -43,6 +44,30 @@ def brief_error(exc: BaseException, limit: int = 300) -> str:
     text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return line[:limit]
+
+
+class RowRefused(StorageError):
+    """The database refused this group's data (a constraint, a value it cannot hold) while it
+    committed the others: the group is not stored, and the database is not failing."""
+
+
+def row_refused(error: BaseException) -> bool:
+    """Whether ``error`` is the database refusing the data rather than the database failing.
+
+    Refusals: integrity errors (a constraint, a trigger raising ``RAISE(ABORT)``/``check_violation``),
+    data errors (a value the column type cannot hold: NUL in PostgreSQL text, a number out of range,
+    a string too long) and errors binding one row's parameters in Python. Everything else (lost or
+    refused connections, locks, a disk full, a missing table, pool timeouts) is the database failing.
+    """
+    if isinstance(error, (sa_exc.IntegrityError, sa_exc.DataError)):
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        return False
+    if isinstance(error, sa_exc.StatementError):  # a parameter failed in Python, before the database
+        return True
+    if isinstance(error, sa_exc.SQLAlchemyError):
+        return False
+    return isinstance(error, (TypeError, ValueError, OverflowError))
 
 
 def create_db_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
@@ -168,8 +193,8 @@ def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
 # values already JSON text. SQLAlchemy's per-row parameter processing for executemany cost more CPU
 # than the rest of the report's path (measured: docs/benchmarks.md).
 _REPORTS_SQL = (
-    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at) "
-    "VALUES ({p}) ON CONFLICT (gateway_id, request_id) DO NOTHING"
+    "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at, digest) "
+    "VALUES ({p}) ON CONFLICT (gateway_id, request_id, digest) DO NOTHING"
 )
 _LATEST_SQL = (
     "INSERT INTO latest_values (cid, dp_id, value, num, t, received_at) VALUES ({p}) "
@@ -187,9 +212,10 @@ def _driver_sql(conn: Connection, template: str, columns: int) -> str:
 
 
 def _apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """History rows ``(gateway_id, request_id, cid, dp_id, value_json, num, t, received_at)``;
-    a QoS 1 redelivery (same gateway and request_id) is skipped by the unique index."""
-    conn.exec_driver_sql(_driver_sql(conn, _REPORTS_SQL, 8), rows)
+    """History rows ``(gateway_id, request_id, cid, dp_id, value_json, num, t, received_at, digest)``;
+    a redelivery (same gateway, request_id and content digest, ``schema.report_digest``) is skipped by
+    the unique index, in this process or any other on the same database."""
+    conn.exec_driver_sql(_driver_sql(conn, _REPORTS_SQL, 9), rows)
 
 
 def _apply_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -295,6 +321,10 @@ class WriterStats:
     commit_seconds_total: float = 0.0
     max_commit_seconds: float = 0.0
     pressure_episodes: int = 0
+    #: Groups the database refused (answered as failed) while their batch-mates were committed.
+    rows_refused: int = 0
+    #: Batches that failed on refused data and were split to find the refused groups.
+    batches_split: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -332,7 +362,8 @@ class GroupCommitWriter:
         )
         self._thread = threading.Thread(target=self._run, name="meterhub-writer", daemon=True)
         self.stats = WriterStats()
-        #: False after a batch in which nothing could be committed, True again after one that could.
+        #: False after a batch the database failed to commit (not one whose data it refused: see
+        #: :func:`row_refused`), True again after a batch without such a failure.
         self.healthy = True
         #: Seconds after a failed batch during which :meth:`admits_clients` says no. Past that, new
         #: clients are let in again even if nothing has been written since (no traffic, no proof), so a
@@ -426,42 +457,48 @@ class GroupCommitWriter:
             self._commit_batch(batch)
 
     def _commit_batch(self, batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]]) -> None:
+        """Commit ``batch`` in one transaction. If the database refuses some of its data, split it in
+        halves until the refused groups are found (each half in its own transaction, in order): only
+        those fail, their batch-mates are committed, and storage stays healthy. If the database itself
+        fails (twice in a row: a deadlock or a replaced connection gets one more try), every group
+        fails and storage is marked unhealthy (new clients get CONNACK 0x03 for ``retry_after`` s)."""
         started = time.perf_counter()
-        error: BaseException | None = None
+        results: list[tuple[DoneCallback, BaseException | None]] = []
+        failing = False
         try:
             self._apply(batch)
         except Exception as exc:
-            error = exc
-        results: list[tuple[DoneCallback, BaseException | None]] = []
-        if error is None:
-            results = [(cb, None) for _, cb in batch if cb is not None]
-            self.healthy = True
-        else:
-            # One bad group must not fail its neighbours: retry each group in its own transaction.
-            _repeats.warning(
-                "batch_failed",
-                "storage batch failed, retrying one by one",
-                error=brief_error(error),
-                size=len(batch),
-            )
-            for ops, cb in batch:
+            if row_refused(exc):
+                self.stats.batches_split += 1
+                _repeats.warning(
+                    "batch_refused",
+                    "the database refused part of a batch: isolating it",
+                    error=brief_error(exc),
+                    size=len(batch),
+                )
+                failing = self._isolate(batch, exc, results)
+            else:
+                _repeats.warning(
+                    "batch_failed",
+                    "storage batch failed, trying once more",
+                    error=brief_error(exc),
+                    size=len(batch),
+                )
                 try:
-                    self._apply([(ops, cb)])
-                    res: BaseException | None = None
-                except Exception as exc:
-                    self.stats.failures += 1
-                    res = StorageError(brief_error(exc))
-                    _repeats.error(
-                        "write_failed",
-                        "storage write failed",
-                        error=brief_error(exc),
-                        ops=sorted({k for k, _ in ops}),
-                    )
-                if cb is not None:
-                    results.append((cb, res))
-            self.healthy = any(r is None for _, r in results) or not results
-            if not self.healthy:
-                self._failed_at = time.monotonic()
+                    self._apply(batch)
+                except Exception as again:
+                    if row_refused(again):
+                        failing = self._isolate(batch, again, results)
+                    else:
+                        failing = True
+                        self._fail(batch, again, results)
+                else:
+                    results = [(cb, None) for _, cb in batch if cb is not None]
+        else:
+            results = [(cb, None) for _, cb in batch if cb is not None]
+        self.healthy = not failing
+        if failing:
+            self._failed_at = time.monotonic()
         elapsed = time.perf_counter() - started
         st = self.stats
         st.batches += 1
@@ -472,6 +509,58 @@ class GroupCommitWriter:
         st.commit_seconds_total += elapsed
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(self._finished, len(batch), results)
+
+    def _isolate(
+        self,
+        batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]],
+        error: BaseException,
+        results: list[tuple[DoneCallback, BaseException | None]],
+    ) -> bool:
+        """``batch`` failed with refused data (``error``): commit what the database accepts, fail the
+        refused groups. Returns True if the database itself failed meanwhile."""
+        if len(batch) == 1:
+            ops, cb = batch[0]
+            self.stats.failures += 1
+            self.stats.rows_refused += 1
+            _repeats.error(
+                "write_refused",
+                "the database refused a write",
+                error=brief_error(error),
+                ops=sorted({k for k, _ in ops}),
+            )
+            if cb is not None:
+                results.append((cb, RowRefused(brief_error(error))))
+            return False
+        middle = len(batch) // 2
+        failing = False
+        for half in (batch[:middle], batch[middle:]):
+            if failing:  # the database is failing: do not try the rest one by one
+                self._fail(half, StorageError("storage failed while isolating a refused write"), results)
+                continue
+            try:
+                self._apply(half)
+            except Exception as exc:
+                if row_refused(exc):
+                    failing = self._isolate(half, exc, results)
+                else:
+                    failing = True
+                    self._fail(half, exc, results)
+            else:
+                results.extend((cb, None) for _, cb in half if cb is not None)
+        return failing
+
+    def _fail(
+        self,
+        groups: list[tuple[list[tuple[str, Any]], DoneCallback | None]],
+        error: BaseException,
+        results: list[tuple[DoneCallback, BaseException | None]],
+    ) -> None:
+        """Every group of ``groups`` failed because the database did (not because of its data)."""
+        self.stats.failures += len(groups)
+        _repeats.error("write_failed", "storage write failed", error=brief_error(error), groups=len(groups))
+        for _, cb in groups:
+            if cb is not None:
+                results.append((cb, StorageError(brief_error(error))))
 
     def _apply(self, batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]]) -> None:
         grouped: dict[str, list[dict[str, Any]]] = {}

@@ -8,6 +8,8 @@ in ``meterhub/storage/migrations``.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Any
 
 import msgspec
@@ -152,9 +154,24 @@ reports = Table(
     Column("num", Float),
     Column("t", Float, nullable=False),
     Column("received_at", Float, nullable=False),
-    UniqueConstraint("gateway_id", "request_id", name="uq_reports_gateway_request"),
+    # report_digest() of the content (migration 0004): a redelivery (same gateway, request_id and
+    # content) is stored once; a reused request_id with other content is another report.
+    Column("digest", String(32), nullable=False),
+    UniqueConstraint("gateway_id", "request_id", "digest", name="uq_reports_gateway_request_digest"),
     Index("ix_reports_cid_dp_t", "cid", "dp_id", "t"),
 )
+
+
+def report_digest(cid: str, dp_id: str, value_json: str, t: float) -> str:
+    """The digest identifying a report's content: its device, data point, stored value (JSON text with
+    sorted object keys, as in ``reports.value``) and measurement time ``t`` (float seconds, as its 8
+    IEEE bytes). 32 hex digits of MD5: not a security hash, only telling apart the contents sent
+    under one (gateway_id, request_id); a collision could only merge two reports of one gateway."""
+    head = f"{cid}\x00{dp_id}\x00{value_json}\x00".encode("utf-8", "surrogatepass")
+    return hashlib.md5(head + _pack_double(float(t)), usedforsecurity=False).hexdigest()
+
+
+_pack_double = struct.Struct("<d").pack
 
 presence = Table(
     "presence",

@@ -1,7 +1,7 @@
 """devices belong to a vendor; rebinds record their cause
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 
 ``devices.vendor_id``: the vendor that owns the device. Existing devices get the vendor of the gateway
 they are bound to (NULL when that gateway has none; the next sync then claims it).
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
