@@ -70,7 +70,17 @@ class Settings(BaseSettings):
     max_pending_inbound: int = Field(
         256, description="Inbound QoS>0 messages being processed per client before reading pauses."
     )
-    max_queued: int = Field(1000, description="Messages queued per client (offline or slow); oldest dropped.")
+    max_queued: int = Field(
+        1000,
+        description="Messages queued per client. A connected gateway past it is read only for its "
+        "acknowledgements until half is sent (nothing QoS 1 dropped); subscribers and offline "
+        "sessions lose the oldest.",
+    )
+    max_held_inbound: int = Field(
+        8 * 1024 * 1024,
+        description="Bytes of a gateway's packets read but held back (its queue is full) above which "
+        "it is not read at all; disconnected after slow_client_timeout if it stays so.",
+    )
     write_buffer_high: int = Field(
         256 * 1024, description="Socket write buffer above which a client is paused."
     )

@@ -12,8 +12,16 @@ keep-alive sweeper and the limits.
 Flow control, so that memory stays bounded whatever clients do:
 - inbound QoS 1/2 messages are acknowledged only when the application's work for them completes,
   in order; a client with ``max_pending_inbound`` unacknowledged messages is not read from;
-- outbound QoS 1/2 messages beyond ``max_inflight`` wait in a per-session queue of ``max_queued``
-  (oldest dropped and counted);
+- outbound QoS 1/2 messages beyond ``max_inflight`` wait in a per-session queue. For a connected
+  client that may publish (a gateway) nothing QoS 1/2 is ever dropped from it: once it holds
+  ``max_queued`` messages, that client's PUBLISH (and other requests) are held back unprocessed until
+  the queue is down to half, while its acknowledgements (PUBACK, PUBREC, PUBCOMP) and PINGREQ are
+  still read and handled (they come behind its publishes in the TCP stream: not reading at all would
+  deadlock). Held-back packets are bounded by ``max_held_inbound`` bytes, past which the client is
+  not read at all (and is disconnected as a slow client after ``slow_client_timeout``). So the queue
+  of a connected gateway stays under ``max_queued`` + ``max_pending_inbound`` (+ commands). QoS 0
+  messages past ``max_queued`` are dropped and counted. For subscribers (never publish, so there is
+  nothing to slow down) and for offline persistent sessions, the oldest message is dropped, counted;
 - a client whose socket buffer passes ``write_buffer_high`` is paused (not read, not written) and
   disconnected if it stays so for ``slow_client_timeout`` seconds;
 - while the application says it is behind (:meth:`MQTTServer.set_intake_paused`, e.g. storage has
@@ -58,6 +66,7 @@ class Limits:
     max_inflight: int = 32
     max_pending_inbound: int = 256
     max_queued: int = 1000
+    max_held_inbound: int = 8 * 1024 * 1024
     write_buffer_high: int = 256 * 1024
     slow_client_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -199,6 +208,7 @@ PAUSE_AUTH = 1  # CONNECT is being authenticated
 PAUSE_INBOUND = 2  # max_pending_inbound messages await the application
 PAUSE_WRITE = 4  # the client does not read what we write
 PAUSE_INTAKE = 8  # the application is behind (server-wide)
+PAUSE_HELD = 16  # more than max_held_inbound bytes of this client's packets are held back
 #: Pauses that are the server's doing: the keep-alive check does not count them against the client.
 SERVER_PAUSES = PAUSE_INBOUND | PAUSE_INTAKE
 
@@ -214,6 +224,9 @@ class MQTTConnection(asyncio.Protocol):
         "created",
         "decoder",
         "flush_scheduled",
+        "held",
+        "held_bytes",
+        "held_full_since",
         "keep_alive",
         "last_rx",
         "out",
@@ -224,6 +237,7 @@ class MQTTConnection(asyncio.Protocol):
         "read_pause",
         "receiving",
         "record",
+        "releasing",
         "server",
         "session",
         "state",
@@ -257,6 +271,11 @@ class MQTTConnection(asyncio.Protocol):
         self.out_size = 0
         self.receiving = False
         self.flush_scheduled = False
+        # Packets read but not processed yet (per-client back-pressure), None when nothing is held.
+        self.held: deque[Any] | None = None
+        self.held_bytes = 0
+        self.held_full_since: float | None = None
+        self.releasing = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -294,6 +313,9 @@ class MQTTConnection(asyncio.Protocol):
                     continue
                 if self.state == "closed":
                     return
+                if self.held is not None and type(packet) not in _ACK_TYPES:
+                    self._hold(packet)
+                    continue
                 self._dispatch(packet)
         finally:
             self.receiving = False
@@ -355,6 +377,60 @@ class MQTTConnection(asyncio.Protocol):
         self.read_pause &= ~bit
         if not self.read_pause and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def start_holding(self) -> None:
+        """Process no more requests from this client (its acknowledgements still are) until
+        :meth:`release_held` finds it has room again."""
+        if self.held is None:
+            self.held = deque()
+            self.server.stats["flow.held"] += 1
+
+    def _hold(self, packet: Any) -> None:
+        held = self.held
+        assert held is not None
+        held.append(packet)
+        size = _held_size(packet)
+        self.held_bytes += size
+        if self.held_bytes > self.server.limits.max_held_inbound and not self.read_pause & PAUSE_HELD:
+            self.server.stats["flow.held_full"] += 1
+            self.held_full_since = time.monotonic()
+            self._pause_reading(PAUSE_HELD)
+
+    def gated(self) -> bool:
+        """Whether this client's requests must wait: too many in processing, or its queue is full."""
+        limits = self.server.limits
+        acks = self.acks
+        if acks is not None and len(acks) >= limits.max_pending_inbound:
+            return True
+        session = self.session
+        queue = session.queue if session is not None else None
+        return queue is not None and len(queue) >= limits.max_queued
+
+    def release_held(self) -> None:
+        """Process held-back packets while there is room (queue at most half full)."""
+        held = self.held
+        if held is None or self.releasing or self.state != "connected":
+            return
+        session = self.session
+        limits = self.server.limits
+        if session is not None and session.queue and len(session.queue) > limits.max_queued // 2:
+            return
+        self.releasing = True
+        try:
+            while held and not self.gated():
+                if self.state != "connected":
+                    return
+                packet = held.popleft()
+                self.held_bytes -= _held_size(packet)
+                self._dispatch(packet)
+            if not held and not self.gated():
+                self.held = None
+                self.held_bytes = 0
+        finally:
+            self.releasing = False
+        if self.read_pause & PAUSE_HELD and self.held_bytes <= limits.max_held_inbound // 2:
+            self.held_full_since = None
+            self._resume_reading(PAUSE_HELD)
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the socket. Writes made while handling one read (or in one turn of the event
@@ -493,7 +569,10 @@ class MQTTConnection(asyncio.Protocol):
             for pkt in pending:
                 if self.state != "connected":
                     return
-                self._dispatch(pkt)
+                if self.held is not None and type(pkt) not in _ACK_TYPES:
+                    self._hold(pkt)
+                else:
+                    self._dispatch(pkt)
         if server.intake_paused and principal.publishes:
             self._pause_reading(PAUSE_INTAKE)
         self._resume_reading(PAUSE_AUTH)
@@ -545,6 +624,7 @@ class MQTTConnection(asyncio.Protocol):
         if len(acks) >= server.limits.max_pending_inbound:
             stats["flow.inbound_paused"] += 1
             self._pause_reading(PAUSE_INBOUND)
+            self.start_holding()  # the rest of this read waits too
         self._flush_acks()
 
     def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
@@ -569,6 +649,8 @@ class MQTTConnection(asyncio.Protocol):
             self.write(data)
         if self.read_pause & PAUSE_INBOUND and len(acks) <= self.server.limits.max_pending_inbound // 2:
             self._resume_reading(PAUSE_INBOUND)
+        if self.held is not None:
+            self.release_held()
 
     def _on_puback(self, packet: codec.PubAck) -> None:
         session = self.session
@@ -636,6 +718,18 @@ class MQTTConnection(asyncio.Protocol):
         self.clean_disconnect = True
         self.will = None
         self.close("disconnect")
+
+
+#: Packets handled even while a client's requests are held back: they answer what the server sent
+#: (and free room in its in-flight window and queue), or keep the connection alive.
+_ACK_TYPES = frozenset({codec.PubAck, codec.PubRec, codec.PubComp, codec.PingReq})
+
+
+def _held_size(packet: Any) -> int:
+    """About what a held-back packet costs in memory."""
+    if type(packet) is codec.Publish:
+        return 96 + len(packet.topic) + len(packet.payload)
+    return 96
 
 
 _DISPATCH: dict[type, Any] = {
@@ -831,10 +925,20 @@ class MQTTServer:
         queue = session.queue
         if queue is None:
             queue = session.queue = deque()
-        if len(queue) >= self.limits.max_queued:
-            queue.popleft()
-            self.stats["publish.out_dropped_queue_full"] += 1
+        max_queued = self.limits.max_queued
+        if len(queue) >= max_queued:
+            if conn is None or not session.principal.publishes:
+                # offline, or a subscriber nobody can slow down for: the oldest goes
+                queue.popleft()
+                self.stats["publish.out_dropped_queue_full"] += 1
+            elif qos == 0:
+                self.stats["publish.out_dropped_queue_full"] += 1
+                return True
+            else:
+                self.stats["publish.out_queued_over_bound"] += 1
         queue.append((topic, payload, qos))
+        if conn is not None and len(queue) >= max_queued and session.principal.publishes:
+            conn.start_holding()  # owed to a connected gateway: never dropped, slow it down instead
         return True
 
     def _send(self, conn: MQTTConnection, session: Session, topic: str, payload: bytes, qos: int) -> None:
@@ -848,10 +952,10 @@ class MQTTServer:
 
     def pump(self, session: Session) -> None:
         """Send queued messages while the connection and the in-flight window allow."""
-        queue = session.queue
         conn = session.connection
-        if not queue or conn is None:
+        if conn is None:
             return
+        queue = session.queue
         max_inflight = self.limits.max_inflight
         while queue and conn.can_send:
             topic, payload, qos = queue[0]
@@ -859,6 +963,8 @@ class MQTTServer:
                 break
             queue.popleft()
             self._send(conn, session, topic, payload, qos)
+        if conn.held is not None:
+            conn.release_held()
 
     def resend_inflight(self, session: Session) -> None:
         """After a session resumes: retransmit unacknowledged messages (DUP set), then the queue."""
@@ -932,6 +1038,10 @@ class MQTTServer:
             ):
                 stats["closed.slow_client"] += 1
                 log.info("slow client disconnected", client_id=conn._cid(), peer=conn.peer)
+                conn.abort("slow-client")
+            elif conn.held_full_since is not None and now - conn.held_full_since > limits.slow_client_timeout:
+                stats["closed.slow_client"] += 1
+                log.info("client sends without taking its answers, disconnected", client_id=conn._cid())
                 conn.abort("slow-client")
             elif (
                 conn.principal is not None and conn.principal.expires_at and wall > conn.principal.expires_at
