@@ -87,9 +87,24 @@ class Settings(BaseSettings):
     slow_client_timeout: float = Field(
         60.0, description="Seconds a client may stay above the high-water mark."
     )
+    max_subscriptions: int = Field(
+        64, ge=1, description="Topic filters one client may hold; SUBACK 0x80 for more."
+    )
+    max_persistent_sessions_per_vendor: int = Field(
+        20_000,
+        ge=1,
+        description="clean_session=0 sessions per vendor (or open hub user); past it the vendor's "
+        "oldest offline one is forgotten, or CONNACK 0x03 if all are connected.",
+    )
+    max_persistent_sessions: int = Field(
+        100_000,
+        ge=1,
+        description="clean_session=0 sessions in all; past it the oldest offline one is forgotten, "
+        "or CONNACK 0x03 if all are connected.",
+    )
     connect_timeout: float = 10.0
     max_client_id_length: int = 128
-    max_topic_length: int = 256
+    max_topic_length: int = Field(256, description="Longest topic name or topic filter accepted.")
     max_connections: int = 100_000
     keepalive_max: int = Field(3600, description="Largest keep-alive accepted (seconds); 0 = unlimited.")
 

@@ -67,6 +67,10 @@ class Limits:
     max_pending_inbound: int = 256
     max_queued: int = 1000
     max_held_inbound: int = 8 * 1024 * 1024
+    max_subscriptions: int = 64
+    max_persistent_sessions_per_vendor: int = 20_000
+    max_persistent_sessions: int = 100_000
+    log_interval: float = 60.0
     write_buffer_high: int = 256 * 1024
     slow_client_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -121,6 +125,39 @@ def fit_to_fd_limit(limits: Limits) -> int:
     return limits.max_connections
 
 
+def owner_of(principal: Principal) -> str:
+    """Whose quota a client's persistent session counts against: its vendor (gateways), its user
+    (open hub links), else its username."""
+    extra = principal.extra
+    owner = extra.get("vendor_id")
+    if owner is None:
+        owner = extra.get("uid", principal.username)
+    return f"{principal.kind}:{owner}"
+
+
+class LimitedLog:
+    """Log lines for repeated events at most once per ``interval`` per kind (every event is
+    still counted by the caller); the line says how many were not logged since the last one."""
+
+    __slots__ = ("interval", "last", "suppressed")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.suppressed: Counter[str] = Counter()
+
+    def info(self, kind: str, message: str, **fields: Any) -> bool:
+        now = time.monotonic()
+        last = self.last.get(kind)
+        if last is not None and now - last < self.interval:
+            self.suppressed[kind] += 1
+            return False
+        self.last[kind] = now
+        not_logged = self.suppressed.pop(kind, 0)
+        log.info(message, **fields, not_logged_since_last=not_logged)
+        return True
+
+
 def client_id_problem(client_id: str, max_length: int) -> str | None:
     """Why a client id is refused (CONNACK 0x02), or None if it is fine."""
     if not client_id:
@@ -159,6 +196,7 @@ class Session:
         "inflight",
         "match_cache",
         "next_pid",
+        "owner",
         "principal",
         "queue",
         "subscriptions",
@@ -177,6 +215,7 @@ class Session:
         self.next_pid = 1
         self.match_cache: dict[str, int | None] = {}
         self.disconnected_at: float | None = None
+        self.owner = owner_of(principal)
 
     def granted_qos(self, topic: str) -> int | None:
         """The highest QoS granted by a subscription matching ``topic``; None if none matches."""
@@ -335,8 +374,11 @@ class MQTTConnection(asyncio.Protocol):
         if session.connection is self:
             session.connection = None
             session.disconnected_at = time.monotonic()
-            if session.clean and server.sessions.get(session.client_id) is session:
-                del server.sessions[session.client_id]
+            if server.sessions.get(session.client_id) is session:
+                if session.clean:
+                    del server.sessions[session.client_id]
+                else:
+                    server.went_offline(session)
         reason = self.close_reason or ("disconnect" if self.clean_disconnect else "connection-lost")
         if self.will is not None and not self.clean_disconnect:
             server.stats["will.published"] += 1
@@ -529,6 +571,8 @@ class MQTTConnection(asyncio.Protocol):
                 and not result.principal.may_publish(packet.will.topic)  # type: ignore[union-attr]
             ):
                 code, result.reason = 0x05, "will topic not allowed"
+            if code == CONNACK_ACCEPTED and not server.admit(result.principal, packet.clean_session):  # type: ignore[arg-type]
+                code, result.reason = CONNACK_UNAVAILABLE, "too many persistent sessions"
         if self.state == "closed":
             return
         server.stats[f"connack.{code}"] += 1
@@ -595,7 +639,9 @@ class MQTTConnection(asyncio.Protocol):
             stats["rejected.publish_acl"] += 1
             if record is not None:
                 record.acl_rejected += 1
-            log.info("publish refused", client_id=principal.client_id, topic=topic[:200])
+            server.limited_log.info(
+                "publish_acl", "publish refused", client_id=principal.client_id, topic=topic[:200]
+            )
         elif qos == 2 and session.inbound_qos2 is not None and pid in session.inbound_qos2:
             stats["publish.in_duplicate_qos2"] += 1
         else:
@@ -687,17 +733,34 @@ class MQTTConnection(asyncio.Protocol):
         assert session is not None and principal is not None
         limits = self.server.limits
         codes: list[int] = []
+        subscriptions = session.subscriptions
+        server = self.server
         for topic_filter, qos in packet.topics:
             if (
                 len(topic_filter) > limits.max_topic_length
                 or not valid_filter(topic_filter)
                 or not principal.may_subscribe(topic_filter)
             ):
-                self.server.stats["rejected.subscribe_acl"] += 1
-                log.info("subscribe refused", client_id=principal.client_id, filter=topic_filter[:200])
+                server.stats["rejected.subscribe_acl"] += 1
+                server.limited_log.info(
+                    "subscribe_acl",
+                    "subscribe refused",
+                    client_id=principal.client_id,
+                    filter=topic_filter[:200],
+                )
                 codes.append(0x80)
                 continue
-            session.subscriptions[topic_filter] = qos
+            if topic_filter not in subscriptions and len(subscriptions) >= limits.max_subscriptions:
+                server.stats["rejected.subscribe_limit"] += 1
+                server.limited_log.info(
+                    "subscribe_limit",
+                    "subscribe refused: too many subscriptions",
+                    client_id=principal.client_id,
+                    limit=limits.max_subscriptions,
+                )
+                codes.append(0x80)
+                continue
+            subscriptions[topic_filter] = qos
             codes.append(qos)
         session.match_cache.clear()
         self.write(codec.encode(codec.SubAck(packet.packet_id, codes)))
@@ -762,6 +825,12 @@ class MQTTServer:
         self.connections: set[MQTTConnection] = set()
         self.stats: Counter[str] = Counter()
         self.client_records: dict[str, ClientRecord] = {}
+        # Persistent sessions: how many per owner (vendor), and the offline ones oldest first.
+        self.persistent_count: Counter[str] = Counter()
+        self.persistent_total = 0
+        self.offline: dict[str, Session] = {}
+        self.offline_by_owner: dict[str, dict[str, Session]] = {}
+        self.limited_log = LimitedLog(limits.log_interval)
         self.background: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.intake_paused = False
@@ -851,6 +920,82 @@ class MQTTServer:
             return CONNACK_UNAVAILABLE, "connection limit reached"
         return CONNACK_ACCEPTED, ""
 
+    def admit(self, principal: Principal, clean: bool) -> bool:
+        """Make room for the persistent session a CONNECT will create (forgetting the oldest offline
+        one of the same vendor, or of all, at the bounds); False if there is none to forget."""
+        if clean:
+            return True
+        existing = self.sessions.get(principal.client_id)
+        owner = owner_of(principal)
+        if existing is not None and not existing.clean and existing.owner == owner:
+            return True  # resumed: no new session
+        limits = self.limits
+        if self.persistent_count[owner] >= limits.max_persistent_sessions_per_vendor:
+            oldest = next(iter(self.offline_by_owner.get(owner, ())), None)
+            if oldest is None:
+                return self._refuse_persistent(principal, "vendor")
+            self._forget_offline(self.offline[oldest], "vendor")
+        if self.persistent_total >= limits.max_persistent_sessions:
+            oldest = next(iter(self.offline), None)
+            if oldest is None:
+                return self._refuse_persistent(principal, "total")
+            self._forget_offline(self.offline[oldest], "total")
+        return True
+
+    def _refuse_persistent(self, principal: Principal, bound: str) -> bool:
+        self.stats[f"sessions.refused_{bound}_limit"] += 1
+        self.limited_log.info(
+            f"session_refused_{bound}",
+            "persistent session refused: every session at the limit is connected",
+            client_id=principal.client_id,
+            owner=owner_of(principal),
+            bound=bound,
+        )
+        return False
+
+    def _forget_offline(self, session: Session, bound: str) -> None:
+        self.stats[f"sessions.forgotten_{bound}_limit"] += 1
+        self.limited_log.info(
+            f"session_forgotten_{bound}",
+            "oldest offline persistent session forgotten: too many sessions",
+            client_id=session.client_id,
+            owner=session.owner,
+            bound=bound,
+        )
+        self.forget(session)
+
+    def went_offline(self, session: Session) -> None:
+        """A persistent session lost its connection: it is now the newest offline one."""
+        cid = session.client_id
+        self.offline.pop(cid, None)
+        self.offline[cid] = session
+        by_owner = self.offline_by_owner.get(session.owner)
+        if by_owner is None:
+            by_owner = self.offline_by_owner[session.owner] = {}
+        by_owner.pop(cid, None)
+        by_owner[cid] = session
+
+    def _online(self, session: Session) -> None:
+        cid = session.client_id
+        if self.offline.pop(cid, None) is not None:
+            by_owner = self.offline_by_owner[session.owner]
+            del by_owner[cid]
+            if not by_owner:
+                del self.offline_by_owner[session.owner]
+
+    def forget(self, session: Session) -> None:
+        """Drop a session (expired, over a bound, or replaced by a new one for the same client id)."""
+        cid = session.client_id
+        if self.sessions.get(cid) is session:
+            del self.sessions[cid]
+        if not session.clean:
+            self._online(session)
+            self.persistent_total -= 1
+            count = self.persistent_count
+            count[session.owner] -= 1
+            if count[session.owner] <= 0:
+                del count[session.owner]
+
     def attach(self, conn: MQTTConnection, principal: Principal, clean: bool) -> bool:
         """Bind an authenticated connection to its session; returns session_present."""
         cid = principal.client_id
@@ -870,12 +1015,18 @@ class MQTTServer:
                 log.exception("client_disconnected handler failed", client_id=cid)
         session = self.sessions.get(cid)
         present = False
-        if session is not None and not clean and not session.clean:
+        if session is not None and not clean and not session.clean and session.owner == owner_of(principal):
             present = True
             session.principal = principal
+            self._online(session)
         else:
+            if session is not None:
+                self.forget(session)
             session = Session(cid, principal, clean)
             self.sessions[cid] = session
+            if not clean:
+                self.persistent_count[session.owner] += 1
+                self.persistent_total += 1
         session.connection = conn
         session.disconnected_at = None
         conn.session = session
@@ -1048,10 +1199,10 @@ class MQTTServer:
             ):
                 stats["closed.expired"] += 1
                 conn.close("credentials-expired")
-        expired = [
-            cid
-            for cid, s in self.sessions.items()
-            if s.connection is None and s.disconnected_at and now - s.disconnected_at > limits.session_expiry
-        ]
-        for cid in expired:
-            del self.sessions[cid]
+        offline = self.offline
+        while offline:
+            session = next(iter(offline.values()))  # the oldest offline session
+            if session.disconnected_at is not None and now - session.disconnected_at <= limits.session_expiry:
+                break
+            stats["sessions.expired"] += 1
+            self.forget(session)
