@@ -134,8 +134,8 @@ def test_requests_wait_while_answers_are_not_taken_and_nothing_is_dropped(hub_fa
     time.sleep(0.3)
 
     def sizes() -> tuple[int, int]:
-        conn = mqtt_server.connected["gwH"]
-        return len(mqtt_server.sessions["gwH"].queue or ()), len(getattr(conn, "held", None) or ())
+        session = mqtt_server.sessions["gwH"]
+        return len(session.queue or ()), len(getattr(session, "held", None) or ())
 
     queued, held = hub.run(sizes)
     assert 50 <= queued <= 50 + 8  # max_queued, + what was in processing

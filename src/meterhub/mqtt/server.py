@@ -1,29 +1,24 @@
-"""meterhub's MQTT 3.1.1 endpoint for meter gateways (and, later, open hub subscribers).
+"""meterhub's MQTT 3.1.1 endpoint for meter gateways (and open hub subscribers): the asyncio plumbing.
 
 A protocol adapter, not a general-purpose broker: messages that clients publish go to the
 application (:class:`meterhub.transport.ApplicationHandler`); messages the application publishes go
 to the clients whose subscriptions match. Clients never route to each other.
 
-Layers: ``codec`` turns bytes into packets and back (sans-I/O); :class:`Session` holds what MQTT
-keeps between connections (subscriptions, queued and in-flight messages); :class:`MQTTConnection` is
-the asyncio protocol that drives one socket; :class:`MQTTServer` owns listeners, sessions, the
-keep-alive sweeper and the limits.
+Layers: ``codec`` turns bytes into packets and back (sans-I/O); :class:`~meterhub.mqtt.session.Session`
+(sans-I/O too) runs the MQTT rules of one client's session: QoS 1/2 handshakes both ways, in-flight
+window, queue, inbound acknowledgement order, subscriptions, per-client back-pressure decisions;
+:class:`MQTTConnection` is the asyncio protocol that drives one socket through it (CONNECT and
+authentication, pausing the transport, coalesced writes); :class:`MQTTServer` owns listeners, the
+sessions, the keep-alive sweeper and the limits.
 
-Flow control, so that memory stays bounded whatever clients do:
+Flow control, so that memory stays bounded whatever clients do (the session's part is described in
+:mod:`meterhub.mqtt.session`):
 - inbound QoS 1/2 messages are acknowledged only when the application's work for them completes,
   in order; a client with ``max_pending_inbound`` unacknowledged messages is not read from;
-- outbound QoS 1/2 messages beyond ``max_inflight`` wait in a per-session queue. For a connected
-  client that may publish (a gateway) nothing QoS 1/2 is ever dropped from it: once it holds
-  ``max_queued`` messages, that client's PUBLISH (and other requests) are held back unprocessed until
-  the queue is down to half, while its acknowledgements (PUBACK, PUBREC, PUBCOMP) and PINGREQ are
-  still read and handled (they come behind its publishes in the TCP stream: not reading at all would
-  deadlock). Held-back packets are bounded by ``max_held_inbound`` bytes, past which the client is
-  not read at all (and is disconnected as a slow client after ``slow_client_timeout``). So the queue
-  of a connected gateway stays under ``max_queued`` + ``max_pending_inbound`` (+ commands). QoS 0
-  messages past ``max_queued`` are dropped and counted. For subscribers (never publish, so there is
-  nothing to slow down) and for offline persistent sessions, the oldest message is dropped, counted;
+- nothing QoS 1/2 owed to a connected gateway is dropped: a full queue holds its requests back
+  (its acknowledgements are still read), up to ``max_held_inbound`` bytes, then it is not read;
 - a client whose socket buffer passes ``write_buffer_high`` is paused (not read, not written) and
-  disconnected if it stays so for ``slow_client_timeout`` seconds;
+  disconnected if it stays so (or held back past ``max_held_inbound``) for ``slow_client_timeout``;
 - while the application says it is behind (:meth:`MQTTServer.set_intake_paused`, e.g. storage has
   too much queued), no client that may publish is read from at all: what they send waits in TCP
   buffers, and the keep-alive check spares them (their silence is the server's doing).
@@ -35,14 +30,26 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from meterhub.logs import get_logger
 from meterhub.mqtt import codec
-from meterhub.mqtt.topics import matches, valid_filter
+from meterhub.mqtt.session import (
+    PAUSE_AUTH,
+    PAUSE_HELD,
+    PAUSE_INBOUND,
+    PAUSE_INTAKE,
+    PAUSE_WRITE,
+    SERVER_PAUSES,
+    SESSION_PAUSES,
+    ClientRecord,
+    LimitedLog,
+    Limits,
+    Session,
+    owner_of,
+)
 from meterhub.transport import (
     CONNACK_ACCEPTED,
     CONNACK_BAD_PROTOCOL,
@@ -54,39 +61,27 @@ from meterhub.transport import (
     Principal,
 )
 
+__all__ = [
+    "PAUSE_AUTH",
+    "PAUSE_HELD",
+    "PAUSE_INBOUND",
+    "PAUSE_INTAKE",
+    "PAUSE_WRITE",
+    "SERVER_PAUSES",
+    "ClientRecord",
+    "LimitedLog",
+    "Limits",
+    "MQTTConnection",
+    "MQTTServer",
+    "Session",
+    "client_id_problem",
+    "fit_to_fd_limit",
+    "owner_of",
+]
+
 log = get_logger(__name__)
 
-_PINGRESP = b"\xd0\x00"
 _FORBIDDEN_ID_CHARS = frozenset("/+#")
-
-
-@dataclass(slots=True)
-class Limits:
-    max_packet_size: int = 64 * 1024
-    max_inflight: int = 32
-    max_pending_inbound: int = 256
-    max_queued: int = 1000
-    max_held_inbound: int = 8 * 1024 * 1024
-    max_subscriptions: int = 64
-    max_persistent_sessions_per_vendor: int = 20_000
-    max_persistent_sessions: int = 100_000
-    log_interval: float = 60.0
-    write_buffer_high: int = 256 * 1024
-    slow_client_timeout: float = 60.0
-    connect_timeout: float = 10.0
-    max_client_id_length: int = 128
-    max_topic_length: int = 256
-    max_connections: int = 100_000
-    keepalive_max: int = 3600
-    auth_timeout: float = 10.0
-    sweep_interval: float = 0.5
-    session_expiry: float = 7 * 24 * 3600.0
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
-        names = [n for n in cls.__slots__ if hasattr(settings, n)]  # type: ignore[attr-defined]
-        return cls(**{n: getattr(settings, n) for n in names})
-
 
 #: File descriptors kept back from MQTT sockets: the database, the HTTP API, WebSocket clients, logs.
 FD_RESERVE = 256
@@ -125,39 +120,6 @@ def fit_to_fd_limit(limits: Limits) -> int:
     return limits.max_connections
 
 
-def owner_of(principal: Principal) -> str:
-    """Whose quota a client's persistent session counts against: its vendor (gateways), its user
-    (open hub links), else its username."""
-    extra = principal.extra
-    owner = extra.get("vendor_id")
-    if owner is None:
-        owner = extra.get("uid", principal.username)
-    return f"{principal.kind}:{owner}"
-
-
-class LimitedLog:
-    """Log lines for repeated events at most once per ``interval`` per kind (every event is
-    still counted by the caller); the line says how many were not logged since the last one."""
-
-    __slots__ = ("interval", "last", "suppressed")
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.suppressed: Counter[str] = Counter()
-
-    def info(self, kind: str, message: str, **fields: Any) -> bool:
-        now = time.monotonic()
-        last = self.last.get(kind)
-        if last is not None and now - last < self.interval:
-            self.suppressed[kind] += 1
-            return False
-        self.last[kind] = now
-        not_logged = self.suppressed.pop(kind, 0)
-        log.info(message, **fields, not_logged_since_last=not_logged)
-        return True
-
-
 def client_id_problem(client_id: str, max_length: int) -> str | None:
     """Why a client id is refused (CONNACK 0x02), or None if it is fine."""
     if not client_id:
@@ -170,113 +132,25 @@ def client_id_problem(client_id: str, max_length: int) -> str | None:
     return None
 
 
-class ClientRecord:
-    """What a client did on the wire, kept for its conformance report card (bounded)."""
-
-    __slots__ = ("acl_rejected", "clean_session", "connects", "keepalive", "keepalive_expired", "qos")
-
-    def __init__(self) -> None:
-        self.connects: deque[tuple[float, int]] = deque(maxlen=64)  # (wall time, CONNACK code)
-        self.keepalive = 0
-        self.clean_session = True
-        self.qos = [0, 0, 0]  # inbound PUBLISH count per QoS
-        self.acl_rejected = 0
-        self.keepalive_expired = 0
-
-
-class Session:
-    """MQTT session state that outlives a connection when clean_session is 0."""
-
-    __slots__ = (
-        "clean",
-        "client_id",
-        "connection",
-        "disconnected_at",
-        "inbound_qos2",
-        "inflight",
-        "match_cache",
-        "next_pid",
-        "owner",
-        "principal",
-        "queue",
-        "subscriptions",
-    )
-
-    def __init__(self, client_id: str, principal: Principal, clean: bool) -> None:
-        self.client_id = client_id
-        self.principal = principal
-        self.clean = clean
-        self.subscriptions: dict[str, int] = {}
-        # packet id -> [topic, payload, qos, stage]; stage 0 awaits PUBACK/PUBREC, 1 awaits PUBCOMP
-        self.inflight: dict[int, list[Any]] = {}
-        self.queue: deque[tuple[str, bytes, int]] | None = None
-        self.inbound_qos2: set[int] | None = None
-        self.connection: MQTTConnection | None = None
-        self.next_pid = 1
-        self.match_cache: dict[str, int | None] = {}
-        self.disconnected_at: float | None = None
-        self.owner = owner_of(principal)
-
-    def granted_qos(self, topic: str) -> int | None:
-        """The highest QoS granted by a subscription matching ``topic``; None if none matches."""
-        cache = self.match_cache
-        try:
-            return cache[topic]
-        except KeyError:
-            pass
-        best: int | None = None
-        for topic_filter, qos in self.subscriptions.items():
-            if matches(topic_filter, topic) and (best is None or qos > best):
-                best = qos
-        if len(cache) > 64:
-            cache.clear()
-        cache[topic] = best
-        return best
-
-    def alloc_pid(self) -> int:
-        pid = self.next_pid
-        inflight = self.inflight
-        while pid in inflight:
-            pid = pid % 65535 + 1
-        self.next_pid = pid % 65535 + 1
-        return pid
-
-
-#: Reasons a connection is not read from (bits of ``MQTTConnection.read_pause``).
-PAUSE_AUTH = 1  # CONNECT is being authenticated
-PAUSE_INBOUND = 2  # max_pending_inbound messages await the application
-PAUSE_WRITE = 4  # the client does not read what we write
-PAUSE_INTAKE = 8  # the application is behind (server-wide)
-PAUSE_HELD = 16  # more than max_held_inbound bytes of this client's packets are held back
-#: Pauses that are the server's doing: the keep-alive check does not count them against the client.
-SERVER_PAUSES = PAUSE_INBOUND | PAUSE_INTAKE
-
-
 class MQTTConnection(asyncio.Protocol):
-    """One client socket: decode packets, run the MQTT rules, write replies."""
+    """One client socket: decode packets, authenticate the CONNECT, drive the session, write bytes."""
 
     __slots__ = (
-        "ack_waiting",
-        "acks",
         "clean_disconnect",
         "close_reason",
         "created",
         "decoder",
         "flush_scheduled",
-        "held",
-        "held_bytes",
-        "held_full_since",
         "keep_alive",
         "last_rx",
         "out",
-        "out_size",
+        "own_out_size",
         "peer",
         "pending",
         "principal",
         "read_pause",
         "receiving",
         "record",
-        "releasing",
         "server",
         "session",
         "state",
@@ -296,9 +170,7 @@ class MQTTConnection(asyncio.Protocol):
         now = time.monotonic()
         self.created = now
         self.last_rx = now
-        self.acks: deque[tuple[asyncio.Future[Any] | None, bytes]] | None = None
-        self.ack_waiting = False
-        self.read_pause = 0  # bitmask of reasons reading is paused: PAUSE_* below
+        self.read_pause = 0  # bitmask of reasons reading is paused: PAUSE_* in meterhub.mqtt.session
         self.will: codec.Will | None = None
         self.clean_disconnect = False
         self.close_reason = ""
@@ -306,15 +178,10 @@ class MQTTConnection(asyncio.Protocol):
         self.pending: list[Any] | None = None
         self.write_paused_since: float | None = None
         self.record: ClientRecord | None = None
-        self.out: list[bytes] | None = None  # bytes written but not yet handed to the transport
-        self.out_size = 0
+        self.out: list[bytes] | None = None  # bytes written before there is a session (refusals)
+        self.own_out_size = 0
         self.receiving = False
         self.flush_scheduled = False
-        # Packets read but not processed yet (per-client back-pressure), None when nothing is held.
-        self.held: deque[Any] | None = None
-        self.held_bytes = 0
-        self.held_full_since: float | None = None
-        self.releasing = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -344,7 +211,11 @@ class MQTTConnection(asyncio.Protocol):
             return
         self.receiving = True
         try:
-            for packet in packets:
+            state = self.state
+            if state == "connected":
+                self._receive(packets)
+                return
+            for i, packet in enumerate(packets):
                 if self.state == "connecting":
                     if self.pending is None:
                         self.pending = []
@@ -352,13 +223,89 @@ class MQTTConnection(asyncio.Protocol):
                     continue
                 if self.state == "closed":
                     return
-                if self.held is not None and type(packet) not in _ACK_TYPES:
-                    self._hold(packet)
-                    continue
-                self._dispatch(packet)
+                if self.state == "connected":  # a CONNECT in this read was accepted at once
+                    self._receive(packets[i:])
+                    return
+                if type(packet) is not codec.Connect:
+                    self.server.stats["protocol_error.not-connected"] += 1
+                    self.abort("protocol-error:first-packet-not-connect")
+                    return
+                self._on_connect(packet)
         finally:
             self.receiving = False
             self.flush()
+
+    def _receive(self, packets: Iterable[Any]) -> None:
+        """Hand packets of a connected client to its session and act on what it returns."""
+        session = self.session
+        assert session is not None
+        receive = session.receive
+        flush_bytes = self.server.flush_bytes
+        for packet in packets:
+            if self.state != "connected":
+                return
+            if type(packet) is codec.Connect:
+                self.server.stats["protocol_error.second-connect"] += 1
+                self.abort("protocol-error:second-connect")
+                return
+            event = receive(packet)
+            if event is not None:
+                self._on_event(session, event)
+            if session.out_size >= flush_bytes:
+                self.flush()
+        self._after(session)
+
+    def _on_event(self, session: Session, event: Any) -> None:
+        if type(event) is codec.Publish:
+            self._deliver(session, event)
+        else:  # codec.Disconnect
+            self.clean_disconnect = True
+            self.will = None
+            self.close("disconnect")
+
+    def _deliver(self, session: Session, packet: codec.Publish) -> None:
+        server = self.server
+        principal = self.principal
+        assert principal is not None
+        try:
+            result = server.handler.message(principal, packet.topic, packet.payload)
+        except Exception:
+            server.stats["handler.errors"] += 1
+            log.exception("message handler failed", client_id=principal.client_id, topic=packet.topic)
+            result = None
+        if not packet.qos:
+            return
+        if result is not None and not isinstance(result, asyncio.Future):
+            result = asyncio.ensure_future(result)
+        wait = session.inbound_result(packet, result)
+        if wait is not None:
+            wait.add_done_callback(self._ack_ready)
+
+    def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
+        session = self.session
+        if self.state != "connected" or session is None or session.connection is not self:
+            return
+        wait = session.ack_ready()
+        if wait is not None:
+            wait.add_done_callback(self._ack_ready)
+        self._after(session)
+        self._wrote(session)
+
+    def _after(self, session: Session) -> None:
+        """Run held-back packets that may go now, and apply the read pauses the session wants."""
+        if session.held is not None:
+            while self.state == "connected":
+                event = session.next_released()
+                if event is None:
+                    break
+                self._on_event(session, event)
+        want = session.wants_pause
+        if want != self.read_pause & SESSION_PAUSES:
+            for bit in (PAUSE_INBOUND, PAUSE_HELD):
+                if want & bit and not self.read_pause & bit:
+                    self._pause_reading(bit)
+                elif not want & bit and self.read_pause & bit:
+                    self._resume_reading(bit)
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
@@ -372,8 +319,7 @@ class MQTTConnection(asyncio.Protocol):
         principal = self.principal
         assert session is not None and principal is not None
         if session.connection is self:
-            session.connection = None
-            session.disconnected_at = time.monotonic()
+            session.detach(time.monotonic())
             if server.sessions.get(session.client_id) is session:
                 if session.clean:
                     del server.sessions[session.client_id]
@@ -394,12 +340,18 @@ class MQTTConnection(asyncio.Protocol):
         self.write_paused_since = time.monotonic()
         self.server.stats["flow.write_paused"] += 1
         self._pause_reading(PAUSE_WRITE)
+        session = self.session
+        if session is not None and session.connection is self:
+            session.writable = False
 
     def resume_writing(self) -> None:
         self.write_paused_since = None
         self._resume_reading(PAUSE_WRITE)
-        if self.session is not None and self.state == "connected":
-            self.server.pump(self.session)
+        session = self.session
+        if session is not None and self.state == "connected" and session.connection is self:
+            session.set_writable(True)
+            self._after(session)
+            self._wrote(session)
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -420,86 +372,53 @@ class MQTTConnection(asyncio.Protocol):
         if not self.read_pause and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def start_holding(self) -> None:
-        """Process no more requests from this client (its acknowledgements still are) until
-        :meth:`release_held` finds it has room again."""
-        if self.held is None:
-            self.held = deque()
-            self.server.stats["flow.held"] += 1
-
-    def _hold(self, packet: Any) -> None:
-        held = self.held
-        assert held is not None
-        held.append(packet)
-        size = _held_size(packet)
-        self.held_bytes += size
-        if self.held_bytes > self.server.limits.max_held_inbound and not self.read_pause & PAUSE_HELD:
-            self.server.stats["flow.held_full"] += 1
-            self.held_full_since = time.monotonic()
-            self._pause_reading(PAUSE_HELD)
-
-    def gated(self) -> bool:
-        """Whether this client's requests must wait: too many in processing, or its queue is full."""
-        limits = self.server.limits
-        acks = self.acks
-        if acks is not None and len(acks) >= limits.max_pending_inbound:
-            return True
+    @property
+    def out_size(self) -> int:
+        """Bytes written but not yet handed to the transport."""
         session = self.session
-        queue = session.queue if session is not None else None
-        return queue is not None and len(queue) >= limits.max_queued
-
-    def release_held(self) -> None:
-        """Process held-back packets while there is room (queue at most half full)."""
-        held = self.held
-        if held is None or self.releasing or self.state != "connected":
-            return
-        session = self.session
-        limits = self.server.limits
-        if session is not None and session.queue and len(session.queue) > limits.max_queued // 2:
-            return
-        self.releasing = True
-        try:
-            while held and not self.gated():
-                if self.state != "connected":
-                    return
-                packet = held.popleft()
-                self.held_bytes -= _held_size(packet)
-                self._dispatch(packet)
-            if not held and not self.gated():
-                self.held = None
-                self.held_bytes = 0
-        finally:
-            self.releasing = False
-        if self.read_pause & PAUSE_HELD and self.held_bytes <= limits.max_held_inbound // 2:
-            self.held_full_since = None
-            self._resume_reading(PAUSE_HELD)
+        own = self.own_out_size
+        if session is not None and session.connection is self:
+            return own + session.out_size
+        return own
 
     def write(self, data: bytes) -> None:
-        """Queue bytes for the socket. Writes made while handling one read (or in one turn of the event
-        loop) go out in a single send: one system call instead of one per packet."""
-        out = self.out
-        if out is None:
+        """Bytes for the socket outside the session (CONNACK refusals); sent at the end of the read."""
+        if self.out is None:
             self.out = [data]
-            self.out_size = len(data)
-            if not self.receiving and not self.flush_scheduled:
-                self.flush_scheduled = True
-                self.server.loop.call_soon(self.flush)
+        else:
+            self.out.append(data)
+        self.own_out_size += len(data)
+        self._schedule_flush()
+
+    def _wrote(self, session: Session) -> None:
+        """The session wrote outside a read: send soon (in one system call with what follows in this
+        turn of the event loop), or at once past ``flush_bytes``."""
+        if session.out is None:
             return
-        out.append(data)
-        self.out_size += len(data)
-        if self.out_size >= self.server.flush_bytes:
+        if session.out_size >= self.server.flush_bytes:
             self.flush()
+        else:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self.receiving and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.server.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
-        out = self.out
-        if out is None:
-            return
-        self.out = None
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out = self.out
+        if out is not None:
+            self.out = None
+            self.own_out_size = 0
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+        session = self.session
+        if session is not None and session.out is not None and session.connection is self:
+            data = session.data_to_send()
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
 
     def abort(self, reason: str) -> None:
         """Close at once, dropping unsent data (protocol errors, timeouts)."""
@@ -520,21 +439,7 @@ class MQTTConnection(asyncio.Protocol):
     def can_send(self) -> bool:
         return self.state == "connected" and self.write_paused_since is None
 
-    # --- packet handling -------------------------------------------------------------------------
-
-    def _dispatch(self, packet: Any) -> None:
-        handler = _DISPATCH.get(type(packet))
-        if self.state == "new":
-            if type(packet) is not codec.Connect:
-                self.server.stats["protocol_error.not-connected"] += 1
-                self.abort("protocol-error:first-packet-not-connect")
-                return
-        elif type(packet) is codec.Connect:
-            self.server.stats["protocol_error.second-connect"] += 1
-            self.abort("protocol-error:second-connect")
-            return
-        assert handler is not None
-        handler(self, packet)
+    # --- CONNECT -------------------------------------------------------------------------------
 
     def _on_connect(self, packet: codec.Connect) -> None:
         self.state = "connecting"
@@ -599,214 +504,28 @@ class MQTTConnection(asyncio.Protocol):
         self.principal = principal
         self.keep_alive = packet.keep_alive
         self.will = packet.will
-        session_present = server.attach(self, principal, packet.clean_session)
+        session = server.attach(self, principal, packet.clean_session)  # writes the CONNACK
+        session.record = self.record
         self.state = "connected"
-        self.write(codec.encode(codec.ConnAck(session_present, CONNACK_ACCEPTED)))
         log.debug("client connected", client_id=principal.client_id, peer=self.peer)
         try:
             server.handler.client_connected(principal, self.peer)
         except Exception:
             log.exception("client_connected handler failed", client_id=principal.client_id)
-        server.resend_inflight(self.session)  # type: ignore[arg-type]
+        if self.state != "connected":
+            return
+        session.resume()
         pending, self.pending = self.pending, None
         if pending:
-            for pkt in pending:
-                if self.state != "connected":
-                    return
-                if self.held is not None and type(pkt) not in _ACK_TYPES:
-                    self._hold(pkt)
-                else:
-                    self._dispatch(pkt)
+            self._receive(pending)
+        else:
+            self._after(session)
+        if self.state != "connected":
+            return
         if server.intake_paused and principal.publishes:
             self._pause_reading(PAUSE_INTAKE)
         self._resume_reading(PAUSE_AUTH)
-
-    def _on_publish(self, packet: codec.Publish) -> None:
-        server = self.server
-        stats = server.stats
-        stats["publish.in"] += 1
-        principal = self.principal
-        session = self.session
-        assert principal is not None and session is not None
-        topic = packet.topic
-        qos = packet.qos
-        pid = packet.packet_id
-        result: Any = None
-        record = self.record
-        if record is not None:
-            record.qos[qos] += 1
-        if len(topic) > server.limits.max_topic_length or not principal.may_publish(topic):
-            stats["rejected.publish_acl"] += 1
-            if record is not None:
-                record.acl_rejected += 1
-            server.limited_log.info(
-                "publish_acl", "publish refused", client_id=principal.client_id, topic=topic[:200]
-            )
-        elif qos == 2 and session.inbound_qos2 is not None and pid in session.inbound_qos2:
-            stats["publish.in_duplicate_qos2"] += 1
-        else:
-            if qos == 2:
-                if session.inbound_qos2 is None:
-                    session.inbound_qos2 = set()
-                session.inbound_qos2.add(pid)  # type: ignore[arg-type]
-            try:
-                result = server.handler.message(principal, topic, packet.payload)
-            except Exception:
-                stats["handler.errors"] += 1
-                log.exception("message handler failed", client_id=principal.client_id, topic=topic)
-                result = None
-            if result is not None and not isinstance(result, asyncio.Future):
-                result = asyncio.ensure_future(result)
-        if qos == 0:
-            return
-        ack = (b"\x40\x02" if qos == 1 else b"\x50\x02") + pid.to_bytes(2, "big")  # type: ignore[union-attr]
-        acks = self.acks
-        if result is None and not acks:
-            self.write(ack)
-            return
-        if acks is None:
-            acks = self.acks = deque()
-        acks.append((result, ack))
-        if len(acks) >= server.limits.max_pending_inbound:
-            stats["flow.inbound_paused"] += 1
-            self._pause_reading(PAUSE_INBOUND)
-            self.start_holding()  # the rest of this read waits too
-        self._flush_acks()
-
-    def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
-        self.ack_waiting = False
-        self._flush_acks()
-
-    def _flush_acks(self) -> None:
-        """Write acknowledgements in arrival order, as far as the work behind them is done."""
-        if self.state != "connected" or self.acks is None:
-            return
-        acks = self.acks
-        transport = self.transport
-        assert transport is not None
-        while acks:
-            fut, data = acks[0]
-            if fut is not None and not fut.done():
-                if not self.ack_waiting:
-                    self.ack_waiting = True
-                    fut.add_done_callback(self._ack_ready)
-                break
-            acks.popleft()
-            self.write(data)
-        if self.read_pause & PAUSE_INBOUND and len(acks) <= self.server.limits.max_pending_inbound // 2:
-            self._resume_reading(PAUSE_INBOUND)
-        if self.held is not None:
-            self.release_held()
-
-    def _on_puback(self, packet: codec.PubAck) -> None:
-        session = self.session
-        assert session is not None
-        entry = session.inflight.pop(packet.packet_id, None)
-        if entry is None:
-            self.server.stats["protocol.unknown_ack"] += 1
-        self.server.pump(session)
-
-    def _on_pubrec(self, packet: codec.PubRec) -> None:
-        session = self.session
-        assert session is not None
-        entry = session.inflight.get(packet.packet_id)
-        if entry is not None:
-            entry[3] = 1
-        self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
-
-    def _on_pubrel(self, packet: codec.PubRel) -> None:
-        session = self.session
-        assert session is not None
-        if session.inbound_qos2 is not None:
-            session.inbound_qos2.discard(packet.packet_id)
-        self.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))
-
-    def _on_pubcomp(self, packet: codec.PubComp) -> None:
-        session = self.session
-        assert session is not None
-        session.inflight.pop(packet.packet_id, None)
-        self.server.pump(session)
-
-    def _on_subscribe(self, packet: codec.Subscribe) -> None:
-        session = self.session
-        principal = self.principal
-        assert session is not None and principal is not None
-        limits = self.server.limits
-        codes: list[int] = []
-        subscriptions = session.subscriptions
-        server = self.server
-        for topic_filter, qos in packet.topics:
-            if (
-                len(topic_filter) > limits.max_topic_length
-                or not valid_filter(topic_filter)
-                or not principal.may_subscribe(topic_filter)
-            ):
-                server.stats["rejected.subscribe_acl"] += 1
-                server.limited_log.info(
-                    "subscribe_acl",
-                    "subscribe refused",
-                    client_id=principal.client_id,
-                    filter=topic_filter[:200],
-                )
-                codes.append(0x80)
-                continue
-            if topic_filter not in subscriptions and len(subscriptions) >= limits.max_subscriptions:
-                server.stats["rejected.subscribe_limit"] += 1
-                server.limited_log.info(
-                    "subscribe_limit",
-                    "subscribe refused: too many subscriptions",
-                    client_id=principal.client_id,
-                    limit=limits.max_subscriptions,
-                )
-                codes.append(0x80)
-                continue
-            subscriptions[topic_filter] = qos
-            codes.append(qos)
-        session.match_cache.clear()
-        self.write(codec.encode(codec.SubAck(packet.packet_id, codes)))
-        self.server.pump(session)
-
-    def _on_unsubscribe(self, packet: codec.Unsubscribe) -> None:
-        session = self.session
-        assert session is not None
-        for topic_filter in packet.topics:
-            session.subscriptions.pop(topic_filter, None)
-        session.match_cache.clear()
-        self.write(codec.encode(codec.UnsubAck(packet.packet_id)))
-
-    def _on_pingreq(self, _packet: codec.PingReq) -> None:
-        self.write(_PINGRESP)
-
-    def _on_disconnect(self, _packet: codec.Disconnect) -> None:
-        self.clean_disconnect = True
-        self.will = None
-        self.close("disconnect")
-
-
-#: Packets handled even while a client's requests are held back: they answer what the server sent
-#: (and free room in its in-flight window and queue), or keep the connection alive.
-_ACK_TYPES = frozenset({codec.PubAck, codec.PubRec, codec.PubComp, codec.PingReq})
-
-
-def _held_size(packet: Any) -> int:
-    """About what a held-back packet costs in memory."""
-    if type(packet) is codec.Publish:
-        return 96 + len(packet.topic) + len(packet.payload)
-    return 96
-
-
-_DISPATCH: dict[type, Any] = {
-    codec.Connect: MQTTConnection._on_connect,
-    codec.Publish: MQTTConnection._on_publish,
-    codec.PubAck: MQTTConnection._on_puback,
-    codec.PubRec: MQTTConnection._on_pubrec,
-    codec.PubRel: MQTTConnection._on_pubrel,
-    codec.PubComp: MQTTConnection._on_pubcomp,
-    codec.Subscribe: MQTTConnection._on_subscribe,
-    codec.Unsubscribe: MQTTConnection._on_unsubscribe,
-    codec.PingReq: MQTTConnection._on_pingreq,
-    codec.Disconnect: MQTTConnection._on_disconnect,
-}
+        self.flush()
 
 
 def _last_rx(conn: MQTTConnection) -> float:
@@ -996,8 +715,9 @@ class MQTTServer:
             if count[session.owner] <= 0:
                 del count[session.owner]
 
-    def attach(self, conn: MQTTConnection, principal: Principal, clean: bool) -> bool:
-        """Bind an authenticated connection to its session; returns session_present."""
+    def attach(self, conn: MQTTConnection, principal: Principal, clean: bool) -> Session:
+        """Bind an authenticated connection to its session (resumed or new); the session writes the
+        CONNACK with session_present."""
         cid = principal.client_id
         old = self.connected.pop(cid, None)
         if old is not None and old is not conn:
@@ -1022,16 +742,15 @@ class MQTTServer:
         else:
             if session is not None:
                 self.forget(session)
-            session = Session(cid, principal, clean)
+            session = Session(cid, principal, clean, self.limits, self.stats, self.limited_log)
             self.sessions[cid] = session
             if not clean:
                 self.persistent_count[session.owner] += 1
                 self.persistent_total += 1
-        session.connection = conn
-        session.disconnected_at = None
+        session.attach(conn, principal, present)
         conn.session = session
         self.connected[cid] = conn
-        return present
+        return session
 
     def client_record(self, client_id: str) -> ClientRecord:
         records = self.client_records
@@ -1055,80 +774,12 @@ class MQTTServer:
         session = self.sessions.get(client_id)
         if session is None:
             return False
-        granted = session.granted_qos(topic)
-        if granted is None:
-            self.stats["publish.out_unsubscribed"] += 1
-            return False
-        if granted < qos:
-            qos = granted
-        conn = session.connection
-        if (
-            conn is not None
-            and conn.can_send
-            and not session.queue
-            and (qos == 0 or len(session.inflight) < self.limits.max_inflight)
-        ):
-            self._send(conn, session, topic, payload, qos)
-            return True
-        if qos == 0 and conn is None:
-            self.stats["publish.out_dropped_qos0_offline"] += 1
-            return True
-        queue = session.queue
-        if queue is None:
-            queue = session.queue = deque()
-        max_queued = self.limits.max_queued
-        if len(queue) >= max_queued:
-            if conn is None or not session.principal.publishes:
-                # offline, or a subscriber nobody can slow down for: the oldest goes
-                queue.popleft()
-                self.stats["publish.out_dropped_queue_full"] += 1
-            elif qos == 0:
-                self.stats["publish.out_dropped_queue_full"] += 1
-                return True
-            else:
-                self.stats["publish.out_queued_over_bound"] += 1
-        queue.append((topic, payload, qos))
-        if conn is not None and len(queue) >= max_queued and session.principal.publishes:
-            conn.start_holding()  # owed to a connected gateway: never dropped, slow it down instead
-        return True
-
-    def _send(self, conn: MQTTConnection, session: Session, topic: str, payload: bytes, qos: int) -> None:
-        self.stats["publish.out"] += 1
-        if qos == 0:
-            conn.write(codec.encode_publish(topic, payload, 0, None))
-            return
-        pid = session.alloc_pid()
-        session.inflight[pid] = [topic, payload, qos, 0]
-        conn.write(codec.encode_publish(topic, payload, qos, pid))
-
-    def pump(self, session: Session) -> None:
-        """Send queued messages while the connection and the in-flight window allow."""
-        conn = session.connection
-        if conn is None:
-            return
-        queue = session.queue
-        max_inflight = self.limits.max_inflight
-        while queue and conn.can_send:
-            topic, payload, qos = queue[0]
-            if qos and len(session.inflight) >= max_inflight:
-                break
-            queue.popleft()
-            self._send(conn, session, topic, payload, qos)
-        if conn.held is not None:
-            conn.release_held()
-
-    def resend_inflight(self, session: Session) -> None:
-        """After a session resumes: retransmit unacknowledged messages (DUP set), then the queue."""
-        conn = session.connection
-        if conn is None:
-            return
-        for pid, (topic, payload, qos, stage) in session.inflight.items():
-            self.stats["publish.out_retransmitted"] += 1
-            if stage == 0:
-                conn.write(codec.encode_publish(topic, payload, qos, pid, dup=True))
-            else:
-                conn.write(b"\x62\x02" + pid.to_bytes(2, "big"))
-        self.pump(session)
+        sent = session.send(topic, payload, qos)
+        if session.out is not None:
+            conn = session.connection
+            if conn is not None:
+                conn._wrote(session)
+        return sent
 
     # --- Southbound ------------------------------------------------------------------------------
 
@@ -1173,11 +824,8 @@ class MQTTServer:
                 continue  # CONNECT is in; auth_timeout bounds the wait and answers 0x03 if it passes
             if state != "connected":
                 continue
-            if (
-                conn.keep_alive
-                and now - conn.last_rx > conn.keep_alive * 1.5
-                and not conn.read_pause & SERVER_PAUSES
-            ):
+            session = conn.session
+            if Session.keepalive_expired(conn.keep_alive, conn.last_rx, now, conn.read_pause):
                 stats["closed.keepalive"] += 1
                 if conn.record is not None:
                     conn.record.keepalive_expired += 1
@@ -1190,7 +838,11 @@ class MQTTServer:
                 stats["closed.slow_client"] += 1
                 log.info("slow client disconnected", client_id=conn._cid(), peer=conn.peer)
                 conn.abort("slow-client")
-            elif conn.held_full_since is not None and now - conn.held_full_since > limits.slow_client_timeout:
+            elif (
+                session is not None
+                and session.held_full_since is not None
+                and now - session.held_full_since > limits.slow_client_timeout
+            ):
                 stats["closed.slow_client"] += 1
                 log.info("client sends without taking its answers, disconnected", client_id=conn._cid())
                 conn.abort("slow-client")
