@@ -239,21 +239,28 @@ class MQTTConnection(asyncio.Protocol):
         """Hand packets of a connected client to its session and act on what it returns."""
         session = self.session
         assert session is not None
-        receive = session.receive
+        process = session._process  # the fast path: nothing held back
         flush_bytes = self.server.flush_bytes
+        connect = codec.Connect
+        publish = codec.Publish
         for packet in packets:
             if self.state != "connected":
                 return
-            if type(packet) is codec.Connect:
+            kind = type(packet)
+            if kind is connect:
                 self.server.stats["protocol_error.second-connect"] += 1
                 self.abort("protocol-error:second-connect")
                 return
-            event = receive(packet)
+            event = process(packet) if session.held is None else session.receive(packet)
             if event is not None:
-                self._on_event(session, event)
+                if type(event) is publish:
+                    self._deliver(session, event)
+                else:
+                    self._on_event(session, event)
             if session.out_size >= flush_bytes:
                 self.flush()
-        self._after(session)
+        if session.held is not None or session.wants_pause != self.read_pause & SESSION_PAUSES:
+            self._after(session)
 
     def _on_event(self, session: Session, event: Any) -> None:
         if type(event) is codec.Publish:
