@@ -164,3 +164,34 @@ def test_requests_wait_while_answers_are_not_taken_and_nothing_is_dropped(hub_fa
     assert pubacks == set(range(1, n + 1))
     assert hub.stats["publish.out_dropped_queue_full"] == 0
     raw.close()
+
+
+def test_a_gateway_that_never_takes_its_answers_is_bounded_then_disconnected(hub_factory) -> None:
+    """Requests keep coming, answers are never acknowledged: what is held back stops at
+    ``max_held_inbound`` (the socket is no longer read), and the client is disconnected as a slow
+    client after ``slow_client_timeout``; nothing was dropped while it was connected."""
+    hub = hub_factory("echo", max_queued=5, max_inflight=1, max_held_inbound=4000, slow_client_timeout=1.0)
+    v = registry.add_vendor(hub.engine, "never-acks")
+    raw = mqttraw.RawClient(hub.port)
+    raw.send(mqttraw.connect("gwN", v.username, gateway_password("gwN", v.username)))
+    assert raw.read_packet()[0] == 0x20
+    raw.send(mqttraw.subscribe(1, "gateway_id/gwN/#", 1))
+    assert raw.read_packet()[0] == 0x90
+    batch = 10  # packets per write, so that the server reads them in separate reads
+    per_packet = 96 + 100 + len("gateway_id/gwN/echo")  # what one costs held back
+    for b in range(20):
+        raw.send(
+            b"".join(
+                mqttraw.publish("gateway_id/gwN/echo", b"p" * 100, 1, b * batch + i + 1) for i in range(batch)
+            )
+        )
+        time.sleep(0.02)
+    wait_for(lambda: hub.stats["flow.held_full"] == 1)
+    time.sleep(0.2)
+    mqtt_server = hub.hub.mqtt
+    held_bytes = hub.run(lambda: mqtt_server.sessions["gwN"].held_bytes)
+    # past the bound by at most what one read brought (in the stream, not read, is the rest)
+    assert 4000 < held_bytes <= 4000 + 5 * batch * per_packet < 200 * per_packet
+    wait_for(lambda: hub.stats["closed.slow_client"] == 1, timeout=5)
+    assert hub.stats["publish.out_dropped_queue_full"] == 0
+    assert raw.closed_within(2) is not None

@@ -21,7 +21,8 @@ Flow control decided here (see docs/decisions.md):
 - outbound QoS 1/2 messages past ``max_inflight`` wait in a queue. For a connected client that
   publishes (a gateway) none is ever dropped: at ``max_queued`` its requests are held back
   unprocessed (its PUBACK/PUBREC/PUBCOMP/PINGREQ are still handled) until the queue is half empty;
-  held-back packets past ``max_held_inbound`` bytes ask not to be read at all (``PAUSE_HELD``).
+  held-back packets past ``max_held_inbound`` bytes ask not to be read at all (``PAUSE_HELD``; what
+  the read in progress brought is still held, so the bound is that plus one read).
   QoS 0 past the bound is dropped. Subscribers and offline sessions lose the oldest message.
 """
 
