@@ -11,4 +11,5 @@ timeout 600 "$py" bench/fleet.py --smoke
 timeout 600 "$py" bench/fanout.py --smoke
 timeout 300 "$py" bench/backpressure.py --smoke
 timeout 120 "$py" bench/login_flood.py --smoke
+timeout 120 "$py" bench/burst.py --smoke
 echo "bench smoke: all scripts exited 0"

@@ -94,16 +94,41 @@ class Settings(BaseSettings):
     max_pending_inbound: int = Field(
         256, description="Inbound QoS>0 messages being processed per client before reading pauses."
     )
-    max_queued: int = Field(1000, description="Messages queued per client (offline or slow); oldest dropped.")
+    max_queued: int = Field(
+        1000,
+        description="Messages queued per client. A connected gateway past it is read only for its "
+        "acknowledgements until half is sent (nothing QoS 1 dropped); subscribers and offline "
+        "sessions lose the oldest.",
+    )
+    max_held_inbound: int = Field(
+        8 * 1024 * 1024,
+        description="Bytes of a gateway's packets read but held back (its queue is full) above which "
+        "it is not read at all; disconnected after slow_client_timeout if it stays so.",
+    )
     write_buffer_high: int = Field(
         256 * 1024, description="Socket write buffer above which a client is paused."
     )
     slow_client_timeout: float = Field(
         60.0, description="Seconds a client may stay above the high-water mark."
     )
+    max_subscriptions: int = Field(
+        64, ge=1, description="Topic filters one client may hold; SUBACK 0x80 for more."
+    )
+    max_persistent_sessions_per_vendor: int = Field(
+        20_000,
+        ge=1,
+        description="clean_session=0 sessions per vendor (or open hub user); past it the vendor's "
+        "oldest offline one is forgotten, or CONNACK 0x03 if all are connected.",
+    )
+    max_persistent_sessions: int = Field(
+        100_000,
+        ge=1,
+        description="clean_session=0 sessions in all; past it the oldest offline one is forgotten, "
+        "or CONNACK 0x03 if all are connected.",
+    )
     connect_timeout: float = 10.0
     max_client_id_length: int = 128
-    max_topic_length: int = 256
+    max_topic_length: int = Field(256, description="Longest topic name or topic filter accepted.")
     max_connections: int = 100_000
     keepalive_max: int = Field(3600, description="Largest keep-alive accepted (seconds); 0 = unlimited.")
     login_fail_window: float = Field(60.0, gt=0, description="Window (s) of the failed-login budgets.")

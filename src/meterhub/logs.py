@@ -141,6 +141,12 @@ class RateLimitedLog:
         self._log.log(emit[0], emit[1], **emit[2])
         return True
 
+    def held_back(self, key: Hashable) -> int:
+        """How many events of ``key`` were counted and not logged since its last line."""
+        with self._lock:
+            found = self._entries.get(key)
+            return 0 if found is None else found[1].count
+
     def _due(self, event: str, entry: _Entry, now: float) -> tuple[int, str, dict[str, Any]]:
         fields = {k: v for k, v in entry.fields.items() if k != "exc_info"}  # the first line had it
         line = (entry.level, event, {**fields, "repeated": entry.count})

@@ -1,21 +1,24 @@
-"""meterhub's MQTT 3.1.1 endpoint for meter gateways (and, later, open hub subscribers).
+"""meterhub's MQTT 3.1.1 endpoint for meter gateways (and open hub subscribers): the asyncio plumbing.
 
 A protocol adapter, not a general-purpose broker: messages that clients publish go to the
 application (:class:`meterhub.transport.ApplicationHandler`); messages the application publishes go
 to the clients whose subscriptions match. Clients never route to each other.
 
-Layers: ``codec`` turns bytes into packets and back (sans-I/O); :class:`Session` holds what MQTT
-keeps between connections (subscriptions, queued and in-flight messages); :class:`MQTTConnection` is
-the asyncio protocol that drives one socket; :class:`MQTTServer` owns listeners, sessions, the
-keep-alive sweeper and the limits.
+Layers: ``codec`` turns bytes into packets and back (sans-I/O); :class:`~meterhub.mqtt.session.Session`
+(sans-I/O too) runs the MQTT rules of one client's session: QoS 1/2 handshakes both ways, in-flight
+window, queue, inbound acknowledgement order, subscriptions, per-client back-pressure decisions;
+:class:`MQTTConnection` is the asyncio protocol that drives one socket through it (CONNECT and
+authentication, pausing the transport, coalesced writes); :class:`MQTTServer` owns listeners, the
+sessions, the keep-alive sweeper and the limits.
 
-Flow control, so that memory stays bounded whatever clients do:
+Flow control, so that memory stays bounded whatever clients do (the session's part is described in
+:mod:`meterhub.mqtt.session`):
 - inbound QoS 1/2 messages are acknowledged only when the application's work for them completes,
   in order; a client with ``max_pending_inbound`` unacknowledged messages is not read from;
-- outbound QoS 1/2 messages beyond ``max_inflight`` wait in a per-session queue of ``max_queued``
-  (oldest dropped and counted);
+- nothing QoS 1/2 owed to a connected gateway is dropped: a full queue holds its requests back
+  (its acknowledgements are still read), up to ``max_held_inbound`` bytes, then it is not read;
 - a client whose socket buffer passes ``write_buffer_high`` is paused (not read, not written) and
-  disconnected if it stays so for ``slow_client_timeout`` seconds;
+  disconnected if it stays so (or held back past ``max_held_inbound``) for ``slow_client_timeout``;
 - while the application says it is behind (:meth:`MQTTServer.set_intake_paused`, e.g. storage has
   too much queued), no client that may publish is read from at all: what they send waits in TCP
   buffers, and the keep-alive check spares them (their silence is the server's doing).
@@ -27,14 +30,25 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.mqtt import codec
-from meterhub.mqtt.topics import matches, valid_filter
+from meterhub.mqtt.session import (
+    PAUSE_AUTH,
+    PAUSE_HELD,
+    PAUSE_INBOUND,
+    PAUSE_INTAKE,
+    PAUSE_WRITE,
+    SERVER_PAUSES,
+    SESSION_PAUSES,
+    ClientRecord,
+    Limits,
+    Session,
+    owner_of,
+)
 from meterhub.transport import (
     CONNACK_ACCEPTED,
     CONNACK_BAD_PROTOCOL,
@@ -46,35 +60,27 @@ from meterhub.transport import (
     Principal,
 )
 
+__all__ = [
+    "PAUSE_AUTH",
+    "PAUSE_HELD",
+    "PAUSE_INBOUND",
+    "PAUSE_INTAKE",
+    "PAUSE_WRITE",
+    "SERVER_PAUSES",
+    "ClientRecord",
+    "Limits",
+    "MQTTConnection",
+    "MQTTServer",
+    "Session",
+    "client_id_problem",
+    "fit_to_fd_limit",
+    "owner_of",
+]
+
 log = get_logger(__name__)
 _repeats = RateLimitedLog(log)  # per-message lines: one per kind and interval, counted
 
-_PINGRESP = b"\xd0\x00"
 _FORBIDDEN_ID_CHARS = frozenset("/+#")
-
-
-@dataclass(slots=True)
-class Limits:
-    max_packet_size: int = 64 * 1024
-    max_inflight: int = 32
-    max_pending_inbound: int = 256
-    max_queued: int = 1000
-    write_buffer_high: int = 256 * 1024
-    slow_client_timeout: float = 60.0
-    connect_timeout: float = 10.0
-    max_client_id_length: int = 128
-    max_topic_length: int = 256
-    max_connections: int = 100_000
-    keepalive_max: int = 3600
-    auth_timeout: float = 10.0
-    sweep_interval: float = 0.5
-    session_expiry: float = 7 * 24 * 3600.0
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> Limits:
-        names = [n for n in cls.__slots__ if hasattr(settings, n)]  # type: ignore[attr-defined]
-        return cls(**{n: getattr(settings, n) for n in names})
-
 
 #: File descriptors kept back from MQTT sockets: the database, the HTTP API, WebSocket clients, logs.
 FD_RESERVE = 256
@@ -125,91 +131,10 @@ def client_id_problem(client_id: str, max_length: int) -> str | None:
     return None
 
 
-class ClientRecord:
-    """What a client did on the wire, kept for its conformance report card (bounded)."""
-
-    __slots__ = ("acl_rejected", "clean_session", "connects", "keepalive", "keepalive_expired", "qos")
-
-    def __init__(self) -> None:
-        self.connects: deque[tuple[float, int]] = deque(maxlen=64)  # (wall time, CONNACK code)
-        self.keepalive = 0
-        self.clean_session = True
-        self.qos = [0, 0, 0]  # inbound PUBLISH count per QoS
-        self.acl_rejected = 0
-        self.keepalive_expired = 0
-
-
-class Session:
-    """MQTT session state that outlives a connection when clean_session is 0."""
-
-    __slots__ = (
-        "clean",
-        "client_id",
-        "connection",
-        "disconnected_at",
-        "inbound_qos2",
-        "inflight",
-        "match_cache",
-        "next_pid",
-        "principal",
-        "queue",
-        "subscriptions",
-    )
-
-    def __init__(self, client_id: str, principal: Principal, clean: bool) -> None:
-        self.client_id = client_id
-        self.principal = principal
-        self.clean = clean
-        self.subscriptions: dict[str, int] = {}
-        # packet id -> [topic, payload, qos, stage]; stage 0 awaits PUBACK/PUBREC, 1 awaits PUBCOMP
-        self.inflight: dict[int, list[Any]] = {}
-        self.queue: deque[tuple[str, bytes, int]] | None = None
-        self.inbound_qos2: set[int] | None = None
-        self.connection: MQTTConnection | None = None
-        self.next_pid = 1
-        self.match_cache: dict[str, int | None] = {}
-        self.disconnected_at: float | None = None
-
-    def granted_qos(self, topic: str) -> int | None:
-        """The highest QoS granted by a subscription matching ``topic``; None if none matches."""
-        cache = self.match_cache
-        try:
-            return cache[topic]
-        except KeyError:
-            pass
-        best: int | None = None
-        for topic_filter, qos in self.subscriptions.items():
-            if matches(topic_filter, topic) and (best is None or qos > best):
-                best = qos
-        if len(cache) > 64:
-            cache.clear()
-        cache[topic] = best
-        return best
-
-    def alloc_pid(self) -> int:
-        pid = self.next_pid
-        inflight = self.inflight
-        while pid in inflight:
-            pid = pid % 65535 + 1
-        self.next_pid = pid % 65535 + 1
-        return pid
-
-
-#: Reasons a connection is not read from (bits of ``MQTTConnection.read_pause``).
-PAUSE_AUTH = 1  # CONNECT is being authenticated
-PAUSE_INBOUND = 2  # max_pending_inbound messages await the application
-PAUSE_WRITE = 4  # the client does not read what we write
-PAUSE_INTAKE = 8  # the application is behind (server-wide)
-#: Pauses that are the server's doing: the keep-alive check does not count them against the client.
-SERVER_PAUSES = PAUSE_INBOUND | PAUSE_INTAKE
-
-
 class MQTTConnection(asyncio.Protocol):
-    """One client socket: decode packets, run the MQTT rules, write replies."""
+    """One client socket: decode packets, authenticate the CONNECT, drive the session, write bytes."""
 
     __slots__ = (
-        "ack_waiting",
-        "acks",
         "clean_disconnect",
         "close_reason",
         "created",
@@ -218,7 +143,7 @@ class MQTTConnection(asyncio.Protocol):
         "keep_alive",
         "last_rx",
         "out",
-        "out_size",
+        "own_out_size",
         "peer",
         "pending",
         "principal",
@@ -244,9 +169,7 @@ class MQTTConnection(asyncio.Protocol):
         now = time.monotonic()
         self.created = now
         self.last_rx = now
-        self.acks: deque[tuple[asyncio.Future[Any] | None, bytes]] | None = None
-        self.ack_waiting = False
-        self.read_pause = 0  # bitmask of reasons reading is paused: PAUSE_* below
+        self.read_pause = 0  # bitmask of reasons reading is paused: PAUSE_* in meterhub.mqtt.session
         self.will: codec.Will | None = None
         self.clean_disconnect = False
         self.close_reason = ""
@@ -254,8 +177,8 @@ class MQTTConnection(asyncio.Protocol):
         self.pending: list[Any] | None = None
         self.write_paused_since: float | None = None
         self.record: ClientRecord | None = None
-        self.out: list[bytes] | None = None  # bytes written but not yet handed to the transport
-        self.out_size = 0
+        self.out: list[bytes] | None = None  # bytes written before there is a session (refusals)
+        self.own_out_size = 0
         self.receiving = False
         self.flush_scheduled = False
 
@@ -293,7 +216,11 @@ class MQTTConnection(asyncio.Protocol):
             return
         self.receiving = True
         try:
-            for packet in packets:
+            state = self.state
+            if state == "connected":
+                self._receive(packets)
+                return
+            for i, packet in enumerate(packets):
                 if self.state == "connecting":
                     if self.pending is None:
                         self.pending = []
@@ -301,10 +228,102 @@ class MQTTConnection(asyncio.Protocol):
                     continue
                 if self.state == "closed":
                     return
-                self._dispatch(packet)
+                if self.state == "connected":  # a CONNECT in this read was accepted at once
+                    self._receive(packets[i:])
+                    return
+                if type(packet) is not codec.Connect:
+                    self.server.stats["protocol_error.not-connected"] += 1
+                    self.abort("protocol-error:first-packet-not-connect")
+                    return
+                self._on_connect(packet)
         finally:
             self.receiving = False
             self.flush()
+
+    def _receive(self, packets: Iterable[Any]) -> None:
+        """Hand packets of a connected client to its session and act on what it returns."""
+        session = self.session
+        assert session is not None
+        process = session._process  # the fast path: nothing held back
+        flush_bytes = self.server.flush_bytes
+        connect = codec.Connect
+        publish = codec.Publish
+        for packet in packets:
+            if self.state != "connected":
+                return
+            kind = type(packet)
+            if kind is connect:
+                self.server.stats["protocol_error.second-connect"] += 1
+                self.abort("protocol-error:second-connect")
+                return
+            event = process(packet) if session.held is None else session.receive(packet)
+            if event is not None:
+                if type(event) is publish:
+                    self._deliver(session, event)
+                else:
+                    self._on_event(session, event)
+            if session.out_size >= flush_bytes:
+                self.flush()
+        if session.held is not None or session.wants_pause != self.read_pause & SESSION_PAUSES:
+            self._after(session)
+
+    def _on_event(self, session: Session, event: Any) -> None:
+        if type(event) is codec.Publish:
+            self._deliver(session, event)
+        else:  # codec.Disconnect
+            self.clean_disconnect = True
+            self.will = None
+            self.close("disconnect")
+
+    def _deliver(self, session: Session, packet: codec.Publish) -> None:
+        server = self.server
+        principal = self.principal
+        assert principal is not None
+        try:
+            result = server.handler.message(principal, packet.topic, packet.payload)
+        except Exception:
+            server.stats["handler.errors"] += 1
+            _repeats.error(
+                "handler_failed",
+                "message handler failed",
+                client_id=principal.client_id,
+                topic=packet.topic,
+                exc_info=True,
+            )
+            result = None
+        if not packet.qos:
+            return
+        if result is not None and not isinstance(result, asyncio.Future):
+            result = asyncio.ensure_future(result)
+        wait = session.inbound_result(packet, result)
+        if wait is not None:
+            wait.add_done_callback(self._ack_ready)
+
+    def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
+        session = self.session
+        if self.state != "connected" or session is None or session.connection is not self:
+            return
+        wait = session.ack_ready()
+        if wait is not None:
+            wait.add_done_callback(self._ack_ready)
+        self._after(session)
+        self._wrote(session)
+
+    def _after(self, session: Session) -> None:
+        """Run held-back packets that may go now, and apply the read pauses the session wants."""
+        if session.held is not None:
+            while self.state == "connected":
+                event = session.next_released()
+                if event is None:
+                    break
+                self._on_event(session, event)
+        want = session.wants_pause
+        if want != self.read_pause & SESSION_PAUSES:
+            for bit in (PAUSE_INBOUND, PAUSE_HELD):
+                if want & bit and not self.read_pause & bit:
+                    self._pause_reading(bit)
+                elif not want & bit and self.read_pause & bit:
+                    self._resume_reading(bit)
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
@@ -318,10 +337,12 @@ class MQTTConnection(asyncio.Protocol):
         principal = self.principal
         assert session is not None and principal is not None
         if session.connection is self:
-            session.connection = None
-            session.disconnected_at = time.monotonic()
-            if session.clean and server.sessions.get(session.client_id) is session:
-                del server.sessions[session.client_id]
+            session.detach(time.monotonic())
+            if server.sessions.get(session.client_id) is session:
+                if session.clean:
+                    del server.sessions[session.client_id]
+                else:
+                    server.went_offline(session)
         reason = self.close_reason or ("disconnect" if self.clean_disconnect else "connection-lost")
         if self.will is not None and not self.clean_disconnect:
             server.stats["will.published"] += 1
@@ -342,12 +363,18 @@ class MQTTConnection(asyncio.Protocol):
         self.write_paused_since = time.monotonic()
         self.server.stats["flow.write_paused"] += 1
         self._pause_reading(PAUSE_WRITE)
+        session = self.session
+        if session is not None and session.connection is self:
+            session.writable = False
 
     def resume_writing(self) -> None:
         self.write_paused_since = None
         self._resume_reading(PAUSE_WRITE)
-        if self.session is not None and self.state == "connected":
-            self.server.pump(self.session)
+        session = self.session
+        if session is not None and self.state == "connected" and session.connection is self:
+            session.set_writable(True)
+            self._after(session)
+            self._wrote(session)
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -368,32 +395,53 @@ class MQTTConnection(asyncio.Protocol):
         if not self.read_pause and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    @property
+    def out_size(self) -> int:
+        """Bytes written but not yet handed to the transport."""
+        session = self.session
+        own = self.own_out_size
+        if session is not None and session.connection is self:
+            return own + session.out_size
+        return own
+
     def write(self, data: bytes) -> None:
-        """Queue bytes for the socket. Writes made while handling one read (or in one turn of the event
-        loop) go out in a single send: one system call instead of one per packet."""
-        out = self.out
-        if out is None:
+        """Bytes for the socket outside the session (CONNACK refusals); sent at the end of the read."""
+        if self.out is None:
             self.out = [data]
-            self.out_size = len(data)
-            if not self.receiving and not self.flush_scheduled:
-                self.flush_scheduled = True
-                self.server.loop.call_soon(self.flush)
+        else:
+            self.out.append(data)
+        self.own_out_size += len(data)
+        self._schedule_flush()
+
+    def _wrote(self, session: Session) -> None:
+        """The session wrote outside a read: send soon (in one system call with what follows in this
+        turn of the event loop), or at once past ``flush_bytes``."""
+        if session.out is None:
             return
-        out.append(data)
-        self.out_size += len(data)
-        if self.out_size >= self.server.flush_bytes:
+        if session.out_size >= self.server.flush_bytes:
             self.flush()
+        else:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self.receiving and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.server.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
-        out = self.out
-        if out is None:
-            return
-        self.out = None
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out = self.out
+        if out is not None:
+            self.out = None
+            self.own_out_size = 0
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+        session = self.session
+        if session is not None and session.out is not None and session.connection is self:
+            data = session.data_to_send()
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
 
     def abort(self, reason: str) -> None:
         """Close at once, dropping unsent data (protocol errors, timeouts)."""
@@ -414,21 +462,7 @@ class MQTTConnection(asyncio.Protocol):
     def can_send(self) -> bool:
         return self.state == "connected" and self.write_paused_since is None
 
-    # --- packet handling -------------------------------------------------------------------------
-
-    def _dispatch(self, packet: Any) -> None:
-        handler = _DISPATCH.get(type(packet))
-        if self.state == "new":
-            if type(packet) is not codec.Connect:
-                self.server.stats["protocol_error.not-connected"] += 1
-                self.abort("protocol-error:first-packet-not-connect")
-                return
-        elif type(packet) is codec.Connect:
-            self.server.stats["protocol_error.second-connect"] += 1
-            self.abort("protocol-error:second-connect")
-            return
-        assert handler is not None
-        handler(self, packet)
+    # --- CONNECT -------------------------------------------------------------------------------
 
     def _on_connect(self, packet: codec.Connect) -> None:
         self.state = "connecting"
@@ -470,6 +504,8 @@ class MQTTConnection(asyncio.Protocol):
                 and not result.principal.may_publish(packet.will.topic)  # type: ignore[union-attr]
             ):
                 code, result.reason = 0x05, "will topic not allowed"
+            if code == CONNACK_ACCEPTED and not server.admit(result.principal, packet.clean_session):  # type: ignore[arg-type]
+                code, result.reason = CONNACK_UNAVAILABLE, "too many persistent sessions"
         if self.state == "closed":
             return
         server.stats[f"connack.{code}"] += 1
@@ -497,9 +533,9 @@ class MQTTConnection(asyncio.Protocol):
         self.principal = principal
         self.keep_alive = packet.keep_alive
         self.will = packet.will
-        session_present = server.attach(self, principal, packet.clean_session)
+        session = server.attach(self, principal, packet.clean_session)  # writes the CONNACK
+        session.record = self.record
         self.state = "connected"
-        self.write(codec.encode(codec.ConnAck(session_present, CONNACK_ACCEPTED)))
         log.debug("client connected", client_id=principal.client_id, peer=self.peer)
         try:
             server.handler.client_connected(principal, self.peer)
@@ -510,182 +546,20 @@ class MQTTConnection(asyncio.Protocol):
                 client_id=principal.client_id,
                 exc_info=True,
             )
-        server.resend_inflight(self.session)  # type: ignore[arg-type]
+        if self.state != "connected":
+            return
+        session.resume()
         pending, self.pending = self.pending, None
         if pending:
-            for pkt in pending:
-                if self.state != "connected":
-                    return
-                self._dispatch(pkt)
+            self._receive(pending)
+        else:
+            self._after(session)
+        if self.state != "connected":
+            return
         if server.intake_paused and principal.publishes:
             self._pause_reading(PAUSE_INTAKE)
         self._resume_reading(PAUSE_AUTH)
-
-    def _on_publish(self, packet: codec.Publish) -> None:
-        server = self.server
-        stats = server.stats
-        stats["publish.in"] += 1
-        principal = self.principal
-        session = self.session
-        assert principal is not None and session is not None
-        topic = packet.topic
-        qos = packet.qos
-        pid = packet.packet_id
-        result: Any = None
-        record = self.record
-        if record is not None:
-            record.qos[qos] += 1
-        if len(topic) > server.limits.max_topic_length or not principal.may_publish(topic):
-            stats["rejected.publish_acl"] += 1
-            if record is not None:
-                record.acl_rejected += 1
-            _repeats.info(
-                "publish_refused", "publish refused", client_id=principal.client_id, topic=topic[:200]
-            )
-        elif qos == 2 and session.inbound_qos2 is not None and pid in session.inbound_qos2:
-            stats["publish.in_duplicate_qos2"] += 1
-        else:
-            if qos == 2:
-                if session.inbound_qos2 is None:
-                    session.inbound_qos2 = set()
-                session.inbound_qos2.add(pid)  # type: ignore[arg-type]
-            try:
-                result = server.handler.message(principal, topic, packet.payload)
-            except Exception:
-                stats["handler.errors"] += 1
-                _repeats.error(
-                    "handler_failed",
-                    "message handler failed",
-                    client_id=principal.client_id,
-                    topic=topic,
-                    exc_info=True,
-                )
-                result = None
-            if result is not None and not isinstance(result, asyncio.Future):
-                result = asyncio.ensure_future(result)
-        if qos == 0:
-            return
-        ack = (b"\x40\x02" if qos == 1 else b"\x50\x02") + pid.to_bytes(2, "big")  # type: ignore[union-attr]
-        acks = self.acks
-        if result is None and not acks:
-            self.write(ack)
-            return
-        if acks is None:
-            acks = self.acks = deque()
-        acks.append((result, ack))
-        if len(acks) >= server.limits.max_pending_inbound:
-            stats["flow.inbound_paused"] += 1
-            self._pause_reading(PAUSE_INBOUND)
-        self._flush_acks()
-
-    def _ack_ready(self, _fut: asyncio.Future[Any]) -> None:
-        self.ack_waiting = False
-        self._flush_acks()
-
-    def _flush_acks(self) -> None:
-        """Write acknowledgements in arrival order, as far as the work behind them is done."""
-        if self.state != "connected" or self.acks is None:
-            return
-        acks = self.acks
-        transport = self.transport
-        assert transport is not None
-        while acks:
-            fut, data = acks[0]
-            if fut is not None and not fut.done():
-                if not self.ack_waiting:
-                    self.ack_waiting = True
-                    fut.add_done_callback(self._ack_ready)
-                break
-            acks.popleft()
-            self.write(data)
-        if self.read_pause & PAUSE_INBOUND and len(acks) <= self.server.limits.max_pending_inbound // 2:
-            self._resume_reading(PAUSE_INBOUND)
-
-    def _on_puback(self, packet: codec.PubAck) -> None:
-        session = self.session
-        assert session is not None
-        entry = session.inflight.pop(packet.packet_id, None)
-        if entry is None:
-            self.server.stats["protocol.unknown_ack"] += 1
-        self.server.pump(session)
-
-    def _on_pubrec(self, packet: codec.PubRec) -> None:
-        session = self.session
-        assert session is not None
-        entry = session.inflight.get(packet.packet_id)
-        if entry is not None:
-            entry[3] = 1
-        self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
-
-    def _on_pubrel(self, packet: codec.PubRel) -> None:
-        session = self.session
-        assert session is not None
-        if session.inbound_qos2 is not None:
-            session.inbound_qos2.discard(packet.packet_id)
-        self.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))
-
-    def _on_pubcomp(self, packet: codec.PubComp) -> None:
-        session = self.session
-        assert session is not None
-        session.inflight.pop(packet.packet_id, None)
-        self.server.pump(session)
-
-    def _on_subscribe(self, packet: codec.Subscribe) -> None:
-        session = self.session
-        principal = self.principal
-        assert session is not None and principal is not None
-        limits = self.server.limits
-        codes: list[int] = []
-        for topic_filter, qos in packet.topics:
-            if (
-                len(topic_filter) > limits.max_topic_length
-                or not valid_filter(topic_filter)
-                or not principal.may_subscribe(topic_filter)
-            ):
-                self.server.stats["rejected.subscribe_acl"] += 1
-                _repeats.info(
-                    "subscribe_refused",
-                    "subscribe refused",
-                    client_id=principal.client_id,
-                    filter=topic_filter[:200],
-                )
-                codes.append(0x80)
-                continue
-            session.subscriptions[topic_filter] = qos
-            codes.append(qos)
-        session.match_cache.clear()
-        self.write(codec.encode(codec.SubAck(packet.packet_id, codes)))
-        self.server.pump(session)
-
-    def _on_unsubscribe(self, packet: codec.Unsubscribe) -> None:
-        session = self.session
-        assert session is not None
-        for topic_filter in packet.topics:
-            session.subscriptions.pop(topic_filter, None)
-        session.match_cache.clear()
-        self.write(codec.encode(codec.UnsubAck(packet.packet_id)))
-
-    def _on_pingreq(self, _packet: codec.PingReq) -> None:
-        self.write(_PINGRESP)
-
-    def _on_disconnect(self, _packet: codec.Disconnect) -> None:
-        self.clean_disconnect = True
-        self.will = None
-        self.close("disconnect")
-
-
-_DISPATCH: dict[type, Any] = {
-    codec.Connect: MQTTConnection._on_connect,
-    codec.Publish: MQTTConnection._on_publish,
-    codec.PubAck: MQTTConnection._on_puback,
-    codec.PubRec: MQTTConnection._on_pubrec,
-    codec.PubRel: MQTTConnection._on_pubrel,
-    codec.PubComp: MQTTConnection._on_pubcomp,
-    codec.Subscribe: MQTTConnection._on_subscribe,
-    codec.Unsubscribe: MQTTConnection._on_unsubscribe,
-    codec.PingReq: MQTTConnection._on_pingreq,
-    codec.Disconnect: MQTTConnection._on_disconnect,
-}
+        self.flush()
 
 
 def _last_rx(conn: MQTTConnection) -> float:
@@ -704,6 +578,12 @@ class MQTTServer:
         self.connections: set[MQTTConnection] = set()
         self.stats: Counter[str] = Counter()
         self.client_records: dict[str, ClientRecord] = {}
+        # Persistent sessions: how many per owner (vendor), and the offline ones oldest first.
+        self.persistent_count: Counter[str] = Counter()
+        self.persistent_total = 0
+        self.offline: dict[str, Session] = {}
+        self.offline_by_owner: dict[str, dict[str, Session]] = {}
+        self.limited_log = RateLimitedLog(log)  # this server's refusals (sessions share it)
         self.background: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.intake_paused = False
@@ -793,8 +673,85 @@ class MQTTServer:
             return CONNACK_UNAVAILABLE, "connection limit reached"
         return CONNACK_ACCEPTED, ""
 
-    def attach(self, conn: MQTTConnection, principal: Principal, clean: bool) -> bool:
-        """Bind an authenticated connection to its session; returns session_present."""
+    def admit(self, principal: Principal, clean: bool) -> bool:
+        """Make room for the persistent session a CONNECT will create (forgetting the oldest offline
+        one of the same vendor, or of all, at the bounds); False if there is none to forget."""
+        if clean:
+            return True
+        existing = self.sessions.get(principal.client_id)
+        owner = owner_of(principal)
+        if existing is not None and not existing.clean and existing.owner == owner:
+            return True  # resumed: no new session
+        limits = self.limits
+        if self.persistent_count[owner] >= limits.max_persistent_sessions_per_vendor:
+            oldest = next(iter(self.offline_by_owner.get(owner, ())), None)
+            if oldest is None:
+                return self._refuse_persistent(principal, "vendor")
+            self._forget_offline(self.offline[oldest], "vendor")
+        if self.persistent_total >= limits.max_persistent_sessions:
+            oldest = next(iter(self.offline), None)
+            if oldest is None:
+                return self._refuse_persistent(principal, "total")
+            self._forget_offline(self.offline[oldest], "total")
+        return True
+
+    def _refuse_persistent(self, principal: Principal, bound: str) -> bool:
+        self.stats[f"sessions.refused_{bound}_limit"] += 1
+        self.limited_log.info(
+            f"session_refused_{bound}",
+            "persistent session refused: every session at the limit is connected",
+            client_id=principal.client_id,
+            owner=owner_of(principal),
+            bound=bound,
+        )
+        return False
+
+    def _forget_offline(self, session: Session, bound: str) -> None:
+        self.stats[f"sessions.forgotten_{bound}_limit"] += 1
+        self.limited_log.info(
+            f"session_forgotten_{bound}",
+            "oldest offline persistent session forgotten: too many sessions",
+            client_id=session.client_id,
+            owner=session.owner,
+            bound=bound,
+        )
+        self.forget(session)
+
+    def went_offline(self, session: Session) -> None:
+        """A persistent session lost its connection: it is now the newest offline one."""
+        cid = session.client_id
+        self.offline.pop(cid, None)
+        self.offline[cid] = session
+        by_owner = self.offline_by_owner.get(session.owner)
+        if by_owner is None:
+            by_owner = self.offline_by_owner[session.owner] = {}
+        by_owner.pop(cid, None)
+        by_owner[cid] = session
+
+    def _online(self, session: Session) -> None:
+        cid = session.client_id
+        if self.offline.pop(cid, None) is not None:
+            by_owner = self.offline_by_owner[session.owner]
+            del by_owner[cid]
+            if not by_owner:
+                del self.offline_by_owner[session.owner]
+
+    def forget(self, session: Session) -> None:
+        """Drop a session (expired, over a bound, or replaced by a new one for the same client id)."""
+        cid = session.client_id
+        if self.sessions.get(cid) is session:
+            del self.sessions[cid]
+        if not session.clean:
+            self._online(session)
+            self.persistent_total -= 1
+            count = self.persistent_count
+            count[session.owner] -= 1
+            if count[session.owner] <= 0:
+                del count[session.owner]
+
+    def attach(self, conn: MQTTConnection, principal: Principal, clean: bool) -> Session:
+        """Bind an authenticated connection to its session (resumed or new); the session writes the
+        CONNACK with session_present."""
         cid = principal.client_id
         old = self.connected.pop(cid, None)
         if old is not None and old is not conn:
@@ -814,17 +771,22 @@ class MQTTServer:
                 )
         session = self.sessions.get(cid)
         present = False
-        if session is not None and not clean and not session.clean:
+        if session is not None and not clean and not session.clean and session.owner == owner_of(principal):
             present = True
             session.principal = principal
+            self._online(session)
         else:
-            session = Session(cid, principal, clean)
+            if session is not None:
+                self.forget(session)
+            session = Session(cid, principal, clean, self.limits, self.stats, self.limited_log)
             self.sessions[cid] = session
-        session.connection = conn
-        session.disconnected_at = None
+            if not clean:
+                self.persistent_count[session.owner] += 1
+                self.persistent_total += 1
+        session.attach(conn, principal, present)
         conn.session = session
         self.connected[cid] = conn
-        return present
+        return session
 
     def client_record(self, client_id: str) -> ClientRecord:
         records = self.client_records
@@ -854,68 +816,12 @@ class MQTTServer:
         session = self.sessions.get(client_id)
         if session is None:
             return False
-        granted = session.granted_qos(topic)
-        if granted is None:
-            self.stats["publish.out_unsubscribed"] += 1
-            return False
-        if granted < qos:
-            qos = granted
-        conn = session.connection
-        if (
-            conn is not None
-            and conn.can_send
-            and not session.queue
-            and (qos == 0 or len(session.inflight) < self.limits.max_inflight)
-        ):
-            self._send(conn, session, topic, payload, qos)
-            return True
-        if qos == 0 and conn is None:
-            self.stats["publish.out_dropped_qos0_offline"] += 1
-            return True
-        queue = session.queue
-        if queue is None:
-            queue = session.queue = deque()
-        if len(queue) >= self.limits.max_queued:
-            queue.popleft()
-            self.stats["publish.out_dropped_queue_full"] += 1
-        queue.append((topic, payload, qos))
-        return True
-
-    def _send(self, conn: MQTTConnection, session: Session, topic: str, payload: bytes, qos: int) -> None:
-        self.stats["publish.out"] += 1
-        if qos == 0:
-            conn.write(codec.encode_publish(topic, payload, 0, None))
-            return
-        pid = session.alloc_pid()
-        session.inflight[pid] = [topic, payload, qos, 0]
-        conn.write(codec.encode_publish(topic, payload, qos, pid))
-
-    def pump(self, session: Session) -> None:
-        """Send queued messages while the connection and the in-flight window allow."""
-        queue = session.queue
-        conn = session.connection
-        if not queue or conn is None:
-            return
-        max_inflight = self.limits.max_inflight
-        while queue and conn.can_send:
-            topic, payload, qos = queue[0]
-            if qos and len(session.inflight) >= max_inflight:
-                break
-            queue.popleft()
-            self._send(conn, session, topic, payload, qos)
-
-    def resend_inflight(self, session: Session) -> None:
-        """After a session resumes: retransmit unacknowledged messages (DUP set), then the queue."""
-        conn = session.connection
-        if conn is None:
-            return
-        for pid, (topic, payload, qos, stage) in session.inflight.items():
-            self.stats["publish.out_retransmitted"] += 1
-            if stage == 0:
-                conn.write(codec.encode_publish(topic, payload, qos, pid, dup=True))
-            else:
-                conn.write(b"\x62\x02" + pid.to_bytes(2, "big"))
-        self.pump(session)
+        sent = session.send(topic, payload, qos)
+        if session.out is not None:
+            conn = session.connection
+            if conn is not None:
+                conn._wrote(session)
+        return sent
 
     # --- Southbound ------------------------------------------------------------------------------
 
@@ -960,11 +866,8 @@ class MQTTServer:
                 continue  # CONNECT is in; auth_timeout bounds the wait and answers 0x03 if it passes
             if state != "connected":
                 continue
-            if (
-                conn.keep_alive
-                and now - conn.last_rx > conn.keep_alive * 1.5
-                and not conn.read_pause & SERVER_PAUSES
-            ):
+            session = conn.session
+            if Session.keepalive_expired(conn.keep_alive, conn.last_rx, now, conn.read_pause):
                 stats["closed.keepalive"] += 1
                 if conn.record is not None:
                     conn.record.keepalive_expired += 1
@@ -980,14 +883,26 @@ class MQTTServer:
                 )
                 conn.abort("slow-client")
             elif (
+                session is not None
+                and session.held_full_since is not None
+                and now - session.held_full_since > limits.slow_client_timeout
+            ):
+                stats["closed.slow_client"] += 1
+                _repeats.info(
+                    "held_full",
+                    "client sends without taking its answers, disconnected",
+                    client_id=conn._cid(),
+                )
+                conn.abort("slow-client")
+            elif (
                 conn.principal is not None and conn.principal.expires_at and wall > conn.principal.expires_at
             ):
                 stats["closed.expired"] += 1
                 conn.close("credentials-expired")
-        expired = [
-            cid
-            for cid, s in self.sessions.items()
-            if s.connection is None and s.disconnected_at and now - s.disconnected_at > limits.session_expiry
-        ]
-        for cid in expired:
-            del self.sessions[cid]
+        offline = self.offline
+        while offline:
+            session = next(iter(offline.values()))  # the oldest offline session
+            if session.disconnected_at is not None and now - session.disconnected_at <= limits.session_expiry:
+                break
+            stats["sessions.expired"] += 1
+            self.forget(session)
