@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# System packages the tests use: mosquitto clients (real MQTT clients) and Chromium (dashboard tests).
+# System packages the tests use: mosquitto clients (real MQTT clients), Chromium (dashboard tests) and
+# nats-server (cluster tests).
 # Installs with apt-get when something is missing; prints what to do when it cannot.
 set -euo pipefail
 need=()
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# nats-server: the cluster tests start their own bus (tests/test_cluster*.py).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -51,6 +51,7 @@ class Hub:
         self.http_port: int | None = None
         self.openhub: Any = None
         self.http_routers: list[Any] = []
+        self.cluster: Any = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -71,14 +72,21 @@ class Hub:
             self.mqtt = MQTTServer(authenticator, self.handler, limits)
             self.handler.southbound = self.mqtt
         else:
+            from meterhub.cluster.node import ClusterNode
             from meterhub.core.service import ProtocolService
             from meterhub.openhub.component import OpenHub
             from meterhub.openhub.http import OpenHubAPI
 
+            # A cluster of one (in-process bus) unless bus_url names NATS: see docs/cluster.md.
+            self.cluster = ClusterNode(settings, self.engine)
+            await self.cluster.connect()
             self.handler = ProtocolService(settings, self.engine, self.writer)
+            self.handler.presence_scope = self.cluster.reset_scope
             self.openhub = OpenHub(self)
-            self.mqtt = MQTTServer(self.openhub.authenticator(authenticator), self.handler, limits)
+            gateways = self.cluster.wrap(self.handler)
+            self.mqtt = MQTTServer(self.openhub.authenticator(authenticator), gateways, limits)
             await self.handler.start(self.mqtt)
+            await self.cluster.start(self)
         writer.on_pressure = self.mqtt.set_intake_paused
         self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
         ctx = make_ssl_context(settings)
@@ -87,10 +95,16 @@ class Hub:
         if self.openhub is not None:
             await self.openhub.start()
             self.http_routers = [OpenHubAPI(self).router]
+        if self.cluster is not None:
+            from meterhub.cluster.api import cluster_router
+
+            self.http_routers.append(cluster_router(self))
         from meterhub.api.server import ApiServer
 
         self.api = ApiServer(self)
         self.http_port = await self.api.start()
+        if self.cluster is not None:
+            await self.cluster.ready()
 
     async def stop(self) -> None:
         if self.api is not None:
@@ -101,6 +115,8 @@ class Hub:
             await self.mqtt.close()
         if self.handler is not None and hasattr(self.handler, "stop"):
             await self.handler.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
         self.engine.dispose()

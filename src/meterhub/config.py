@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/meterhub.db"
     )
     sqlite_synchronous: str = Field("FULL", description="SQLite synchronous pragma: FULL or NORMAL.")
+    # Cluster mode (docs/cluster.md): several nodes on one PostgreSQL, NATS between them.
+    bus_url: str | None = Field(None, description="nats://HOST:PORT; None = in-process bus (one node).")
+    node_id: str | None = Field(None, description="This node's name; default host name + MQTT port.")
+    node_timeout: float = Field(15.0, gt=0, description="Seconds without a heartbeat before a node is dead.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between a node's heartbeats.")
 
     mqtt_host: str = "0.0.0.0"
     mqtt_port: int = 21883
