@@ -1,0 +1,372 @@
+"""Cluster mode with real processes: 2-3 `meterhub serve` nodes on one fresh PostgreSQL database and a
+NATS server of the test's own, gateways connecting straight to a node's MQTT port.
+
+What the issue found with unmodified nodes, each checked here: a late node marked every device offline
+(``server-restart``); a command through the other node's API got 409; the same client id connected to
+two nodes at once with no takeover; a dead node's devices stayed online.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Client, drop_postgres, free_port, fresh_postgres_url, wait_for
+from mqttraw import RawClient, connect, publish, subscribe
+from sqlalchemy import create_engine, select
+from test_api import GatewaySim
+
+from meterhub.api.security import create_token
+from meterhub.core.auth import gateway_password
+from meterhub.storage import registry, schema
+from meterhub.storage.database import migrate
+
+NODE_TIMEOUT = 3.0
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+class Node:
+    """One `meterhub serve` subprocess."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], mqtt_port: int, http_port: int) -> None:
+        self.name = name
+        self.proc = proc
+        self.mqtt_port = mqtt_port
+        self.http_port = http_port
+        self.base = f"http://127.0.0.1:{http_port}"
+
+
+class Cluster:
+    def __init__(self, tmp: Path, db_url: str, bus_url: str) -> None:
+        self.tmp = tmp
+        self.db_url = db_url
+        self.bus_url = bus_url
+        self.engine = create_engine(db_url)
+        migrate(self.engine)
+        self.vendor = registry.add_vendor(self.engine, "acme")
+        self.token, _ = create_token(self.engine, "ops", "admin")
+        self.nodes: list[Node] = []
+
+    def start(self, name: str) -> Node:
+        mqtt_port, http_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "METERHUB_DATABASE_URL": self.db_url,
+            "METERHUB_NODE_TIMEOUT": str(NODE_TIMEOUT),
+            "METERHUB_HEARTBEAT_INTERVAL": "0.5",
+            "METERHUB_MQTT_HOST": "127.0.0.1",
+            "METERHUB_PRESENCE_TIMEOUT": "600",
+        }
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meterhub",
+                "serve",
+                "--data-dir",
+                str(self.tmp / name),
+                "--mqtt-port",
+                str(mqtt_port),
+                "--http-port",
+                str(http_port),
+                "--bus-url",
+                self.bus_url,
+                "--node-id",
+                name,
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        node = Node(name, proc, mqtt_port, http_port)
+        self.nodes.append(node)
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "node died"
+            try:
+                return httpx.get(f"{node.base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=30, interval=0.1)
+        return node
+
+    def api(self, node: Node, timeout: float = 20) -> httpx.Client:
+        return httpx.Client(
+            base_url=node.base, headers={"Authorization": f"Bearer {self.token}"}, timeout=timeout
+        )
+
+    def gateway(self, node: Node, gw: str, clients: list[Client]) -> GatewaySim:
+        c = Client(node.mqtt_port, gw, self.vendor.username, gateway_password(gw, self.vendor.username))
+        clients.append(c)
+        rc, _ = c.connect()
+        assert rc == 0
+        c.subscribe(f"gateway_id/{gw}/#", 1)
+        return GatewaySim(c)
+
+    def device(self, cid: str) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(select(schema.devices).where(schema.devices.c.cid == cid)).first()
+
+    def gateway_row(self, gw: str) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(select(schema.gateways).where(schema.gateways.c.gateway_id == gw)).one()
+
+    def presence(self, cid: str) -> list[tuple[bool, str]]:
+        p = schema.presence
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(p.c.online, p.c.cause).where(p.c.cid == cid).order_by(p.c.id)).all()
+        return [(bool(r.online), r.cause) for r in rows]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(5)
+        self.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        assert proc.poll() is None, "nats-server exited"
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        return False
+
+    wait_for(listening, timeout=10)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterator[Cluster]:
+    url = fresh_postgres_url()
+    c = Cluster(tmp_path_factory.mktemp("cluster"), url, nats_url)
+    try:
+        yield c
+    finally:
+        c.close()
+        drop_postgres(url)
+
+
+@pytest.fixture(scope="module")
+def two(cluster: Cluster) -> tuple[Node, Node]:
+    """Nodes a and b, shared by the tests that do not kill a node."""
+    return cluster.start("a"), cluster.start("b")
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    made: list[Client] = []
+    yield made
+    for c in made:
+        with contextlib.suppress(Exception):
+            c.close()
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def test_late_node_leaves_presence_alone_and_serves_commands_for_the_other(
+    cluster: Cluster, nats_url: str, clients: list[Client]
+) -> None:
+    a = cluster.start("late-a")
+    gw, m = _uid("gw"), _uid("m")
+    sim = cluster.gateway(a, gw, clients)
+    sim.sync(m)
+    sim.report(m, "5", 2_301_234)  # online (cause report)
+    assert cluster.device(m).online is True
+    b = cluster.start("late-b")  # the late node
+    time.sleep(1.0)  # a few of b's heartbeats and sweeps
+    assert cluster.device(m).online is True
+    assert cluster.presence(m) == [(True, "report")]
+    row = cluster.gateway_row(gw)
+    assert (row.owner_node, row.session_gen, row.connected) == ("late-a", 1, True)
+
+    with cluster.api(b) as api:
+        status = api.get("/api/v1/cluster").json()
+        assert status["node_id"] == "late-b" and status["bus"] == "nats"
+        nodes = {n["node_id"]: n for n in status["nodes"]}
+        assert nodes["late-a"]["state"] == "alive" and nodes["late-a"]["gateways"] == 1
+        assert nodes["late-b"]["state"] == "alive" and nodes["late-b"]["self"] is True
+        assert 0 <= nodes["late-a"]["heartbeat_age"] < NODE_TIMEOUT
+
+        # A command through b's API reaches the gateway on a and comes back with a's answer.
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": True, "timeout": 5})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "ok" and r.json()["code"] == 0
+        assert [c["cid"] for c in sim.commands] == [m]
+        log = api.get(f"/api/v1/devices/{m}/commands").json()["items"]
+        assert [(c["status"], c["code"]) for c in log] == [("ok", 0)]
+
+        # Same codes as a local command: a silent device times out (504), a bad value is refused (422).
+        sim.command_code = None
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": False, "timeout": 1})
+        assert r.status_code == 504, r.text
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": "nope"})
+        assert r.status_code == 422, r.text
+
+    out = subprocess.run(
+        [sys.executable, "-m", "meterhub", "cluster", "status", "--url", b.base, "--token", cluster.token],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "this node: late-b (bus: nats" in out
+    assert [line.split()[:2] for line in out.splitlines() if "late-a" in line] == [["late-a", "alive"]]
+
+
+def test_takeover_across_nodes(cluster: Cluster, two: tuple[Node, Node], clients: list[Client]) -> None:
+    a, b = two
+    gw, m = _uid("gw"), _uid("m")
+    user = cluster.vendor.username
+    # The old session: a raw client on node a with a will that would set the meter offline.
+    will = (
+        f"gateway_id/{gw}/devices/status",
+        json.dumps({"t": 1, "request_id": "w", "param": [{"cid": m, "status": False}]}).encode(),
+        1,
+    )
+    old = RawClient(a.mqtt_port)
+    old.send(connect(gw, user, gateway_password(gw, user), will=will))
+    assert old.read_packet() == (0x20, b"\x00\x00")
+    old.send(subscribe(1, f"gateway_id/{gw}/#"))
+    assert old.read_packet()[0] == 0x90
+    sync = {"t": int(time.time()), "request_id": "s1", "param": {"cid": m, "product_id": "p"}}
+    old.send(publish(f"gateway_id/{gw}/devices/sync", json.dumps(sync).encode(), 1, 2))
+    status = {"t": int(time.time()), "request_id": "st", "param": [{"cid": m, "status": True}]}
+    old.send(publish(f"gateway_id/{gw}/devices/status", json.dumps(status).encode(), 1, 3))
+    wait_for(lambda: (row := cluster.device(m)) is not None and row.online, timeout=5)
+
+    # A failed login with the same client id on node b leaves the live session alone.
+    bad = RawClient(b.mqtt_port)
+    bad.send(connect(gw, user, "wrong"))
+    assert bad.read_packet() == (0x20, b"\x00\x04")
+    bad.close()
+    assert old.closed_within(0.5) is None
+
+    # The real gateway again, on node b: the old connection on a is closed, without its will.
+    new = Client(b.mqtt_port, gw, user, gateway_password(gw, user))
+    clients.append(new)
+    started = time.monotonic()
+    rc, _ = new.connect()
+    assert rc == 0
+    closed = old.closed_within(3.0)
+    assert closed is not None, "the old connection on node a was not closed"
+    print(f"old connection closed {time.monotonic() - started:.3f}s after the new CONNECT")
+    time.sleep(0.5)  # a will or an offline write would have landed by now
+    assert cluster.device(m).online is True
+    assert cluster.presence(m) == [(True, "status")]
+    row = cluster.gateway_row(gw)
+    assert (row.owner_node, row.session_gen, row.connected) == ("b", 2, True)
+
+    # Node b knows the device synced through a, and holds the gateway.
+    new.subscribe(f"gateway_id/{gw}/#", 1)
+    sim = GatewaySim(new)
+    sim.report(m, "5", 2_300_000)
+    with cluster.api(b) as api:
+        nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
+        assert nodes["b"]["gateways"] >= 1
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": True, "timeout": 5})
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    with cluster.api(a) as api:  # and through a, which no longer holds it
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": False, "timeout": 5})
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    assert len(sim.commands) == 2
+
+
+def test_dashboard_stream_on_one_node_gets_events_from_the_other(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    a, b = two
+    gw, m = _uid("gw"), _uid("m")
+    sim = cluster.gateway(a, gw, clients)
+    sim.sync(m)
+    time.sleep(0.5)  # b learns the device (remote sync refreshes its cache)
+    events: list[tuple[str, dict[str, Any]]] = []
+    done = threading.Event()
+
+    def listen() -> None:
+        with (
+            httpx.Client(base_url=b.base, timeout=10) as http,
+            http.stream("GET", "/api/v1/stream", params={"cid": m, "token": cluster.token}) as s,
+        ):
+            kind = None
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind:
+                    events.append((kind, json.loads(line[6:])))
+                    if done.is_set() or len(events) >= 4:
+                        return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    wait_for(lambda: events, timeout=10)
+    assert events[0][0] == "hello"
+    sim.report(m, "5", 2_301_234)  # presence online + report, both produced on a
+    wait_for(lambda: len(events) >= 3, timeout=5)
+    time.sleep(0.5)  # a second copy of any event would have arrived
+    done.set()
+    kinds = [k for k, _ in events]
+    assert kinds == ["hello", "presence", "report"], events
+    assert events[1][1]["online"] is True and events[1][1]["cause"] == "report"
+    assert (events[2][1]["dp"], events[2][1]["value"], events[2][1]["scaled"]) == (5, 2_301_234, 230.1234)
+
+
+def test_killed_node_devices_go_offline_node_lost_once(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    victim = cluster.start("victim")
+    gw, m1, m2 = _uid("gw"), _uid("m"), _uid("m")
+    sim = cluster.gateway(victim, gw, clients)
+    for m in (m1, m2):
+        sim.sync(m)
+        sim.report(m, "5", 2_301_234)
+    assert cluster.device(m1).online and cluster.device(m2).online
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(5)
+    killed = time.monotonic()
+    wait_for(lambda: not cluster.device(m1).online, timeout=NODE_TIMEOUT + 5, interval=0.1)
+    print(f"offline {time.monotonic() - killed:.2f}s after kill -9 (node_timeout {NODE_TIMEOUT:g}s)")
+    time.sleep(1.5)  # both survivors sweep every 0.5 s: a second sweep would add rows
+    for m in (m1, m2):
+        assert cluster.device(m).online is False
+        assert cluster.presence(m) == [(True, "report"), (False, "node-lost")]
+    row = cluster.gateway_row(gw)
+    assert (row.owner_node, row.connected) == (None, False)
+    with cluster.api(two[0]) as api:
+        nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
+    assert nodes["victim"]["state"] == "lost"
+    assert nodes["a"]["state"] == nodes["b"]["state"] == "alive"
