@@ -25,15 +25,15 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Client, drop_postgres, free_port, fresh_postgres_url, wait_for
-from mqttraw import RawClient, connect, publish, subscribe
 from sqlalchemy import create_engine, select
-from test_api import GatewaySim
 
+from conftest import Client, drop_postgres, free_port, fresh_postgres_url, wait_for
 from meterhub.api.security import create_token
 from meterhub.core.auth import gateway_password
 from meterhub.storage import registry, schema
 from meterhub.storage.database import migrate
+from mqttraw import RawClient, connect, publish, subscribe
+from test_api import GatewaySim
 
 NODE_TIMEOUT = 3.0
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
