@@ -45,6 +45,7 @@ from meterhub.protocol.errors import ErrorCode
 log = get_logger(__name__)
 
 TAKEOVER = "mh.takeover"
+PRODUCTS = "mh.cache.products"
 _encode = msgspec.json.Encoder(enc_hook=repr).encode
 _decode = msgspec.json.Decoder().decode
 #: Set while a command runs on behalf of another node (it must not be routed again).
@@ -144,6 +145,7 @@ class ClusterNode:
                 on_remote_sync=self._on_remote_sync,
             )
             await self.relay.start()
+            self._subs.append(await bus.subscribe(PRODUCTS, self._on_products_changed))
             self.service.listeners.append(self.relay)
             await self._sweep()
 
@@ -371,6 +373,20 @@ class ClusterNode:
         for row in rows:
             self._cache(row, held=row.gateway_id in self.held)
         self.stats["cache.reloaded"] += 1
+
+    async def products_changed(self) -> None:
+        """A product was registered or re-mapped here: the other nodes reload their product map."""
+        if not self.solo:
+            assert self.bus is not None
+            await self.bus.publish(PRODUCTS, _encode({"node": self.node_id}))
+
+    async def _on_products_changed(self, data: bytes) -> None:
+        if _decode(data).get("node") == self.node_id:
+            return
+        from meterhub.storage import registry
+
+        self.service.products = await asyncio.to_thread(registry.list_products, self.engine)
+        self.stats["cache.products_reloaded"] += 1
 
     def _remote_sinks(self) -> list[Any]:
         sinks: list[Any] = []
