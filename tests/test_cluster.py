@@ -32,7 +32,7 @@ from meterhub.api.security import create_token
 from meterhub.core.auth import gateway_password
 from meterhub.storage import registry, schema
 from meterhub.storage.database import migrate
-from mqttraw import RawClient, connect, publish, subscribe
+from mqttraw import RawClient, connect, puback, publish, subscribe
 from test_api import GatewaySim
 
 NODE_TIMEOUT = 3.0
@@ -195,6 +195,20 @@ def clients() -> Iterator[list[Client]]:
             c.close()
 
 
+def _next_publish(raw: RawClient) -> tuple[str, dict[str, Any]]:
+    """The next PUBLISH the raw client receives (acknowledged), skipping other packets."""
+    while True:
+        first, body = raw.read_packet()
+        if first & 0xF0 != 0x30:
+            continue
+        n = int.from_bytes(body[:2], "big")
+        topic, rest = body[2 : 2 + n].decode(), body[2 + n :]
+        if first & 0x06:
+            raw.send(puback(int.from_bytes(rest[:2], "big")))
+            rest = rest[2:]
+        return topic, json.loads(rest)
+
+
 def _uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
@@ -265,6 +279,7 @@ def test_takeover_across_nodes(cluster: Cluster, two: tuple[Node, Node], clients
     assert old.read_packet()[0] == 0x90
     sync = {"t": int(time.time()), "request_id": "s1", "param": {"cid": m, "product_id": "p"}}
     old.send(publish(f"gateway_id/{gw}/devices/sync", json.dumps(sync).encode(), 1, 2))
+    assert _next_publish(old)[0] == f"gateway_id/{gw}/devices/sync/response"  # as a gateway waits
     status = {"t": int(time.time()), "request_id": "st", "param": [{"cid": m, "status": True}]}
     old.send(publish(f"gateway_id/{gw}/devices/status", json.dumps(status).encode(), 1, 3))
     wait_for(lambda: (row := cluster.device(m)) is not None and row.online, timeout=5)
@@ -290,6 +305,10 @@ def test_takeover_across_nodes(cluster: Cluster, two: tuple[Node, Node], clients
     assert cluster.presence(m) == [(True, "status")]
     row = cluster.gateway_row(gw)
     assert (row.owner_node, row.session_gen, row.connected) == ("b", 2, True)
+    with cluster.api(a) as api:  # node a closed the old session without publishing its will
+        metrics = api.get("/metrics").text
+    assert 'meterhub_mqtt_events_total{event="will.published"}' not in metrics
+    assert 'meterhub_mqtt_events_total{event="connections.closed"}' in metrics
 
     # Node b knows the device synced through a, and holds the gateway.
     new.subscribe(f"gateway_id/{gw}/#", 1)
