@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -30,6 +31,9 @@ from sqlalchemy import create_engine, select
 from conftest import Client, drop_postgres, free_port, fresh_postgres_url, wait_for
 from meterhub.api.security import create_token
 from meterhub.core.auth import gateway_password
+from meterhub.openhub import crypto
+from meterhub.openhub import store as oh_store
+from meterhub.openhub.client import OpenHubClient, decode_message
 from meterhub.storage import registry, schema
 from meterhub.storage.database import migrate
 from mqttraw import RawClient, connect, puback, publish, subscribe
@@ -48,6 +52,7 @@ class Node:
         self.mqtt_port = mqtt_port
         self.http_port = http_port
         self.base = f"http://127.0.0.1:{http_port}"
+        self.log: Path | None = None
 
 
 class Cluster:
@@ -63,6 +68,7 @@ class Cluster:
 
     def start(self, name: str) -> Node:
         mqtt_port, http_port = free_port(), free_port()
+        log = self.tmp / f"{name}.log"  # a file, not a pipe nobody reads (a full pipe blocks the node)
         env = {
             **os.environ,
             "METERHUB_DATABASE_URL": self.db_url,
@@ -92,13 +98,14 @@ class Cluster:
             ],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log.open("wb"),
         )
         node = Node(name, proc, mqtt_port, http_port)
+        node.log = log
         self.nodes.append(node)
 
         def up() -> bool:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "node died"
+            assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 return httpx.get(f"{node.base}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
@@ -389,3 +396,42 @@ def test_killed_node_devices_go_offline_node_lost_once(
         nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
     assert nodes["victim"]["state"] == "lost"
     assert nodes["a"]["state"] == nodes["b"]["state"] == "alive"
+
+
+def test_open_hub_link_on_one_node_gets_events_from_the_other(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    a, b = two
+    gw, m = _uid("gw"), _uid("m")
+    sim = cluster.gateway(a, gw, clients)
+    sim.sync(m)
+    app = oh_store.create_app(cluster.engine, _uid("app"))
+    uid = oh_store.add_user(cluster.engine, _uid("alice"), "pw")
+    with cluster.api(a) as api:  # bound through node a: node b's fan-out must learn it too
+        assert api.put(f"/api/v1/users/{uid}/devices/{m}").status_code == 204
+    link = OpenHubClient(b.base, app.access_id, app.secret)
+    link.project_login()
+    cfg = link.config(uid, "link-1", "mqtt", "2.0")
+    assert cfg["url"] == f"tcp://127.0.0.1:{b.mqtt_port}"
+    got: queue.Queue[Any] = queue.Queue()
+    sub = Client(b.mqtt_port, cfg["client_id"], cfg["username"], cfg["password"])
+    clients.append(sub)
+    assert sub.connect()[0] == 0
+    sub.c.on_message = lambda _c, _u, msg: got.put(msg)
+    sub.subscribe(cfg["source_topic"]["device"], 1)
+
+    def links_on_b() -> int:
+        with cluster.api(b) as api:
+            return next(n["links"] for n in api.get("/api/v1/cluster").json()["nodes"] if n["self"])
+
+    wait_for(lambda: links_on_b() == 1, timeout=5)
+    time.sleep(0.3)  # the binding reload on b (mh.cache) runs in the background
+    sim.report(m, "5", 2_301_234)  # on node a: presence online (protocol 20), then the report (4)
+    key = crypto.key_from_password(cfg["password"])
+    events = [decode_message(got.get(timeout=5).payload, key, "2.0") for _ in range(2)]
+    assert [e["protocol"] for e in events] == [20, 4]
+    assert events[0]["data"]["bizCode"] == "online" and events[0]["data"]["devId"] == m
+    status = events[1]["data"]["status"][0]
+    assert (events[1]["data"]["devId"], status["code"], status["value"]) == (m, "voltage_current", 2_301_234)
+    with pytest.raises(queue.Empty):  # each event once
+        got.get(timeout=0.5)

@@ -45,7 +45,7 @@ from meterhub.protocol.errors import ErrorCode
 log = get_logger(__name__)
 
 TAKEOVER = "mh.takeover"
-PRODUCTS = "mh.cache.products"
+CACHE = "mh.cache"  # {"node", "what": "products" | "bindings"}: reload that cache
 _encode = msgspec.json.Encoder(enc_hook=repr).encode
 _decode = msgspec.json.Decoder().decode
 #: Set while a command runs on behalf of another node (it must not be routed again).
@@ -145,7 +145,7 @@ class ClusterNode:
                 on_remote_sync=self._on_remote_sync,
             )
             await self.relay.start()
-            self._subs.append(await bus.subscribe(PRODUCTS, self._on_products_changed))
+            self._subs.append(await bus.subscribe(CACHE, self._on_cache_changed))
             self.service.listeners.append(self.relay)
             await self._sweep()
 
@@ -376,17 +376,33 @@ class ClusterNode:
 
     async def products_changed(self) -> None:
         """A product was registered or re-mapped here: the other nodes reload their product map."""
+        await self._cache_changed("products")
+
+    async def bindings_changed(self) -> None:
+        """Open hub user-device bindings changed here: the other nodes' fan-out reloads them."""
+        await self._cache_changed("bindings")
+
+    async def _cache_changed(self, what: str) -> None:
         if not self.solo:
             assert self.bus is not None
-            await self.bus.publish(PRODUCTS, _encode({"node": self.node_id}))
+            await self.bus.publish(CACHE, _encode({"node": self.node_id, "what": what}))
 
-    async def _on_products_changed(self, data: bytes) -> None:
-        if _decode(data).get("node") == self.node_id:
+    async def _on_cache_changed(self, data: bytes) -> None:
+        msg = _decode(data)
+        if msg.get("node") == self.node_id:
             return
-        from meterhub.storage import registry
+        what = msg.get("what")
+        if what == "products":
+            from meterhub.storage import registry
 
-        self.service.products = await asyncio.to_thread(registry.list_products, self.engine)
-        self.stats["cache.products_reloaded"] += 1
+            self.service.products = await asyncio.to_thread(registry.list_products, self.engine)
+        elif what == "bindings":
+            fanout = getattr(getattr(self.hub, "openhub", None), "fanout", None)
+            if fanout is not None:
+                await fanout.refresh_bindings()
+        else:
+            return
+        self.stats[f"cache.{what}_reloaded"] += 1
 
     def _remote_sinks(self) -> list[Any]:
         sinks: list[Any] = []
