@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -130,6 +130,18 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. Europe/Berlin)") from None
         return value
+
+    @model_validator(mode="after")
+    def _cluster_settings(self) -> Settings:
+        """Cluster mode (docs/cluster.md): heartbeats well within the timeout, a shared database."""
+        if self.heartbeat_interval >= self.node_timeout:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g}s) must be below node_timeout "
+                f"({self.node_timeout:g}s)"
+            )
+        if self.bus_url and not self.resolved_database_url.startswith("postgresql"):
+            raise ValueError("bus_url (cluster mode) needs a PostgreSQL database_url shared by the nodes")
+        return self
 
     @property
     def resolved_database_url(self) -> str:
