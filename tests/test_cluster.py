@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
 from conftest import Client, drop_postgres, free_port, fresh_postgres_url, wait_for
 from meterhub.api.security import create_token
@@ -321,6 +321,8 @@ def test_takeover_across_nodes(cluster: Cluster, two: tuple[Node, Node], clients
     new.subscribe(f"gateway_id/{gw}/#", 1)
     sim = GatewaySim(new)
     sim.report(m, "5", 2_300_000)
+    # b took the stored presence over: the report is no new online transition.
+    assert cluster.presence(m) == [(True, "status")]
     with cluster.api(b) as api:
         nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
         assert nodes["b"]["gateways"] >= 1
@@ -435,3 +437,58 @@ def test_open_hub_link_on_one_node_gets_events_from_the_other(
     assert (events[1]["data"]["devId"], status["code"], status["value"]) == (m, "voltage_current", 2_301_234)
     with pytest.raises(queue.Empty):  # each event once
         got.get(timeout=0.5)
+
+
+def test_a_node_closes_a_gateway_whose_stored_owner_changed(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    """The database is the truth: a takeover message that never arrived only delays the close until
+    the holder's next heartbeat compares its gateways with their stored owners."""
+    a, _ = two
+    gw, m = _uid("gw"), _uid("m")
+    user = cluster.vendor.username
+    raw = RawClient(a.mqtt_port)
+    raw.send(connect(gw, user, gateway_password(gw, user)))
+    assert raw.read_packet() == (0x20, b"\x00\x00")
+    raw.send(subscribe(1, f"gateway_id/{gw}/#"))
+    assert raw.read_packet()[0] == 0x90
+    sync = {"t": int(time.time()), "request_id": "s1", "param": {"cid": m, "product_id": "p"}}
+    raw.send(publish(f"gateway_id/{gw}/devices/sync", json.dumps(sync).encode(), 1, 2))
+    assert _next_publish(raw)[0] == f"gateway_id/{gw}/devices/sync/response"
+    wait_for(lambda: cluster.gateway_row(gw).owner_node == "a", timeout=5)
+    assert raw.closed_within(1.0) is None
+    g = schema.gateways
+    with cluster.engine.begin() as conn:  # as if node b had claimed it and its message were lost
+        conn.execute(
+            update(g).where(g.c.gateway_id == gw).values(owner_node="b", session_gen=g.c.session_gen + 1)
+        )
+    assert raw.closed_within(3.0) is not None
+    time.sleep(0.3)
+    row = cluster.gateway_row(gw)
+    assert (row.owner_node, row.session_gen, row.connected) == ("b", 2, True)  # a recorded nothing
+
+
+def test_a_node_paused_past_node_timeout_is_swept_then_its_gateways_come_back(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    sleeper = cluster.start("sleeper")
+    gw, m = _uid("gw"), _uid("m")
+    sim = cluster.gateway(sleeper, gw, clients)  # paho: reconnects by itself
+    sim.sync(m)
+    sim.report(m, "5", 2_301_234)
+    sleeper.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: not cluster.device(m).online, timeout=NODE_TIMEOUT + 5, interval=0.1)
+    finally:
+        sleeper.proc.send_signal(signal.SIGCONT)
+    assert cluster.presence(m) == [(True, "report"), (False, "node-lost")]
+    # Awake again, the node finds itself swept and closes its gateways; they reconnect and claim again.
+    wait_for(lambda: cluster.gateway_row(gw).owner_node == "sleeper", timeout=10, interval=0.1)
+    row = cluster.gateway_row(gw)
+    assert row.session_gen == 2 and row.connected is True
+    sim.client.subscribe(f"gateway_id/{gw}/#", 1)  # a clean session: subscribe again, as a gateway does
+    sim.report(m, "5", 2_301_000)
+    assert cluster.presence(m) == [(True, "report"), (False, "node-lost"), (True, "report")]
+    with cluster.api(two[0]) as api:
+        nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
+    assert nodes["sleeper"]["state"] == "alive"
