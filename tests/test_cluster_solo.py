@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from conftest import RunningHub
+from conftest import RunningHub, wait_for
 from meterhub.storage import schema
 from test_api import Api, GatewaySim
 
@@ -31,6 +31,9 @@ def test_a_single_node_is_a_cluster_of_one(hub_factory: Any, clients: Any, tmp_p
     with hub.engine.connect() as conn:
         row = conn.execute(select(schema.gateways).where(schema.gateways.c.gateway_id == "gw-solo")).one()
     assert (row.owner_node, row.session_gen, row.connected) == ("solo-1", 1, True)
+    sim.client.close()
+    wait_for(lambda: api.read.get("/api/v1/cluster").json()["held"] == 0)
+    assert api.read.get("/api/v1/cluster").json()["nodes"][0]["gateways"] == 0
     api.close()
 
 

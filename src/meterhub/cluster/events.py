@@ -53,7 +53,7 @@ class EventRelay:
         self.service = service
         self.sinks = sinks
         self.on_remote_sync = on_remote_sync
-        self.pending: deque[bytes] = deque()
+        self.pending: deque[tuple[str, dict[str, Any]]] = deque()
         self.backlog = backlog
         self.stats: Counter[str] = Counter()
         self._wakeup = asyncio.Event()
@@ -78,15 +78,10 @@ class EventRelay:
     def __call__(self, kind: str, event: dict[str, Any]) -> None:
         if kind not in RELAYED:
             return
-        try:
-            data = self._pack(kind, event)
-        except Exception:
-            self.stats["relay.unencodable"] += 1
-            return
         if len(self.pending) >= self.backlog:
             self.pending.popleft()
             self.stats["relay.dropped_backlog"] += 1
-        self.pending.append(data)
+        self.pending.append((kind, event))  # encoded later, in the sender task
         self._wakeup.set()
 
     def _pack(self, kind: str, event: dict[str, Any]) -> bytes:
@@ -112,7 +107,12 @@ class EventRelay:
             self._wakeup.clear()
             sent = 0
             while self.pending:
-                data = self.pending.popleft()
+                kind, event = self.pending.popleft()
+                try:
+                    data = self._pack(kind, event)
+                except Exception:
+                    self.stats["relay.unencodable"] += 1
+                    continue
                 try:
                     await self.bus.publish(SUBJECT, data)
                     self.stats["relay.published"] += 1

@@ -250,10 +250,9 @@ class ClusterNode:
 
     def gateway_disconnected(self, gw: str, reason: str) -> bool:
         """Whether the disconnect is to be recorded (False: another node holds the gateway now)."""
-        if self.solo or reason == "takeover":
+        if reason == "takeover":  # replaced by a new connection here: still held
             return True
-        if gw in self.held:
-            del self.held[gw]
+        if self.held.pop(gw, None) is not None or self.solo:
             return True
         return self.claiming[gw] > 0
 
@@ -269,6 +268,8 @@ class ClusterNode:
             self._claim_done(gw)
             return
         if not self.southbound.is_connected(gw):
+            # Gone while the claim was stored: its disconnect may have been written before the claim.
+            self.service.writer.submit([("gateway", {"gateway_id": gw, "connected": False})])
             self._open_gate(gw)
             self._claim_done(gw)
             return
