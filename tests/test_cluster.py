@@ -492,3 +492,39 @@ def test_a_node_paused_past_node_timeout_is_swept_then_its_gateways_come_back(
     with cluster.api(two[0]) as api:
         nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
     assert nodes["sleeper"]["state"] == "alive"
+
+
+def test_alarms_raised_on_two_nodes_get_distinct_ids(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    """Each node's alarm monitor gives out ids: from blocks reserved in the database, never the same."""
+    a, b = two
+    sims = {}
+    for node in (a, b):
+        gw, m = _uid("gw"), _uid("m")
+        sims[node.name] = (cluster.gateway(node, gw, clients), m)
+        sims[node.name][0].sync(m)
+    for _ in range(2):
+        for sim, m in sims.values():
+            sim.report(m, "19", 9)  # two fault labels: two alarms, code 0 = stored
+            sim.report(m, "19", 0)  # cleared
+    a_ = schema.alarms
+    with cluster.engine.connect() as conn:
+        rows = conn.execute(select(a_.c.id, a_.c.cid, a_.c.cleared_at)).all()
+    mine = [r for r in rows if r.cid in {m for _, m in sims.values()}]
+    assert len(mine) == 8 and all(r.cleared_at is not None for r in mine)
+    assert len({r.id for r in rows}) == len(rows)
+
+
+def test_id_blocks_never_overlap_and_skip_stored_ids(cluster: Cluster) -> None:
+    from meterhub.cluster.ids import IdBlocks
+
+    with cluster.engine.begin() as conn:  # a row numbered by a single node (the table's max id)
+        conn.execute(
+            schema.alarms.insert().values(id=50_000, cid="old", kind="fault", label="x", raised_at=1.0)
+        )
+    one, two_ = (IdBlocks(cluster.engine, "alarms", schema.alarms, size=10) for _ in range(2))
+    one.reserve()
+    two_.reserve()
+    taken = [ids.take() for _ in range(25) for ids in (one, two_)]
+    assert len(set(taken)) == 50 and min(taken) > 50_000

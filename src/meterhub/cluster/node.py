@@ -38,6 +38,7 @@ from meterhub.cluster import store
 from meterhub.cluster.bus import Bus, BusError, BusTimeout, connect_bus
 from meterhub.cluster.events import EventRelay
 from meterhub.cluster.handler import ClusterHandler
+from meterhub.cluster.ids import IdBlocks
 from meterhub.config import Settings
 from meterhub.logs import get_logger
 from meterhub.protocol.errors import ErrorCode
@@ -69,6 +70,7 @@ class ClusterNode:
         self.southbound: Any = None
         self.handler: ClusterHandler | None = None
         self.relay: EventRelay | None = None
+        self.alarm_ids: IdBlocks | None = None  # alarm ids from reserved blocks (several nodes only)
         self.held: dict[str, int] = {}  # gateway -> session generation this node holds
         self.claiming: Counter[str] = Counter()  # gateways with a claim under way
         self.superseded: dict[str, int] = {}  # newer generations announced while we were claiming
@@ -126,6 +128,10 @@ class ClusterNode:
             },
         )
         if not self.solo:
+            from meterhub.storage import schema
+
+            self.alarm_ids = IdBlocks(self.engine, "alarms", schema.alarms)
+            await asyncio.to_thread(self.alarm_ids.reserve)
             bus = self.bus
             self._subs.append(await bus.subscribe(TAKEOVER, self._on_takeover))
             self._subs.append(

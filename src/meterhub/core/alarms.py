@@ -125,6 +125,9 @@ class AlarmMonitor:
         self.clock = clock
         self.devices: dict[str, _DeviceAlarms] = {}
         self.next_id = 1
+        # Cluster mode: ids from blocks reserved in the database (meterhub.cluster.ids), so that two
+        # nodes never give out the same one; None: this process is the table's only writer.
+        self.ids: Any = None
         self.raised = 0
         self.cleared = 0
 
@@ -246,8 +249,12 @@ class AlarmMonitor:
         details: dict[str, Any] | None,
         ops: list[Any],
     ) -> None:
-        alarm = Alarm(self.next_id, cid, kind, label, level, t, details=details)
-        self.next_id += 1
+        if self.ids is not None:
+            alarm_id = self.ids.take()
+        else:
+            alarm_id = self.next_id
+            self.next_id += 1
+        alarm = Alarm(alarm_id, cid, kind, label, level, t, details=details)
         dev.active[(kind, label)] = alarm
         self.raised += 1
         ops.append(("alarm_raise", alarm.as_dict()))

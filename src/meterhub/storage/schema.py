@@ -106,6 +106,14 @@ nodes = Table(
     Column("links", Integer, nullable=False, default=0, server_default="0"),
 )
 
+# Blocks of ids a node gives out itself (alarm ids) in cluster mode: the next id not yet reserved.
+id_blocks = Table(
+    "id_blocks",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("next", BigInteger, nullable=False),
+)
+
 products = Table(
     "products",
     metadata,

@@ -1,4 +1,4 @@
-"""cluster mode: nodes with heartbeats, gateway ownership (owner node + session generation)
+"""cluster mode: nodes with heartbeats, gateway ownership (owner node + session generation), id blocks
 
 Revision ID: 0007
 Revises: 0003
@@ -30,6 +30,12 @@ def upgrade() -> None:
         sa.Column("links", sa.Integer(), nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("node_id", name="pk_nodes"),
     )
+    op.create_table(
+        "id_blocks",
+        sa.Column("name", sa.String(32), nullable=False),
+        sa.Column("next", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_id_blocks"),
+    )
     with op.batch_alter_table("gateways") as batch:
         batch.add_column(sa.Column("owner_node", sa.String(128)))
         batch.add_column(sa.Column("session_gen", sa.BigInteger(), nullable=False, server_default="0"))
@@ -41,4 +47,5 @@ def downgrade() -> None:
         batch.drop_index("ix_gateways_owner_node")
         batch.drop_column("session_gen")
         batch.drop_column("owner_node")
+    op.drop_table("id_blocks")
     op.drop_table("nodes")
