@@ -528,3 +528,26 @@ def test_id_blocks_never_overlap_and_skip_stored_ids(cluster: Cluster) -> None:
     two_.reserve()
     taken = [ids.take() for _ in range(25) for ids in (one, two_)]
     assert len(set(taken)) == 50 and min(taken) > 50_000
+
+
+def test_alarms_raised_on_one_node_are_cleared_on_the_next(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    a, b = two
+    gw, m = _uid("gw"), _uid("m")
+    old = cluster.gateway(a, gw, clients)
+    old.sync(m)
+    old.report(m, "19", 9)  # two fault labels raised by node a's monitor
+    old.client.c.loop_stop()  # this client stays quiet now (paho would reconnect and take it back)
+    user = cluster.vendor.username
+    new = Client(b.mqtt_port, gw, user, gateway_password(gw, user))
+    clients.append(new)
+    assert new.connect()[0] == 0
+    new.subscribe(f"gateway_id/{gw}/#", 1)
+    wait_for(lambda: cluster.gateway_row(gw).owner_node == "b", timeout=5)
+    GatewaySim(new).report(m, "19", 0)  # all clear, reported through node b
+    a_ = schema.alarms
+    with cluster.engine.connect() as conn:
+        rows = conn.execute(select(a_.c.label, a_.c.cleared_at).where(a_.c.cid == m).order_by(a_.c.id)).all()
+    assert [r.label for r in rows] == ["short_circuit_alarm", "ov_vol"]
+    assert all(r.cleared_at is not None for r in rows), rows

@@ -336,6 +336,9 @@ class ClusterNode:
         rows = await asyncio.to_thread(store.load_devices, self.engine, gw, cids)
         for row in rows:
             self._cache(row, held=row.gateway_id in self.held)
+        monitor = getattr(self.hub, "alarms", None)
+        if monitor is not None and rows:  # alarms raised or cleared by the previous holder
+            monitor.replace(await asyncio.to_thread(monitor.read_devices, [r.cid for r in rows]))
 
     def _cache(self, row: Any, held: bool) -> None:
         """Put a device row into the service's device cache."""
