@@ -252,6 +252,13 @@ def test_late_node_leaves_presence_alone_and_serves_commands_for_the_other(
         log = api.get(f"/api/v1/devices/{m}/commands").json()["items"]
         assert [(c["status"], c["code"]) for c in log] == [("ok", 0)]
 
+        # wait: false answers 202 at once, as for a local device; the job is polled on this node.
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": False, "wait": False})
+        assert r.status_code == 202, r.text
+        poll = r.json()["poll"]
+        wait_for(lambda: api.get(poll).json()["status"] == "ok", timeout=10)
+        assert len(sim.commands) == 2
+
         # Same codes as a local command: a silent device times out (504), a bad value is refused (422).
         sim.command_code = None
         r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": False, "timeout": 1})

@@ -461,6 +461,29 @@ class ClusterNode:
             )
         return CommandResult(**_decode(reply))
 
+    async def sends_elsewhere(self, cid: str, dp: Any, value: Any) -> bool:
+        """Whether a command the local checks would refuse as offline is sent through another node
+        (a known device, a valid value, its gateway connected to another live node)."""
+        if self.solo:
+            return False
+        dev = self.service.devices.get(cid)
+        dp_obj = self.service.resolve_data_point(dev.model, dp) if dev is not None else None
+        if dp_obj is None:
+            return False
+        try:
+            dp_obj.check_command(value)
+        except Exception:
+            return False
+        route = await asyncio.to_thread(
+            store.route_of, self.engine, cid, time.time(), self.settings.node_timeout
+        )
+        return (
+            route is not None
+            and route.connected
+            and route.owner_alive
+            and route.owner_node not in (None, self.node_id)
+        )
+
     async def _on_command(self, data: bytes) -> bytes:
         req = _decode(data)
         _ROUTED.set(True)
