@@ -323,6 +323,7 @@ def test_takeover_across_nodes(cluster: Cluster, two: tuple[Node, Node], clients
         metrics = api.get("/metrics").text
     assert 'meterhub_mqtt_events_total{event="will.published"}' not in metrics
     assert 'meterhub_mqtt_events_total{event="connections.closed"}' in metrics
+    assert 'meterhub_cluster_events_total{event="takeover.released"} 1.0' in metrics
 
     # Node b knows the device synced through a, and holds the gateway.
     new.subscribe(f"gateway_id/{gw}/#", 1)
