@@ -559,3 +559,26 @@ def test_alarms_raised_on_one_node_are_cleared_on_the_next(
         rows = conn.execute(select(a_.c.label, a_.c.cleared_at).where(a_.c.cid == m).order_by(a_.c.id)).all()
     assert [r.label for r in rows] == ["short_circuit_alarm", "ov_vol"]
     assert all(r.cleared_at is not None for r in rows), rows
+
+
+def test_two_connects_at_once_on_two_nodes_leave_exactly_one(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    a, b = two
+    user = cluster.vendor.username
+    for _ in range(3):
+        gw = _uid("gw")
+        raws = {node.name: RawClient(node.mqtt_port) for node in (a, b)}
+        frame = connect(gw, user, gateway_password(gw, user))
+        for raw in raws.values():
+            raw.send(frame)
+        for raw in raws.values():
+            assert raw.read_packet() == (0x20, b"\x00\x00")
+        closed = {name: raw.closed_within(2.0 if name == "a" else 0.5) for name, raw in raws.items()}
+        survivors = [name for name, t in closed.items() if t is None]
+        assert len(survivors) == 1, closed
+        row = cluster.gateway_row(gw)
+        assert (row.owner_node, row.session_gen, row.connected) == (survivors[0], 2, True)
+        assert raws[survivors[0]].closed_within(1.0) is None  # and it stays
+        for raw in raws.values():
+            raw.close()

@@ -289,10 +289,11 @@ class ClusterNode:
         except Exception as exc:
             log.warning("takeover not announced", gateway_id=gw, error=str(exc)[:200])
         finally:
+            newer = self.superseded.get(gw, 0)  # announced by another node while we were claiming
             self._open_gate(gw)
             self._claim_done(gw)
-        newer = self.superseded.pop(gw, 0)
         if newer > gen:
+            self.stats["takeover.released"] += 1
             self._release(gw)
 
     def _claim_done(self, gw: str) -> None:
@@ -311,8 +312,9 @@ class ClusterNode:
         if msg["node"] == self.node_id:
             return
         gw, gen = msg["gw"], int(msg["gen"])
-        if self.claiming[gw]:
+        if self.claiming[gw]:  # decided when our claim is stored: the higher generation wins
             self.superseded[gw] = max(gen, self.superseded.get(gw, 0))
+            return
         held = self.held.get(gw)
         if held is not None and held < gen:
             self.stats["takeover.released"] += 1
