@@ -582,3 +582,33 @@ def test_two_connects_at_once_on_two_nodes_leave_exactly_one(
         assert raws[survivors[0]].closed_within(1.0) is None  # and it stays
         for raw in raws.values():
             raw.close()
+
+
+def test_a_report_redelivered_through_another_node_is_stored_once(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    a, b = two
+    gw, m = _uid("gw"), _uid("m")
+    user = cluster.vendor.username
+    first = cluster.gateway(a, gw, clients)
+    first.sync(m)
+    report = {
+        "t": int(time.time()),
+        "request_id": "r-once",
+        "param": {"cid": m, "id": "5", "value": 2_301_234},
+    }
+    first.client.publish(f"gateway_id/{gw}/properties/report", json.dumps(report), 1)
+    assert first.answers.get(timeout=5)["param"]["code"] == 0
+    first.client.c.loop_stop()  # the gateway moves (it never saw the answer, say) and sends it again
+    again = Client(b.mqtt_port, gw, user, gateway_password(gw, user))
+    clients.append(again)
+    assert again.connect()[0] == 0
+    again.subscribe(f"gateway_id/{gw}/#", 1)
+    sim = GatewaySim(again)
+    sim.client.publish(f"gateway_id/{gw}/properties/report", json.dumps(report), 1)
+    answer = sim.answers.get(timeout=5)
+    assert (answer["request_id"], answer["param"]["code"]) == ("r-once", 0)
+    r = schema.reports
+    with cluster.engine.connect() as conn:
+        rows = conn.execute(select(r.c.request_id).where(r.c.cid == m)).all()
+    assert [x.request_id for x in rows] == ["r-once"]
