@@ -275,6 +275,15 @@ def test_late_node_leaves_presence_alone_and_serves_commands_for_the_other(
     assert "this node: late-b (bus: nats" in out
     assert [line.split()[:2] for line in out.splitlines() if "late-a" in line] == [["late-a", "alive"]]
 
+    # A node stopping touches only its own gateways: b goes, the meter on a stays online.
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(15) == 0
+    assert cluster.device(m).online is True
+    assert cluster.presence(m) == [(True, "report")]
+    with cluster.api(a) as api:
+        nodes = {n["node_id"]: n for n in api.get("/api/v1/cluster").json()["nodes"]}
+    assert nodes["late-b"]["state"] == "stopped" and nodes["late-a"]["gateways"] == 1
+
 
 def test_takeover_across_nodes(cluster: Cluster, two: tuple[Node, Node], clients: list[Client]) -> None:
     a, b = two
