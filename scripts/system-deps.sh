@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # System packages the tests use: mosquitto clients (real MQTT clients), the mosquitto broker (the Home
-# Assistant tests start their own) and Chromium (dashboard tests).
+# Assistant tests start their own), Chromium (dashboard tests) and nats-server (cluster tests).
 # Installs with apt-get when something is missing; prints what to do when it cannot.
 set -euo pipefail
 need=()
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# nats-server: the cluster tests start their own bus (tests/test_cluster*.py).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"

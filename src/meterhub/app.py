@@ -93,6 +93,7 @@ class Hub:
         self.homeassistant: Any = None
         self.http_routers: list[Any] = []
         self.lock = ServerLock.for_url(settings.resolved_database_url)
+        self.cluster: Any = None
 
     async def start(self) -> None:
         """Start everything. First the embedded database's lock (:class:`DataDirInUse` when another
@@ -127,17 +128,24 @@ class Hub:
             )
             self.handler.southbound = self.mqtt
         else:
+            from meterhub.cluster.node import ClusterNode
             from meterhub.core.service import ProtocolService
             from meterhub.openhub.component import OpenHub
             from meterhub.openhub.http import OpenHubAPI
 
+            # A cluster of one (in-process bus) unless bus_url names NATS: see docs/cluster.md.
+            self.cluster = ClusterNode(settings, self.engine)
+            await self.cluster.connect()
             self.handler = ProtocolService(settings, self.engine, self.writer)
+            self.handler.presence_scope = self.cluster.reset_scope
             self.openhub = OpenHub(self)
             authenticator = ThrottledAuthenticator(
                 self.openhub.authenticator(authenticator), self.login_throttle
             )
-            self.mqtt = MQTTServer(authenticator, self.handler, limits)
+            gateways = self.cluster.wrap(self.handler)
+            self.mqtt = MQTTServer(authenticator, gateways, limits)
             await self.handler.start(self.mqtt)
+            await self.cluster.start(self)
         writer.on_pressure = self.mqtt.set_intake_paused
         self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)
         self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
@@ -146,12 +154,18 @@ class Hub:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
         if self.openhub is not None:
             await self.openhub.start()
+            from meterhub.cluster.api import cluster_router
             from meterhub.openhub.device_api import DeviceAPI
 
             openhub_api = OpenHubAPI(self)
             devices_api = DeviceAPI(self, openhub_api)
             # the device API's catch-all for other Tuya paths goes last
-            self.http_routers = [openhub_api.router, devices_api.router, devices_api.fallback]
+            self.http_routers = [
+                openhub_api.router,
+                devices_api.router,
+                cluster_router(self),
+                devices_api.fallback,
+            ]
         from meterhub.api.server import ApiServer
 
         self.api = ApiServer(self)
@@ -161,6 +175,8 @@ class Hub:
 
             self.homeassistant = HomeAssistantPublisher(settings, self.handler, self.engine, self.writer)
             await self.homeassistant.start()
+        if self.cluster is not None:
+            await self.cluster.ready()
 
     async def stop(self) -> None:
         if self.api is not None:
@@ -173,6 +189,8 @@ class Hub:
             await self.mqtt.close()
         if self.handler is not None and hasattr(self.handler, "stop"):
             await self.handler.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
         self.engine.dispose()

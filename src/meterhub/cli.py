@@ -105,6 +105,9 @@ def _common(f: Any) -> Any:
 @click.option("--tls-port", type=int, default=None, help="Also listen with TLS on this port.")
 @click.option("--tls-cert", type=click.Path(path_type=Path, exists=True), default=None)
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--database-url", default=None, help="SQLAlchemy URL (cluster: a shared PostgreSQL).")
+@click.option("--bus-url", default=None, help="Cluster bus, nats://HOST:PORT (default: in process).")
+@click.option("--node-id", default=None, help="This node's name (default: host name + MQTT port).")
 @click.option(
     "--handler",
     type=click.Choice(["protocol", "echo"]),
@@ -626,6 +629,9 @@ def _register_ops() -> None:
     from meterhub.tools.simulator import simulate_command
 
     main.add_command(simulate_command)
+    from meterhub.cluster.cli import cluster_cmd
+
+    main.add_command(cluster_cmd)
 
 
 _register_ops()

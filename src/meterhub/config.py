@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/meterhub.db"
     )
     sqlite_synchronous: str = Field("FULL", description="SQLite synchronous pragma: FULL or NORMAL.")
+    # Cluster mode (docs/cluster.md): several nodes on one PostgreSQL, NATS between them.
+    bus_url: str | None = Field(None, description="nats://HOST:PORT; None = in-process bus (one node).")
+    node_id: str | None = Field(None, description="This node's name; default host name + MQTT port.")
+    node_timeout: float = Field(15.0, gt=0, description="Seconds without a heartbeat before a node is dead.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between a node's heartbeats.")
 
     mqtt_host: str = "0.0.0.0"
     mqtt_port: int = 21883
@@ -197,6 +202,18 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. Europe/Berlin)") from None
         return value
+
+    @model_validator(mode="after")
+    def _cluster_settings(self) -> Settings:
+        """Cluster mode (docs/cluster.md): heartbeats well within the timeout, a shared database."""
+        if self.heartbeat_interval >= self.node_timeout:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g}s) must be below node_timeout "
+                f"({self.node_timeout:g}s)"
+            )
+        if self.bus_url and not self.resolved_database_url.startswith("postgresql"):
+            raise ValueError("bus_url (cluster mode) needs a PostgreSQL database_url shared by the nodes")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -61,6 +61,7 @@ class ApiServer:
         handler = hub.handler
         if handler is not None and hasattr(handler, "listeners") and hasattr(handler, "models"):
             monitor = AlarmMonitor(hub.engine, hub.writer)
+            monitor.ids = getattr(getattr(hub, "cluster", None), "alarm_ids", None)  # None: one node
             watched: dict[str, str] = {}
             for model in handler.models:
                 for dp in model:

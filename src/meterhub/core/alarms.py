@@ -125,6 +125,10 @@ class AlarmMonitor:
         self.clock = clock
         self.devices: dict[str, _DeviceAlarms] = {}
         self.next_id = 1
+        # Cluster mode: ids from blocks reserved in the database (meterhub.cluster.ids), so that two
+        # nodes never give out the same one; None: this process is the table's only writer.
+        self.ids: Any = None
+        self.watched: dict[str, str] = {}
         self.raised = 0
         self.cleared = 0
 
@@ -135,6 +139,7 @@ class AlarmMonitor:
         thread). ``watched_dp_ids`` maps dp id -> code for the data points of interest."""
         a = schema.alarms
         lv = schema.latest
+        self.watched = watched_dp_ids
         with self.engine.connect() as conn:
             self.next_id = (conn.execute(select(func.max(a.c.id))).scalar() or 0) + 1
             for row in conn.execute(select(a).where(a.c.cleared_at.is_(None))).all():
@@ -150,6 +155,33 @@ class AlarmMonitor:
                     code = watched_dp_ids[dp_id]
                     self._device(cid).values[code] = (t, value if code in (LEVEL_CODE, FAULT) else num)
         log.info("alarms loaded", active=self.active_count(), next_id=self.next_id)
+
+    def read_devices(self, cids: list[str]) -> dict[str, _DeviceAlarms]:
+        """The stored state of some devices (blocking; for a cluster node taking their gateway over:
+        another node raised and cleared their alarms meanwhile). Apply it with :meth:`replace`."""
+        a, lv = schema.alarms, schema.latest
+        out = {cid: _DeviceAlarms() for cid in cids}
+        watched = self.watched
+        with self.engine.connect() as conn:
+            for i in range(0, len(cids), 1000):
+                chunk = cids[i : i + 1000]
+                for row in conn.execute(select(a).where(a.c.cleared_at.is_(None), a.c.cid.in_(chunk))).all():
+                    alarm = Alarm(**row._mapping)
+                    out[alarm.cid].active[(alarm.kind, alarm.label)] = alarm
+                if watched:
+                    rows = conn.execute(
+                        select(lv.c.cid, lv.c.dp_id, lv.c.value, lv.c.num, lv.c.t).where(
+                            lv.c.cid.in_(chunk), lv.c.dp_id.in_(list(watched))
+                        )
+                    ).all()
+                    for cid, dp_id, value, num, t in rows:
+                        code = watched[dp_id]
+                        out[cid].values[code] = (t, value if code in (LEVEL_CODE, FAULT) else num)
+        return out
+
+    def replace(self, state: dict[str, _DeviceAlarms]) -> None:
+        """Take devices' state read by :meth:`read_devices` (in the event loop)."""
+        self.devices.update(state)
 
     def _device(self, cid: str) -> _DeviceAlarms:
         dev = self.devices.get(cid)
@@ -246,8 +278,12 @@ class AlarmMonitor:
         details: dict[str, Any] | None,
         ops: list[Any],
     ) -> None:
-        alarm = Alarm(self.next_id, cid, kind, label, level, t, details=details)
-        self.next_id += 1
+        if self.ids is not None:
+            alarm_id = self.ids.take()
+        else:
+            alarm_id = self.next_id
+            self.next_id += 1
+        alarm = Alarm(alarm_id, cid, kind, label, level, t, details=details)
         dev.active[(kind, label)] = alarm
         self.raised += 1
         ops.append(("alarm_raise", alarm.as_dict()))

@@ -56,6 +56,7 @@ class HubCollector(Collector):
         yield from self._storage()
         yield from self._gc()
         yield from self._homeassistant()
+        yield from self._cluster()
 
     def _homeassistant(self) -> Iterator[Metric]:
         publisher = getattr(self.hub, "homeassistant", None)
@@ -76,6 +77,22 @@ class HubCollector(Collector):
             g = GaugeMetricFamily(f"meterhub_{name}", doc)
             g.add_metric([], value)
             yield g
+
+    def _cluster(self) -> Iterator[Metric]:
+        """Cluster mode (meterhub.cluster): gateways held by this node, routed commands, takeovers."""
+        node = getattr(self.hub, "cluster", None)
+        if node is None:
+            return
+        g = GaugeMetricFamily("meterhub_cluster_gateways_held", "Gateways whose connection this node holds.")
+        g.add_metric([], len(node.held))
+        yield g
+        events = CounterMetricFamily(
+            "meterhub_cluster_events", "Counters of this cluster node.", labels=["event"]
+        )
+        relay = node.relay.stats if node.relay is not None else {}
+        for key, value in sorted({**dict(node.stats), **dict(relay)}.items()):
+            events.add_metric([key], value)
+        yield events
 
     def _gc(self) -> Iterator[Metric]:
         watch = gcwatch.WATCH

@@ -31,8 +31,9 @@ from functools import partial
 from typing import Any
 
 import msgspec
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select
 
+from meterhub.cluster.store import reset_at_start
 from meterhub.config import Settings
 from meterhub.core.dedupe import AnswerCache
 from meterhub.logs import RateLimitedLog, get_logger
@@ -186,6 +187,10 @@ class ProtocolService:
         self._tasks: list[asyncio.Task[Any]] = []
         self.presence_interval = min(5.0, max(0.05, settings.presence_timeout / 10))
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # Cluster hooks (meterhub.cluster.node): whose devices start-up resets (None: all), and the
+        # router that sends a command through the node holding the device's gateway.
+        self.presence_scope: str | None = None
+        self.command_router: Callable[..., Any] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -224,14 +229,8 @@ class ProtocolService:
                     d.c.vendor_id,
                 )
             ).all()
-            stale = [r.cid for r in rows if r.online]
-            if stale:
-                conn.execute(update(d).where(d.c.online.is_(True)).values(online=False))
-                conn.execute(
-                    schema.presence.insert(),
-                    [{"cid": c, "online": False, "cause": "server-restart", "at": now} for c in stale],
-                )
-            conn.execute(update(schema.gateways).values(connected=False))
+            # One node: every device; in a cluster only this node's gateways (meterhub.cluster).
+            reset_at_start(conn, now, self.presence_scope, self.settings.node_timeout)
         for r in rows:
             model = self.models.get(r.model) or self.default_model
             if model is None:
@@ -710,6 +709,17 @@ class ProtocolService:
             raise
         self.stats["devices.moved"] += 1
         log.info("device moved by an operator", cid=cid, old=old, new=gateway_id, vendor=target.vendor)
+        if dev is not None:  # like a sync: other nodes of a cluster reload the device from the database
+            self._emit(
+                "sync",
+                {
+                    "cid": cid,
+                    "gateway_id": gateway_id,
+                    "product_id": dev.product_id,
+                    "name": dev.name,
+                    "name_changed": False,
+                },
+            )
         return {**out, "moved": True}
 
     # --- devices/status --------------------------------------------------------------------------
@@ -875,6 +885,10 @@ class ProtocolService:
         self, cid: str, dp: str | int, value: Any, timeout: float | None = None
     ) -> CommandResult:
         """Validate, send and await a command. Every command and its outcome goes to the command log."""
+        if self.command_router is not None:
+            routed = await self.command_router(cid, dp, value, timeout)
+            if routed is not None:
+                return routed  # type: ignore[no-any-return]
         timeout = self.settings.command_timeout if timeout is None else timeout
         request_id = str(uuid.uuid4())
         now = self.clock()

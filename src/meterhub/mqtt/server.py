@@ -832,6 +832,8 @@ class MQTTServer:
         conn = self.connected.get(client_id)
         if conn is None:
             return False
+        if reason == "takeover":  # taken over on another node (meterhub.cluster): no will
+            conn.will = None
         conn.close(reason or "closed-by-server")
         return True
 

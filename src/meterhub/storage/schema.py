@@ -86,6 +86,34 @@ gateways = Table(
     Column("last_seen", Float),
     Column("last_connected_at", Float),
     Column("last_disconnected_at", Float),
+    # Cluster mode (migration 0007): the node holding the gateway's connection (kept after a clean
+    # disconnect: the last holder; NULL once a dead node's gateways are freed) and the session
+    # generation, raised by every accepted CONNECT (the highest generation owns the gateway).
+    Column("owner_node", String(128), index=True),
+    Column("session_gen", BigInteger, nullable=False, default=0, server_default="0"),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("node_id", String(128), primary_key=True),
+    Column("host", String(255)),
+    Column("version", String(32)),
+    Column("mqtt_port", Integer),
+    Column("http_port", Integer),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),
+    Column("state", String(16), nullable=False),  # alive, stopped, lost
+    Column("links", Integer, nullable=False, default=0, server_default="0"),
+)
+
+# Blocks of ids a node gives out itself (alarm ids) in cluster mode: the next id not yet reserved.
+id_blocks = Table(
+    "id_blocks",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("next", BigInteger, nullable=False),
 )
 
 products = Table(

@@ -184,6 +184,8 @@ async def send_command(hub: Hub, request: Request, cid: CidParam, body: CommandI
     if isinstance(dp, str):
         dp = dp.strip()
     will_send, dp_id = _precheck(hub, cid, dp, body.value)
+    if not will_send and not body.wait and getattr(hub, "cluster", None) is not None:
+        will_send = await hub.cluster.sends_elsewhere(cid, dp, body.value)  # held by another node
     job = jobs.start(hub, cid, dp, dp_id, body.value, body.timeout)
     tz = zone(hub)
     if body.wait or not will_send:

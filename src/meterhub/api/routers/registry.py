@@ -204,6 +204,8 @@ async def add_product(hub: Hub, body: ProductIn) -> dict[str, Any]:
     handler = hub.handler
     if hasattr(handler, "products"):
         handler.products[body.product_id] = body.model
+    if getattr(hub, "cluster", None) is not None:
+        await hub.cluster.products_changed()  # the other nodes reload their product map
     rows = await run_in_threadpool(queries.products, hub.engine)
     row = next(r for r in rows if r["product_id"] == body.product_id)
     return {

@@ -48,6 +48,8 @@ def _refused(exc: store.OpenHubError) -> ApiError:
 async def _refresh(hub: Any) -> None:
     if getattr(hub, "openhub", None) is not None and hub.openhub.fanout is not None:
         await hub.openhub.fanout.refresh_bindings()
+    if getattr(hub, "cluster", None) is not None:
+        await hub.cluster.bindings_changed()  # the other nodes' fan-out reloads them too
 
 
 @router.get("/users", response_model=list[UserOut])
