@@ -538,6 +538,10 @@ def _register_ops() -> None:
     from meterhub.tools.simulator import simulate_command
 
     main.add_command(simulate_command)
+    from meterhub.cli_pm import PM_COMMANDS
+
+    for command in PM_COMMANDS:
+        main.add_command(command)
 
 
 _register_ops()

@@ -27,7 +27,15 @@ from meterhub.billing.money import KWH, round_money
 from meterhub.billing.tariff import TariffSpec, band_segments, local_instant
 from meterhub.core.energy import SCALE, Reading
 
-__all__ = ["Bill", "BillError", "MeterInterval", "TariffVersion", "compute_bill", "version_spans"]
+__all__ = [
+    "Bill",
+    "BillError",
+    "MeterInterval",
+    "TariffVersion",
+    "compute_bill",
+    "energy_charge",
+    "version_spans",
+]
 
 
 class BillError(ValueError):
@@ -164,14 +172,7 @@ def compute_bill(
                 f"meter {iv.cid}: no reading on one side of the period; consumption there is unknown"
             )
         entry["kwh"] = str(_kwh(closing.cum - opening.cum))
-        for vs, ve, vi in spans:
-            a, b = max(vs, s), min(ve, e)
-            if b <= a:
-                continue
-            for ps, pe, band in band_segments(versions[vi].spec, a, b, tz):
-                p0, p1 = series.at(ps), series.at(pe)
-                assert p0 is not None and p1 is not None
-                pieces.append((ps, vi, band, p1.cum - p0.cum))
+        pieces.extend(_pieces(series, s, e, spans, versions, tz))
     pieces.sort(key=lambda p: p[0])
 
     # energy lines, keyed (version, band or tier) in order of first appearance
@@ -239,6 +240,45 @@ def compute_bill(
         bill.tax_total += tax
     bill.total = bill.net_total + bill.tax_total
     return bill
+
+
+def _pieces(
+    series: CounterSeries,
+    s: float,
+    e: float,
+    spans: Sequence[tuple[float, float, int]],
+    versions: Sequence[TariffVersion],
+    tz: ZoneInfo,
+) -> list[tuple[float, int, str, int]]:
+    """``[s, e)`` of one meter cut at version starts and band edges: ``(from, version, band, raw kWh)``."""
+    out: list[tuple[float, int, str, int]] = []
+    for vs, ve, vi in spans:
+        a, b = max(vs, s), min(ve, e)
+        if b <= a:
+            continue
+        for ps, pe, band in band_segments(versions[vi].spec, a, b, tz):
+            p0, p1 = series.at(ps), series.at(pe)
+            assert p0 is not None and p1 is not None
+            out.append((ps, vi, band, p1.cum - p0.cum))
+    return out
+
+
+def energy_charge(
+    series: CounterSeries, start: float, end: float, versions: Sequence[TariffVersion], tz: ZoneInfo
+) -> tuple[Decimal, Decimal]:
+    """Exact (unrounded) ``(kWh, cost including tax)`` of ``[start, end)`` for prepaid accounts: each
+    band at its version's rate (tiered: the first tier's rate), times ``1 + tax_rate``. No standing
+    charge. The products of 0.0001 kWh and decimal prices are exact, so nothing is rounded."""
+    if not series or end <= start:
+        return Decimal(0), Decimal(0)
+    spans = version_spans(versions, start, end, tz)
+    kwh = cost = Decimal(0)
+    for _t, vi, band, raw in _pieces(series, start, end, spans, versions, tz):
+        spec = versions[vi].spec
+        k = _kwh(raw)
+        kwh += k
+        cost += k * spec.energy_rate(band) * (1 + spec.tax_rate)
+    return kwh, cost
 
 
 def line_amount(line: dict[str, Any]) -> Decimal:

@@ -1,0 +1,289 @@
+"""Property management over the real API: sites, units, meters, tenants, tariffs, bills (JSON, CSV,
+HTML, and ``meterhub bill``), with readings sent by a real MQTT gateway client; and the 4xx answers."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from conftest import Client, RunningHub
+from test_api import Api
+
+UTC = dt.UTC
+
+
+@pytest.fixture
+def api(hub_factory: Callable[..., RunningHub], clients: Callable[..., Client]) -> Iterator[Api]:
+    a = Api(hub_factory("protocol", timezone="Europe/Berlin"), clients)
+    yield a
+    a.close()
+
+
+def ok(r: Any, status: int = 200) -> Any:
+    assert r.status_code == status, (r.status_code, r.text)
+    return r.json()
+
+
+def err(r: Any, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    return r.json()["error"]["message"]
+
+
+def billing_window(now: float) -> tuple[str, float, float]:
+    """A month (UTC) and a span [a, b) inside it that is entirely within the last 29 days (reports older
+    than 30 days are refused by the protocol), the longest such span."""
+    t = dt.datetime.fromtimestamp(now, UTC)
+    this_start = dt.datetime(t.year, t.month, 1, tzinfo=UTC)
+    prev_start = (this_start - dt.timedelta(days=1)).replace(day=1)
+    oldest = now - 29 * 86400
+    cur = (this_start.strftime("%Y-%m"), max(this_start.timestamp(), oldest), now - 120)
+    prev = (prev_start.strftime("%Y-%m"), max(prev_start.timestamp(), oldest), this_start.timestamp())
+    return max(cur, prev, key=lambda w: w[2] - w[1])
+
+
+def setup_site(api: Api, tz: str = "UTC") -> dict[str, Any]:
+    site = ok(
+        api.admin.post("/api/v1/sites", json={"name": "Elm Court", "timezone": tz, "currency": "EUR"}), 201
+    )
+    b = ok(api.admin.post(f"/api/v1/sites/{site['id']}/buildings", json={"name": "A"}), 201)
+    unit = ok(
+        api.admin.post(f"/api/v1/buildings/{b['id']}/units", json={"name": "Flat 1", "label": "flat"}), 201
+    )
+    return {"site": site, "building": b, "unit": unit}
+
+
+def test_a_tenant_moving_out_mid_month_is_billed_to_the_interpolated_reading(api: Api) -> None:
+    month, a, b = billing_window(time.time())
+    span = int(b - a)
+    assert span > 3600
+    t1, t2, t3 = int(a + span * 0.1), int(a + span * 0.5), int(a + span * 0.9)
+    t3 += (t3 - t2) % 2  # so that the mid-point between t2 and t3 is a whole second
+    move = (t2 + t3) // 2
+    gw = api.gateway("gw-pm")
+    gw.sync("m1", device_name="Meter in flat 1")
+    # 1000 kWh, 1100 kWh, 1300 kWh: the move-out is half-way from t2 to t3, so the meter then read 1200
+    for t, value in ((t1, 10_000_000), (t2, 11_000_000), (t3, 13_000_000)):
+        gw.report("m1", "44", value, t=t)
+    ids = setup_site(api)
+    sid, uid = ids["site"]["id"], ids["unit"]["id"]
+    tariff = ok(
+        api.admin.post(
+            f"/api/v1/sites/{sid}/tariffs",
+            json={
+                "name": "basic",
+                "versions": [
+                    {"effective_from": "2020-01-01", "kind": "flat", "rate": "0.30", "tax_rate": "0.19"}
+                ],
+            },
+        ),
+        201,
+    )
+    ok(api.admin.patch(f"/api/v1/sites/{sid}", json={"tariff_id": tariff["id"]}))
+    ok(api.admin.put("/api/v1/meters/m1/unit", json={"unit_id": uid, "at": "2020-01-01"}))
+    ok(api.admin.patch("/api/v1/meters/m1", json={"name": "Flat 1 main", "location": "hall cupboard"}))
+    alice = ok(api.admin.post(f"/api/v1/sites/{sid}/tenants", json={"name": "Alice"}), 201)
+    bob = ok(api.admin.post(f"/api/v1/sites/{sid}/tenants", json={"name": "Bob"}), 201)
+    ok(
+        api.admin.post(
+            f"/api/v1/tenants/{alice['id']}/occupancies",
+            json={"unit_id": uid, "move_in": "2020-01-01", "move_out": move},
+        ),
+        201,
+    )
+    ok(
+        api.admin.post(f"/api/v1/tenants/{bob['id']}/occupancies", json={"unit_id": uid, "move_in": move}),
+        201,
+    )
+
+    meter = ok(api.read.get("/api/v1/meters/m1"))
+    assert (meter["name"], meter["location"], meter["unit_id"]) == ("Flat 1 main", "hall cupboard", uid)
+
+    # Alice: 1000 (held: the first reading of the month) to 1200 (interpolated) = 200 kWh x 0.30 = 60.00,
+    # tax 19 % = 11.40, total 71.40. Bob: 1200 to 1300 = 100 kWh: 30.00 + 5.70 = 35.70.
+    bill = ok(api.read.get(f"/api/v1/tenants/{alice['id']}/bill", params={"month": month}))
+    assert [(ln["kind"], ln["quantity"], ln["amount"]) for ln in bill["lines"]] == [
+        ("energy", "200.0000", "60.00"),
+        ("tax", "60.00", "11.40"),
+    ]
+    assert bill["total"] == "71.40"
+    closing = bill["meters"][0]["closing"]
+    assert (closing["kwh"], closing["source"], closing["t"]) == ("1200.0000", "interpolated", move)
+    bill_b = ok(api.read.get(f"/api/v1/tenants/{bob['id']}/bill", params={"month": month}))
+    assert bill_b["total"] == "35.70"
+    assert bill_b["meters"][0]["opening"]["kwh"] == "1200.0000"
+
+    r = api.read.get(f"/api/v1/sites/{sid}/bills", params={"month": month, "format": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [(x["tenant"], x["kind"], x["amount"]) for x in rows] == [
+        ("Alice", "energy", "60.00"),
+        ("Alice", "tax", "11.40"),
+        ("Bob", "energy", "30.00"),
+        ("Bob", "tax", "5.70"),
+    ]
+    page = api.read.get(
+        f"/api/v1/units/{uid}/bill", params={"month": month, "tenant_id": alice["id"], "format": "html"}
+    )
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "71.40 EUR" in page.text and "1200.0000 kWh" in page.text and "(interpolated)" in page.text
+
+    # the CLI: meterhub bill --site "Elm Court" --month M --csv, against the running server
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meterhub",
+            "bill",
+            "--site",
+            "Elm Court",
+            "--month",
+            month,
+            "--csv",
+            "--url",
+            api.base,
+            "--token",
+            api.read_token,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == r.text.replace("\r\n", "\n")  # (text mode reads CRLF as LF)
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meterhub",
+            "bill",
+            "--site",
+            str(sid),
+            "--month",
+            month,
+            "--url",
+            api.base,
+            "--token",
+            api.read_token,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Alice" in table and "71.40" in table and "35.70" in table
+
+    # every change is in the audit log, with who did it
+    audit = ok(api.read.get("/api/v1/audit", params={"site_id": sid}))
+    actions = [e["action"] for e in audit["items"]]
+    assert {"site.create", "tariff.create", "meter.assign", "meter.rename", "occupancy.create"} <= set(
+        actions
+    )
+    assert {e["actor"] for e in audit["items"]} == {"admin"}
+
+
+def test_moving_a_meter_keeps_its_history(api: Api) -> None:
+    gw = api.gateway("gw-move")
+    gw.sync("m2")
+    ids = setup_site(api)
+    unit2 = ok(
+        api.admin.post(
+            f"/api/v1/buildings/{ids['building']['id']}/units", json={"name": "Shop", "label": "shop"}
+        ),
+        201,
+    )
+    ok(api.admin.put("/api/v1/meters/m2/unit", json={"unit_id": ids["unit"]["id"], "at": 1_000_000}))
+    moved = ok(api.admin.put("/api/v1/meters/m2/unit", json={"unit_id": unit2["id"], "at": 2_000_000}))
+    assert moved["unit_id"] == unit2["id"]
+    assert [(h["unit_id"], h["from"], h["to"]) for h in moved["assignments"]] == [
+        (ids["unit"]["id"], 1_000_000, 2_000_000),
+        (unit2["id"], 2_000_000, None),
+    ]
+    # a move before the last one would rewrite history: refused
+    msg = err(
+        api.admin.put("/api/v1/meters/m2/unit", json={"unit_id": ids["unit"]["id"], "at": 1_500_000}), 409
+    )
+    assert "later than the meter's last move" in msg
+    assert ok(api.read.get(f"/api/v1/sites/{ids['site']['id']}/meters"))[0]["cid"] == "m2"
+
+
+def test_operator_mistakes_get_a_clear_4xx(api: Api) -> None:
+    gw = api.gateway("gw-bad")
+    gw.sync("m3")
+    assert "site 999 does not exist" in err(api.read.get("/api/v1/sites/999"), 404)
+    assert "site 999 does not exist" in err(
+        api.admin.post("/api/v1/sites/999/tenants", json={"name": "x"}), 404
+    )
+    assert "not a known IANA time zone" in err(
+        api.admin.post("/api/v1/sites", json={"name": "X", "timezone": "Mars/Olympus"}), 422
+    )
+    assert "3-letter" in err(api.admin.post("/api/v1/sites", json={"name": "X", "currency": "E1R"}), 422)
+    ids = setup_site(api)
+    sid, uid = ids["site"]["id"], ids["unit"]["id"]
+    assert "already exists" in err(api.admin.post("/api/v1/sites", json={"name": "Elm Court"}), 409)
+    assert "device 'nope' does not exist" in err(
+        api.admin.put("/api/v1/meters/nope/unit", json={"unit_id": uid}), 404
+    )
+    t1 = ok(api.admin.post(f"/api/v1/sites/{sid}/tenants", json={"name": "T1"}), 201)
+    t2 = ok(api.admin.post(f"/api/v1/sites/{sid}/tenants", json={"name": "T2"}), 201)
+    ok(
+        api.admin.post(
+            f"/api/v1/tenants/{t1['id']}/occupancies",
+            json={"unit_id": uid, "move_in": "2026-01-01", "move_out": "2026-06-01"},
+        ),
+        201,
+    )
+    msg = err(
+        api.admin.post(
+            f"/api/v1/tenants/{t2['id']}/occupancies", json={"unit_id": uid, "move_in": "2026-05-15"}
+        ),
+        409,
+    )
+    assert "occupied by tenant 'T1'" in msg and "may not overlap" in msg
+    assert "move_out must be after move_in" in err(
+        api.admin.post(
+            f"/api/v1/tenants/{t2['id']}/occupancies",
+            json={"unit_id": uid, "move_in": "2026-07-01", "move_out": "2026-06-01"},
+        ),
+        422,
+    )
+    assert "expected Unix seconds, YYYY-MM-DD" in err(
+        api.admin.post(f"/api/v1/tenants/{t2['id']}/occupancies", json={"unit_id": uid, "move_in": "soon"}),
+        422,
+    )
+    overlap = {
+        "effective_from": "2026-01-01",
+        "kind": "tou",
+        "bands": {"day": "0.3", "night": "0.1"},
+        "windows": [
+            {"days": "all", "start": "00:00", "end": "08:00", "band": "night"},
+            {"days": "all", "start": "07:00", "end": "24:00", "band": "day"},
+        ],
+    }
+    msg = err(
+        api.admin.post(f"/api/v1/sites/{sid}/tariffs", json={"name": "tou", "versions": [overlap]}), 422
+    )
+    assert msg == "tariff version 2026-01-01: windows overlap on mon between 07:00 and 08:00"
+    gap = {**overlap, "windows": [{"days": "mon-fri", "start": "00:00", "end": "24:00", "band": "day"}]}
+    msg = err(api.admin.post(f"/api/v1/sites/{sid}/tariffs", json={"name": "tou", "versions": [gap]}), 422)
+    assert msg == "tariff version 2026-01-01: windows leave a gap on sat from 00:00 to 24:00"
+    assert "has no tariff" in err(api.read.get(f"/api/v1/units/{uid}/bill", params={"month": "2026-02"}), 409)
+    assert err(api.read.get(f"/api/v1/units/{uid}/bill", params={"month": "2026-13"}), 422)
+    # prepaid: a meter in no unit, then a negative top-up
+    assert "in no unit" in err(api.admin.put("/api/v1/meters/m3/prepaid", json={"mode": "currency"}), 409)
+    ok(api.admin.put("/api/v1/meters/m3/unit", json={"unit_id": uid}))
+    ok(api.admin.put("/api/v1/meters/m3/prepaid", json={"mode": "currency", "balance": "5"}))
+    assert "must be greater than 0" in err(
+        api.admin.post("/api/v1/meters/m3/topups", json={"amount": "-5"}), 422
+    )
+    assert "not a decimal number" in err(
+        api.admin.post("/api/v1/meters/m3/topups", json={"amount": "lots"}), 422
+    )
+    assert err(api.admin.post("/api/v1/meters/m3/topups", json={"amount": 5.5}), 422)  # a float: not exact
+    # read tokens may not change anything
+    assert api.read.post("/api/v1/meters/m3/topups", json={"amount": "5"}).status_code == 403
