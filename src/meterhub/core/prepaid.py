@@ -424,6 +424,11 @@ class PrepaidService:
             want = False if reason is None or row["switch_state"] is False else None
         elif row["switch_state"] is False or row["switch_wanted"] is False:
             want = True  # credit again: on (only a meter prepaid switched off)
+        if balance <= 0 and want is None and reason is not None:
+            held = f"held on: {reason}"
+            if row["last_command_status"] != held:
+                await asyncio.to_thread(self._hold, cid, row, held)
+            return
         if want != row["switch_wanted"]:
             await asyncio.to_thread(self._set_wanted, cid, want, row, reason)
             row["switch_wanted"] = want
@@ -458,6 +463,18 @@ class PrepaidService:
                 site_id=row["site_id"],
                 target=cid,
                 details={"balance": row["balance"], "grace": reason},
+            )
+
+    def _hold(self, cid: str, row: dict[str, Any], held: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(P).where(P.c.cid == cid).values(last_command_status=held))
+            audit(
+                conn,
+                "prepaid",
+                "prepaid.switch_held",
+                site_id=row["site_id"],
+                target=cid,
+                details={"balance": row["balance"], "grace": held},
             )
 
     def _low_alarm(self, row: dict[str, Any], balance: Decimal, threshold: Decimal, now: float) -> None:
