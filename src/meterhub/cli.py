@@ -135,6 +135,7 @@ def demo(
 
     from meterhub.api.security import create_token
     from meterhub.app import Hub, run
+    from meterhub.core import demo_site
     from meterhub.storage import registry
     from meterhub.tools.simulator import run_fleet
 
@@ -165,6 +166,7 @@ def demo(
                 interval=interval,
                 duration=duration,
                 progress=True,
+                on_ready=lambda fleet: demo_site.announce(hub, fleet, base, token, click.echo),
             )
         finally:
             await hub.stop()

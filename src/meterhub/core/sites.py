@@ -659,6 +659,10 @@ def unit_bill(engine: Engine, unit_id: int, month: str, tenant_id: int | None = 
         site = _row(conn, S, unit["site_id"], "site")
         tz = _zone(site["timezone"])
         start, end = month_span(month, tz)
+        # a month still in progress is billed up to now (a preview): no standing charge for days to come
+        preview = end > time.time()
+        if preview:
+            end = max(start + 1, time.time())
         tenant = None
         if tenant_id is not None:
             tenant = _row(conn, T, tenant_id, "tenant")
@@ -704,6 +708,7 @@ def unit_bill(engine: Engine, unit_id: int, month: str, tenant_id: int | None = 
     out.update(
         {
             "month": month,
+            "preview": preview,
             "start_iso": _iso(start, tz),
             "end_iso": _iso(end, tz),
             "site": {"id": site["id"], "name": site["name"], "timezone": site["timezone"]},
