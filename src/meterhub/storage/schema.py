@@ -361,3 +361,11 @@ audit_log = Table(
     Column("details", JSONText),
     Index("ix_audit_log_site_at", "site_id", "at"),
 )
+
+# A token with rows here sees only these sites (see meterhub.api.scoping); without rows, every site.
+api_token_sites = Table(
+    "api_token_sites",
+    metadata,
+    Column("token_id", Integer, ForeignKey("api_tokens.id"), primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), primary_key=True),
+)

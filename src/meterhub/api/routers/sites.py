@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from meterhub.api.deps import Hub, PagingDep
 from meterhub.api.errors import ApiError
 from meterhub.api.responses import errors
+from meterhub.api.scoping import check_site_ids, visible_sites
 from meterhub.core import sites
 from meterhub.core.sites import PMError
 
@@ -133,8 +134,9 @@ async def create_site(hub: Hub, request: Request, body: SiteIn) -> dict[str, Any
 
 
 @router.get("/sites")
-async def list_sites(hub: Hub) -> list[dict[str, Any]]:
-    return await call(sites.list_sites, hub.engine)
+async def list_sites(hub: Hub, request: Request) -> list[dict[str, Any]]:
+    """Every site (a site-scoped token: its own)."""
+    return await call(sites.list_sites, hub.engine, visible_sites(request))
 
 
 @router.get("/sites/{site_id}", responses=E)
@@ -211,6 +213,9 @@ async def update_meter(hub: Hub, request: Request, cid: Cid, body: MeterPatch) -
 async def assign_meter(hub: Hub, request: Request, cid: Cid, body: AssignIn) -> dict[str, Any]:
     """Put the meter in a unit from ``at`` (default now), or take it out (``unit_id: null``). A move
     closes the current assignment at that instant: earlier bills still see the meter where it was."""
+    if body.unit_id is not None and visible_sites(request) is not None:
+        unit = await call(sites.get_unit, hub.engine, body.unit_id)
+        check_site_ids(request, [unit["site_id"]])
     at = None
     if body.at is not None:
         at = await call(_instant_for_meter, hub.engine, body.unit_id, body.at)
@@ -295,10 +300,13 @@ async def add_tariff_version(
 
 @router.get("/audit")
 async def audit_log(
-    hub: Hub, paging: PagingDep, site_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None
+    hub: Hub,
+    request: Request,
+    paging: PagingDep,
+    site_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> dict[str, Any]:
-    """Every change to sites, units, meters, tenants, tariffs and prepaid accounts, newest first."""
-    rows, total = await call(
-        sites.audit_entries, hub.engine, None if site_id is None else [site_id], paging.limit, paging.offset
-    )
+    """Every change to sites, units, meters, tenants, tariffs and prepaid accounts, newest first
+    (a site-scoped token: its sites' entries)."""
+    scope: Any = visible_sites(request) if site_id is None else [site_id]
+    rows, total = await call(sites.audit_entries, hub.engine, scope, paging.limit, paging.offset)
     return paging.page(rows, total)

@@ -1,5 +1,5 @@
 """property management: sites, buildings, units, meter assignments, tenants, occupancies, tariffs,
-prepaid accounts and top-ups, audit log
+prepaid accounts and top-ups, audit log, site-scoped tokens
 
 Revision ID: 0008
 Revises: 0003
@@ -179,8 +179,20 @@ def upgrade() -> None:
     op.create_index(op.f("ix_occupancies_tenant_id"), "occupancies", ["tenant_id"], unique=False)
     op.create_index(op.f("ix_occupancies_unit_id"), "occupancies", ["unit_id"], unique=False)
 
+    op.create_table(
+        "api_token_sites",
+        sa.Column("token_id", sa.Integer(), nullable=False),
+        sa.Column("site_id", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(["site_id"], ["sites.id"], name=op.f("fk_api_token_sites_site_id_sites")),
+        sa.ForeignKeyConstraint(
+            ["token_id"], ["api_tokens.id"], name=op.f("fk_api_token_sites_token_id_api_tokens")
+        ),
+        sa.PrimaryKeyConstraint("token_id", "site_id", name=op.f("pk_api_token_sites")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("api_token_sites")
     op.drop_index(op.f("ix_occupancies_unit_id"), table_name="occupancies")
     op.drop_index(op.f("ix_occupancies_tenant_id"), table_name="occupancies")
     op.drop_table("occupancies")
