@@ -3,6 +3,7 @@ in the API, the live stream (SSE) or CSV exports; operate may command and top up
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -142,9 +143,10 @@ def test_the_cli_creates_site_scoped_operate_tokens(api: Api, tmp_path) -> None:
         "--data-dir",
         data_dir,
     ]
+    env = dict(os.environ)
     if api.hub.settings.database_url:
-        pytest.skip("the CLI reaches PostgreSQL through a config file; covered on SQLite")
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        env["METERHUB_DATABASE_URL"] = api.hub.settings.database_url
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
     assert '"scope": "operate"' in out and f'"sites": [\n    {site["id"]}\n  ]' in out
     bad = subprocess.run(
         [*args[:5], "ops-x", *args[6:8], "--site", "999", "--data-dir", data_dir],
