@@ -287,3 +287,25 @@ def test_operator_mistakes_get_a_clear_4xx(api: Api) -> None:
     assert err(api.admin.post("/api/v1/meters/m3/topups", json={"amount": 5.5}), 422)  # a float: not exact
     # read tokens may not change anything
     assert api.read.post("/api/v1/meters/m3/topups", json={"amount": "5"}).status_code == 403
+
+
+def test_site_overview_power_energy_top_consumers_and_silent_meters(api: Api) -> None:
+    now = int(time.time())
+    gw = api.gateway("gw-ov")
+    gw.sync("o1")
+    gw.sync("o2")
+    gw.report("o1", "44", 10_000_000, t=now - 600)
+    gw.report("o1", "44", 10_020_000, t=now - 5)  # +2 kWh
+    gw.report("o1", "3", 15_000_000, t=now - 5)  # 1500 W
+    gw.report("o2", "44", 5_000_000, t=now - 3000)  # measured 50 minutes ago: silent
+    ids = setup_site(api, "Europe/Berlin")
+    b = ids["building"]["id"]
+    u2 = ok(api.admin.post(f"/api/v1/buildings/{b}/units", json={"name": "Flat 2"}), 201)
+    ok(api.admin.put("/api/v1/meters/o1/unit", json={"unit_id": ids["unit"]["id"], "at": "2020-01-01"}))
+    ok(api.admin.put("/api/v1/meters/o2/unit", json={"unit_id": u2["id"], "at": "2020-01-01"}))
+    o = ok(api.read.get(f"/api/v1/sites/{ids['site']['id']}/overview", params={"silent_minutes": 30}))
+    assert o["power_w"] == 1500.0
+    assert o["silent"] == ["o2"]
+    top = o["top_consumers"][0]
+    assert (top["cid"], top["kwh"]) == ("o1", 2.0)
+    assert len(o["energy_per_day"]) == 14

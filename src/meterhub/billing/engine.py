@@ -227,7 +227,7 @@ def compute_bill(
         bill.lines.append(
             {
                 "kind": "tax",
-                "description": f"Tax {rate * 100:g} % of {net}",
+                "description": f"Tax {(rate * 100).normalize():f} % of {net}",
                 "tariff": None,
                 "effective_from": None,
                 "band": None,

@@ -780,3 +780,101 @@ def audit_entries(
         rows = conn.execute(q.order_by(a.c.id.desc()).limit(limit).offset(offset)).all()
         total = conn.execute(c).scalar_one()
     return [dict(r._mapping) for r in rows], total
+
+
+# --- the site at a glance (dashboard) ------------------------------------------------------------
+
+
+def site_overview(engine: Engine, site_id: int, silent_minutes: float, days: int) -> dict[str, Any]:
+    """Power now, energy per day over the last ``days`` days, top consumers this month, meters silent
+    for more than ``silent_minutes`` (no report measured since), active alarms: the site's meters
+    (those in its units now)."""
+    now = _now()
+    d, lv, al = schema.devices, schema.latest, schema.alarms
+    with engine.connect() as conn:
+        site = _row(conn, S, site_id, "site")
+        tz = _zone(site["timezone"])
+        rows = conn.execute(
+            select(MA.c.cid, U.c.id.label("unit_id"), U.c.name.label("unit"))
+            .join(U, U.c.id == MA.c.unit_id)
+            .where(MA.c.site_id == site_id, MA.c.start_t <= now, or_(MA.c.end_t.is_(None), MA.c.end_t > now))
+            .order_by(U.c.name, MA.c.cid)
+        ).all()
+        cids = [r.cid for r in rows]
+        devs = {r.cid: r for r in conn.execute(select(d).where(d.c.cid.in_(cids)))} if cids else {}
+        power = (
+            {
+                r.cid: r.num
+                for r in conn.execute(select(lv.c.cid, lv.c.num).where(lv.c.cid.in_(cids), lv.c.dp_id == "3"))
+            }
+            if cids
+            else {}
+        )
+        last_report = (
+            {
+                cid: last_t
+                for cid, last_t in conn.execute(
+                    select(lv.c.cid, func.max(lv.c.t)).where(lv.c.cid.in_(cids)).group_by(lv.c.cid)
+                )
+            }
+            if cids
+            else {}
+        )
+        names = (
+            {
+                r.cid: r.name
+                for r in conn.execute(select(schema.meter_info).where(schema.meter_info.c.cid.in_(cids)))
+            }
+            if cids
+            else {}
+        )
+        today = dt.datetime.fromtimestamp(now, tz).date()
+        day_buckets = energy.buckets_for("day", today - dt.timedelta(days=days - 1), today, tz)
+        per_day, _ = energy.group_energy(conn, cids, "day", day_buckets) if cids else ([None] * days, [])
+        month = energy.buckets_for("month", today.replace(day=1), today, tz)
+        _, parts = energy.group_energy(conn, cids, "month", month) if cids else ([], [])
+        alarms = (
+            [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(al)
+                    .where(al.c.cid.in_(cids), al.c.cleared_at.is_(None))
+                    .order_by(al.c.raised_at.desc())
+                )
+            ]
+            if cids
+            else []
+        )
+    meters = []
+    for r in rows:
+        dev = devs.get(r.cid)
+        # the newest measurement time reported (a gateway can be connected while its meter is silent)
+        last_seen = last_report.get(r.cid)
+        meters.append(
+            {
+                "cid": r.cid,
+                "name": names.get(r.cid) or (dev.device_name if dev is not None else None),
+                "unit_id": r.unit_id,
+                "unit": r.unit,
+                "online": bool(dev.online) if dev is not None else False,
+                "power_w": power.get(r.cid) if dev is not None and dev.online else None,
+                "last_seen": last_seen,
+                "silent": last_seen is None or now - last_seen > silent_minutes * 60,
+            }
+        )
+    month_kwh = {p.cid: p.total for p in parts}
+    top = sorted(
+        ({"cid": m["cid"], "unit": m["unit"], "kwh": month_kwh.get(m["cid"])} for m in meters),
+        key=lambda x: -(x["kwh"] or 0),
+    )
+    return {
+        "site": site_out(site),
+        "now": now,
+        "power_w": sum(m["power_w"] or 0 for m in meters),
+        "meters": meters,
+        "silent_minutes": silent_minutes,
+        "silent": [m["cid"] for m in meters if m["silent"]],
+        "energy_per_day": [{"day": b.key, "kwh": v} for b, v in zip(day_buckets, per_day, strict=True)],
+        "top_consumers": top[:10],
+        "alarms": alarms,
+    }

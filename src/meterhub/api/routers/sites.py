@@ -187,6 +187,18 @@ async def update_unit(hub: Hub, request: Request, unit_id: Id, body: UnitPatch) 
     )
 
 
+@router.get("/sites/{site_id}/overview", responses=E)
+async def site_overview(
+    hub: Hub,
+    site_id: Id,
+    silent_minutes: Annotated[float, Query(gt=0, le=525_600, description="Silent after this long.")] = 15,
+    days: Annotated[int, Query(ge=1, le=92, description="Days of energy history.")] = 14,
+) -> dict[str, Any]:
+    """The site now: power per meter and in all, energy per day, top consumers this month, meters
+    silent for more than ``silent_minutes``, active alarms of its meters."""
+    return await call(sites.site_overview, hub.engine, site_id, silent_minutes, days)
+
+
 # --- meters --------------------------------------------------------------------------------------
 
 

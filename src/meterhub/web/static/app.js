@@ -8,6 +8,7 @@ import { deviceView } from "./js/views/device.js";
 import { devicesView } from "./js/views/devices.js";
 import { gatewayView, gatewaysView } from "./js/views/gateways.js";
 import { overviewView } from "./js/views/overview.js";
+import { siteView, sitesView, unitView } from "./js/views/sites.js";
 
 const main = document.getElementById("main");
 const topbar = document.getElementById("topbar");
@@ -20,6 +21,9 @@ const ROUTES = [
   [/^\/devices\/?$/, "devices", devicesView],
   [/^\/devices\/(.+)$/, "devices", deviceView],
   [/^\/alarms\/?$/, "alarms", alarmsView],
+  [/^\/sites\/?$/, "sites", sitesView],
+  [/^\/sites\/(\d+)$/, "sites", siteView],
+  [/^\/units\/(\d+)$/, "sites", unitView],
 ];
 
 let current = null; // {cleanup, controller}
