@@ -309,3 +309,41 @@ def test_site_overview_power_energy_top_consumers_and_silent_meters(api: Api) ->
     top = o["top_consumers"][0]
     assert (top["cid"], top["kwh"]) == ("o1", 2.0)
     assert len(o["energy_per_day"]) == 14
+
+
+def test_devices_alarms_energy_and_commands_filtered_by_site(api: Api) -> None:
+    now = int(time.time())
+    gw = api.gateway("gw-filter")
+    gw.command_code = 0
+    for cid in ("in-site", "elsewhere"):
+        gw.sync(cid)
+        gw.report(cid, "44", 10_000_000, t=now - 60)
+        gw.report(cid, "44", 10_030_000, t=now - 2)  # +3 kWh
+        gw.report(cid, "19", 4)  # a fault: an alarm on each
+    ids = setup_site(api)
+    sid = ids["site"]["id"]
+    ok(api.admin.put("/api/v1/meters/in-site/unit", json={"unit_id": ids["unit"]["id"], "at": "2020-01-01"}))
+    ok(api.admin.patch("/api/v1/meters/in-site", json={"name": "Kitchen", "location": "Ground floor"}))
+    ok(api.admin.post("/api/v1/devices/in-site/commands", json={"dp": "switch", "value": True}))
+    ok(api.admin.post("/api/v1/devices/elsewhere/commands", json={"dp": "switch", "value": True}))
+    assert [m["cid"] for m in ok(api.read.get(f"/api/v1/sites/{sid}/meters", params={"q": "kitch"}))] == [
+        "in-site"
+    ]
+    assert ok(api.read.get(f"/api/v1/sites/{sid}/meters", params={"q": "attic"})) == []
+    alarms = wait_for_alarms(api, sid)
+    assert {a["cid"] for a in alarms} == {"in-site"}
+    cmds = ok(api.read.get(f"/api/v1/sites/{sid}/commands"))["items"]
+    assert [(c["cid"], c["status"]) for c in cmds] == [("in-site", "ok")]
+    e = ok(api.read.get(f"/api/v1/sites/{sid}/energy"))
+    assert e["meters"] == [{"cid": "in-site", "total_kwh": 3.0}]
+    assert sum(b["consumption_kwh"] or 0 for b in e["buckets"]) == 3.0
+
+
+def wait_for_alarms(api: Api, sid: int) -> list:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        items = ok(api.read.get(f"/api/v1/sites/{sid}/alarms", params={"active": True}))["items"]
+        if items:
+            return items
+        time.sleep(0.05)
+    raise AssertionError("no alarm")

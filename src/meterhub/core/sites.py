@@ -878,3 +878,64 @@ def site_overview(engine: Engine, site_id: int, silent_minutes: float, days: int
         "top_consumers": top[:10],
         "alarms": alarms,
     }
+
+
+# --- filtering the fleet by site -----------------------------------------------------------------
+
+
+def site_rows(
+    engine: Engine, site_id: int, kind: str, *, active: bool | None, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Alarms (``kind="alarms"``, newest first) or commands (``"commands"``) of the meters in the
+    site's units now."""
+    cids = site_meters(engine, site_id)
+    table = schema.alarms if kind == "alarms" else schema.commands
+    if not cids:
+        return [], 0
+    conds = [table.c.cid.in_(cids)]
+    if kind == "alarms" and active is not None:
+        conds.append(table.c.cleared_at.is_(None) if active else table.c.cleared_at.is_not(None))
+    order = table.c.raised_at if kind == "alarms" else table.c.created_at
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(table).where(*conds)).scalar_one()
+        rows = conn.execute(
+            select(table).where(*conds).order_by(order.desc(), table.c.id.desc()).limit(limit).offset(offset)
+        ).all()
+    return [dict(r._mapping) for r in rows], total
+
+
+def site_energy(engine: Engine, site_id: int, period: str, first: str, last: str) -> dict[str, Any]:
+    """Energy per day or month (the site's zone) summed over the meters in its units now, with each
+    meter's total (the energy service's rules)."""
+    cids = site_meters(engine, site_id)
+    with engine.connect() as conn:
+        site = _row(conn, S, site_id, "site")
+        tz = _zone(site["timezone"])
+        try:
+            buckets = energy.buckets_for(
+                period, energy.parse_period_key(first, period), energy.parse_period_key(last, period), tz
+            )
+        except (ValueError, OverflowError) as exc:
+            raise PMError(422, str(exc)) from None
+        sums, parts = (
+            energy.group_energy(conn, cids, period, buckets) if cids else ([None] * len(buckets), [])
+        )
+    return {
+        "site_id": site_id,
+        "period": period,
+        "timezone": site["timezone"],
+        "buckets": [
+            {"period": b.key, "start": b.start, "end": b.end, "consumption_kwh": v}
+            for b, v in zip(buckets, sums, strict=True)
+        ],
+        "meters": [{"cid": p.cid, "total_kwh": p.total} for p in parts],
+    }
+
+
+def search_meters(engine: Engine, site_id: int, q: str | None) -> list[dict[str, Any]]:
+    """The site's meters whose cid, name or location contains ``q`` (case-insensitive)."""
+    out = [meter(engine, cid) for cid in site_meters(engine, site_id)]
+    if q:
+        needle = q.lower()
+        out = [m for m in out if any(needle in (m[k] or "").lower() for k in ("cid", "name", "location"))]
+    return out

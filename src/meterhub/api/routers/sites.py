@@ -9,7 +9,7 @@ message saying what is wrong.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -203,10 +203,67 @@ async def site_overview(
 
 
 @router.get("/sites/{site_id}/meters", responses=E)
-async def site_meters(hub: Hub, site_id: Id) -> list[dict[str, Any]]:
-    """The meters in the site's units now, with name, location and unit."""
-    cids = await call(sites.site_meters, hub.engine, site_id)
-    return [await call(sites.meter, hub.engine, cid) for cid in cids]
+async def site_meters(
+    hub: Hub,
+    site_id: Id,
+    q: Annotated[str | None, Query(max_length=128, description="Search cid, name and location.")] = None,
+) -> list[dict[str, Any]]:
+    """The meters in the site's units now, with name, location and unit (``q`` searches)."""
+    return await call(sites.search_meters, hub.engine, site_id, q)
+
+
+@router.get("/sites/{site_id}/alarms", responses=E)
+async def site_alarms(
+    hub: Hub,
+    site_id: Id,
+    paging: PagingDep,
+    active: Annotated[bool | None, Query(description="true: not cleared yet; false: cleared.")] = None,
+) -> dict[str, Any]:
+    """Alarms of the meters in the site's units now, newest first."""
+    rows, total = await run_in_threadpool(
+        _rows, hub.engine, site_id, "alarms", active, paging.limit, paging.offset
+    )
+    return paging.page(rows, total)
+
+
+@router.get("/sites/{site_id}/commands", responses=E)
+async def site_commands(hub: Hub, site_id: Id, paging: PagingDep) -> dict[str, Any]:
+    """Commands sent to the meters in the site's units now (prepaid switching among them), newest first."""
+    rows, total = await run_in_threadpool(
+        _rows, hub.engine, site_id, "commands", None, paging.limit, paging.offset
+    )
+    return paging.page(rows, total)
+
+
+def _rows(engine: Any, site_id: int, kind: str, active: bool | None, limit: int, offset: int) -> Any:
+    try:
+        return sites.site_rows(engine, site_id, kind, active=active, limit=limit, offset=offset)
+    except PMError as exc:
+        raise ApiError(exc.status, exc.message) from None
+
+
+@router.get("/sites/{site_id}/energy", responses=E)
+async def site_energy(
+    hub: Hub,
+    site_id: Id,
+    period: Annotated[Literal["day", "month"], Query()] = "day",
+    from_: Annotated[str, Query(alias="from", max_length=10, description="YYYY-MM-DD or YYYY-MM.")] = "",
+    to: Annotated[str, Query(max_length=10)] = "",
+) -> dict[str, Any]:
+    """Energy per day or month (the site's zone) of the meters in its units now, and each one's total.
+    Default: this month by day, this year by month."""
+    import datetime as dt
+
+    if not from_ or not to:
+        site = await call(sites.get_site, hub.engine, site_id)
+        from zoneinfo import ZoneInfo
+
+        today = dt.datetime.now(ZoneInfo(site["timezone"])).date()
+        to = to or today.isoformat()
+        from_ = (
+            from_ or (today.replace(day=1) if period == "day" else today.replace(month=1, day=1)).isoformat()
+        )
+    return await call(sites.site_energy, hub.engine, site_id, period, from_, to)
 
 
 @router.get("/meters/{cid}", responses=E)
