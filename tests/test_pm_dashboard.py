@@ -109,6 +109,15 @@ def test_sites_and_unit_pages_with_a_top_up(dash: Dashboard) -> None:
     assert [(t["amount"], t["reference"], t["actor"]) for t in tops] == [
         ("7.50", "bank transfer 4411", "admin")
     ]
+    # rename the meter from the page
+    page.fill("#name-flat-1", "Flat 1 main meter")
+    page.fill("#location-flat-1", "Hall cupboard")
+    page.click("#meter-flat-1 button[type=submit]")
+    expect(page.locator("#meter-flat-1 [role=status]")).to_have_text(
+        "Saved: Flat 1 main meter, Hall cupboard."
+    )
+    info = admin.get("/api/v1/meters/flat-1").json()
+    assert (info["name"], info["location"]) == ("Flat 1 main meter", "Hall cupboard")
     dash.shot("pm-unit-page", full_page=True)
 
     # the bill downloads: a CSV file

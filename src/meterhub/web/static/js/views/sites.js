@@ -231,6 +231,40 @@ async function prepaidPanel(cid, signal) {
   );
 }
 
+/** A meter's operator name and location, editable with an admin token. */
+function renameForm(m) {
+  const key = m.cid.replace(/[^A-Za-z0-9_-]/g, "_");
+  const name = h("input", { id: `name-${key}`, value: m.name || "", maxlength: "255", class: "control-input", autocomplete: "off" });
+  const location = h("input", { id: `location-${key}`, value: m.location || "", maxlength: "255", class: "control-input", autocomplete: "off" });
+  const status = h("p", { class: "small", role: "status" });
+  const button = h("button", { type: "submit", class: "btn btn-secondary btn-small", disabled: !isAdmin() }, "Save");
+  return h(
+    "form",
+    {
+      class: "topup-form",
+      id: `meter-${key}`,
+      onsubmit: async (e) => {
+        e.preventDefault();
+        button.disabled = true;
+        try {
+          const out = await api(`/api/v1/meters/${encodeURIComponent(m.cid)}`, { method: "PATCH", body: { name: name.value.trim() || null, location: location.value.trim() || null } });
+          status.textContent = `Saved: ${out.name || m.cid}${out.location ? `, ${out.location}` : ""}.`;
+        } catch (err) {
+          status.textContent = err.message;
+        } finally {
+          button.disabled = !isAdmin();
+        }
+      },
+    },
+    h("h3", null, h("a", { href: `#/devices/${encodeURIComponent(m.cid)}` }, m.cid), " ", presenceBadge(m.online)),
+    h("div", { class: "control-row" }, h("label", { for: `name-${key}`, class: "control-label" }, "Name"), name),
+    h("div", { class: "control-row" }, h("label", { for: `location-${key}`, class: "control-label" }, "Location"), location),
+    button,
+    isAdmin() ? null : h("p", { class: "small muted" }, "Renaming needs an admin token."),
+    status,
+  );
+}
+
 export async function unitView(main, { params, signal }) {
   const id = params[0];
   const unit = await api(`/api/v1/units/${id}`, { signal });
@@ -271,6 +305,8 @@ export async function unitView(main, { params, signal }) {
     billLinks(`/api/v1/units/${id}/bill`, month, "Download:", status),
     status,
   );
+  const meterForms = [];
+  for (const cid of unit.meters) meterForms.push(renameForm(await api(`/api/v1/meters/${encodeURIComponent(cid)}`, { signal })));
   const panels = [];
   for (const cid of unit.meters) {
     const p = await prepaidPanel(cid, signal);
@@ -285,11 +321,10 @@ export async function unitView(main, { params, signal }) {
       h("h1", null, unit.name),
       h("div", { class: "sub" }, [unit.label, occupants.length ? `Tenant: ${occupants.map((t) => t.name).join(", ")}` : "Vacant"].filter(Boolean).join(" · ")),
     ),
-    h("section", { class: "panel" }, h("h2", null, "Meters"), h("ul", null, unit.meters.map((cid) => h("li", null, h("a", { href: `#/devices/${encodeURIComponent(cid)}` }, cid))))),
+    h("section", { class: "panel" }, h("h2", null, "Meters"), meterForms),
     panels,
     billPanel,
   );
   return () => {};
 }
 
-export { isAdmin };
