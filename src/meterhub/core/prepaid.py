@@ -416,7 +416,7 @@ class PrepaidService:
         now = time.time()
         balance = Decimal(row["balance"])
         threshold = Decimal(row["low_threshold"])
-        self._low_alarm(row, balance, threshold, now)
+        await self._low_alarm(row, balance, threshold, now)
         want: bool | None = row["switch_wanted"]
         reason = grace_reason(row["grace"] or {}, now, tz)
         if balance <= 0:
@@ -477,30 +477,17 @@ class PrepaidService:
                 details={"balance": row["balance"], "grace": held},
             )
 
-    def _low_alarm(self, row: dict[str, Any], balance: Decimal, threshold: Decimal, now: float) -> None:
+    async def _low_alarm(self, row: dict[str, Any], balance: Decimal, threshold: Decimal, now: float) -> None:
         low = balance <= threshold
         if low == bool(row["low_alarm"]):
             return
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                update(P)
-                .where(P.c.cid == row["cid"], P.c.low_alarm == bool(row["low_alarm"]))
-                .values(low_alarm=low)
-            )
-            if res.rowcount != 1:
-                return
-            audit(
-                conn,
-                "prepaid",
-                "prepaid.low_credit" if low else "prepaid.credit_ok",
-                site_id=row["site_id"],
-                target=row["cid"],
-                details={"balance": str(balance), "threshold": str(threshold)},
-            )
+        if not await asyncio.to_thread(self._store_low, row, low, balance, threshold):
+            return
         row["low_alarm"] = low
         monitor = getattr(self.hub, "alarms", None)
         if monitor is None:
             return
+        # the alarm monitor's state lives in the event loop: raised / cleared here, written by its writer
         from meterhub.core.alarms import THRESHOLD, THRESHOLD_LEVEL
 
         dev = monitor._device(row["cid"])
@@ -513,6 +500,25 @@ class PrepaidService:
             monitor._clear(dev, active, now, ops)
         if ops:
             monitor.writer.submit(ops)
+
+    def _store_low(self, row: dict[str, Any], low: bool, balance: Decimal, threshold: Decimal) -> bool:
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(P)
+                .where(P.c.cid == row["cid"], P.c.low_alarm == bool(row["low_alarm"]))
+                .values(low_alarm=low)
+            )
+            if res.rowcount != 1:
+                return False  # another node saw it first
+            audit(
+                conn,
+                "prepaid",
+                "prepaid.low_credit" if low else "prepaid.credit_ok",
+                site_id=row["site_id"],
+                target=row["cid"],
+                details={"balance": str(balance), "threshold": str(threshold)},
+            )
+        return True
 
     async def _command(
         self, cid: str, row: dict[str, Any], want: bool, now: float, came_online: bool
