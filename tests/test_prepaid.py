@@ -182,3 +182,18 @@ def test_grace_rules() -> None:
     assert grace_reason(g, at(2026, 12, 25, 12, 0), tz) == "public holiday"
     with pytest.raises(Exception, match="unknown rule"):
         parse_grace({"sundays": True})
+
+
+def test_a_kwh_account_falls_by_the_kwh_used(api: Api) -> None:
+    gw, t0 = prepaid_meter(api, "pp5")
+    ok(
+        api.admin.put(
+            "/api/v1/meters/pp5/prepaid", json={"mode": "kwh", "balance": "1.5", "low_threshold": "0.2"}
+        )
+    )
+    gw.report("pp5", "44", 13_333, t=t0 + 1)  # +0.3333 kWh
+    acct = wait_for(lambda: (a := account(api, "pp5"))["balance"] == "1.1667" and a)
+    assert (acct["unit"], acct["balance_exact"]) == ("kWh", "1.1667")
+    # changing the mode needs a new balance, in the new unit
+    r = api.admin.put("/api/v1/meters/pp5/prepaid", json={"mode": "currency"})
+    assert r.status_code == 409 and "needs a new balance" in r.json()["error"]["message"]
