@@ -5,6 +5,7 @@ screen without sideways scrolling. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from conftest import Client, RunningHub
+from meterhub.api.security import create_token
 from test_dashboard import TZ, Dashboard
 from test_dashboard import browser as browser  # the module-scoped Chromium fixture
 
@@ -136,4 +138,27 @@ def test_sites_and_unit_pages_with_a_top_up(dash: Dashboard) -> None:
     expect(page.locator("#balance-flat-1")).to_have_text("20.00 EUR")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     dash.shot("pm-unit-phone", full_page=True)
+    dash.check_console()
+
+
+def test_a_site_scoped_sign_in_sees_only_its_site(dash: Dashboard) -> None:
+    ids = build_site(dash)
+    admin = httpx.Client(base_url=dash.base, headers={"Authorization": f"Bearer {dash.admin_token}"})
+    assert admin.post("/api/v1/sites", json={"name": "Other Estate"}).status_code == 201
+    admin.close()
+    token, _ = create_token(dash.hub.engine, "linden-manager", "operate", [ids["site"]["id"]])
+    page = dash.page
+    dash.sign_in(token)
+    expect(page).to_have_url(re.compile(r"#/sites$"))
+    expect(page.locator("main table")).to_contain_text("Linden Yard")
+    expect(page.locator("main")).not_to_contain_text("Other Estate")
+    expect(page.locator(".mainnav a[data-nav=devices]")).to_be_hidden()
+    expect(page.locator(".mainnav a[data-nav=sites]")).to_be_visible()
+    page.click("text=Linden Yard")
+    expect(page.locator("#site-power .tile-value")).to_have_text("1.50 kW")
+    page.click("text=Flat 1")
+    page.fill("#amount-flat-1", "1.00")
+    page.click("#prepaid-flat-1 button[type=submit]")  # operate may top up
+    expect(page.locator("#balance-flat-1")).to_have_text("13.50 EUR")
+    dash.shot("pm-scoped-unit", full_page=True)
     dash.check_console()

@@ -49,6 +49,10 @@ async function route() {
   if (!session.token) return;
   teardown();
   const { path, query } = parseHash();
+  if (session.sites && path.replace(/\/$/, "") === "") {
+    window.location.replace("#/sites"); // a site-scoped token has no fleet pages
+    return;
+  }
   let match = null;
   let params = [];
   for (const [re, nav, view] of ROUTES) {
@@ -189,7 +193,8 @@ function startApp() {
     session.name,
     badge(session.scope, `plain scope scope-${session.scope}`, session.scope === "admin" ? "May send commands and acknowledge alarms" : "Read only: no commands, no acknowledgements"),
   );
-  refreshAlarmBadge();
+  for (const a of document.querySelectorAll(".mainnav a")) a.hidden = Boolean(session.sites) && a.dataset.nav !== "sites";
+  if (!session.sites) refreshAlarmBadge();
   route();
 }
 
