@@ -20,6 +20,9 @@ State is in the database (``prepaid_accounts``, ``prepaid_topups``, ``audit_log`
   is not sent anything; the command is retried when it comes back online (presence event) and every
   ``retry_interval`` seconds while it is online but does not answer. Every attempt and its outcome
   is in ``command_attempts`` / ``last_command_status`` and in the audit log (and in the command log).
+- **When**: an account is processed when its meter reports energy to this node, comes back online,
+  has a switch command due, or after a top-up or a change; every account once a minute
+  (``sweep_interval``: readings stored by other nodes, a grace window that ended).
 """
 
 from __future__ import annotations
@@ -350,7 +353,8 @@ def charge(engine: Engine, cid: str) -> dict[str, Any] | None:
 class PrepaidService:
     """Charges prepaid accounts as readings arrive, raises low-credit alarms and switches meters."""
 
-    interval = 5.0  # seconds between rounds over every account
+    interval = 5.0  # seconds between rounds over the accounts that need it (new readings, commands due)
+    sweep_interval = 60.0  # seconds between rounds over every account (readings stored by other nodes)
     retry_interval = 30.0  # seconds between attempts at a command to an online meter that failed
 
     def __init__(self, hub: Any) -> None:
@@ -360,6 +364,8 @@ class PrepaidService:
         self._dirty: set[str] = set()
         self._came_online: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._full = True
+        self._last_sweep = 0.0
         self.rounds = 0
 
     async def start(self) -> None:
@@ -388,7 +394,8 @@ class PrepaidService:
             self._wake.set()
 
     def kick(self) -> None:
-        """Process every account now (after a top-up, for one)."""
+        """Process every account now (after a top-up or a configuration change)."""
+        self._full = True
         self._wake.set()
 
     async def _loop(self) -> None:
@@ -397,18 +404,30 @@ class PrepaidService:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             online, self._came_online = self._came_online, set()
-            self._dirty.clear()
+            dirty, self._dirty = self._dirty, set()
+            now = time.monotonic()
+            full = self._full or now - self._last_sweep >= self.sweep_interval
+            self._full = False
+            if full:
+                self._last_sweep = now
             try:
-                cids = await asyncio.to_thread(self._cids)
+                cids = await asyncio.to_thread(self._cids, None if full else dirty | online)
                 for cid in cids:
                     await self.process(cid, came_online=cid in online)
             except Exception:
                 log.exception("prepaid round failed")
             self.rounds += 1
 
-    def _cids(self) -> list[str]:
+    def _cids(self, some: set[str] | None) -> list[str]:
+        """Every account (``some`` None), or those in ``some`` and those with a switch command due."""
         with self.engine.connect() as conn:
-            return [r.cid for r in conn.execute(select(P.c.cid).order_by(P.c.cid))]
+            q = select(P.c.cid).order_by(P.c.cid)
+            if some is not None:
+                due = P.c.switch_wanted.is_not(None) & (
+                    P.c.switch_state.is_(None) | (P.c.switch_state != P.c.switch_wanted)
+                )
+                q = q.where(due | P.c.cid.in_(sorted(some)[:10_000]) if some else due)
+            return [r.cid for r in conn.execute(q)]
 
     async def process(self, cid: str, *, came_online: bool = False) -> None:
         await asyncio.to_thread(charge, self.engine, cid)
