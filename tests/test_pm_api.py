@@ -347,3 +347,49 @@ def wait_for_alarms(api: Api, sid: int) -> list:
             return items
         time.sleep(0.05)
     raise AssertionError("no alarm")
+
+
+def test_the_vacant_part_of_a_unit_is_the_landlords_bill(api: Api) -> None:
+    month, a, b = billing_window(time.time())
+    span = int(b - a)
+    t1, t2, t3 = int(a + span * 0.1), int(a + span * 0.5), int(a + span * 0.9)
+    gw = api.gateway("gw-vac")
+    gw.sync("v1")
+    for t, value in ((t1, 1_000_000), (t2, 1_400_000), (t3, 1_500_000)):  # 100, 140, 150 kWh
+        gw.report("v1", "44", value, t=t)
+    ids = setup_site(api)
+    sid, uid = ids["site"]["id"], ids["unit"]["id"]
+    tariff = ok(
+        api.admin.post(
+            f"/api/v1/sites/{sid}/tariffs",
+            json={
+                "name": "f",
+                "versions": [{"effective_from": "2020-01-01", "kind": "flat", "rate": "0.50"}],
+            },
+        ),
+        201,
+    )
+    ok(api.admin.patch(f"/api/v1/units/{uid}", json={"tariff_id": tariff["id"]}))
+    ok(api.admin.put("/api/v1/meters/v1/unit", json={"unit_id": uid, "at": "2020-01-01"}))
+    t = ok(api.admin.post(f"/api/v1/sites/{sid}/tenants", json={"name": "Eve"}), 201)
+    ok(
+        api.admin.post(
+            f"/api/v1/tenants/{t['id']}/occupancies",
+            json={"unit_id": uid, "move_in": "2020-01-01", "move_out": t2},
+        ),
+        201,
+    )
+    bills = ok(api.read.get(f"/api/v1/sites/{sid}/bills", params={"month": month}))["bills"]
+    # Eve: 100 -> 140 = 40 kWh x 0.50 = 20.00; then vacant: 140 -> 150 = 10 kWh = 5.00 (the landlord's)
+    assert [((x["tenant"] or {}).get("name"), x["vacant"], x["kwh_total"], x["total"]) for x in bills] == [
+        ("Eve", False, "40.0000", "20.00"),
+        (None, True, "10.0000", "5.00"),
+    ]
+    r = api.read.get(f"/api/v1/sites/{sid}/bills", params={"month": month, "format": "csv"})
+    assert [row["tenant"] for row in csv.DictReader(io.StringIO(r.text))] == ["Eve", "(vacant)"]
+    assert (
+        api.read.get(
+            f"/api/v1/units/{uid}/bill", params={"month": month, "vacant": True, "tenant_id": t["id"]}
+        ).status_code
+        == 422
+    )

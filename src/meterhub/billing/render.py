@@ -35,7 +35,7 @@ def bills_csv(bills: Iterable[dict[str, Any]]) -> str:
     w = csv.writer(out, lineterminator="\r\n")
     w.writerow(CSV_COLUMNS)
     for bill in bills:
-        tenant = bill.get("tenant") or {}
+        tenant = bill.get("tenant") or ({"name": "(vacant)"} if bill.get("vacant") else {})
         for k, line in enumerate(bill["lines"], 1):
             w.writerow(
                 [
@@ -93,7 +93,7 @@ table{{border-collapse:collapse;width:100%;margin:.5rem 0 1rem}}td,th{{border-bo
 </style></head><body>
 <h1>Electricity statement</h1>
 <p><b>{e(bill["site"]["name"])}</b>, unit {e(bill["unit"]["name"])}
-{f"<br>Tenant: {e(tenant['name'])}" if tenant else ""}
+{f"<br>Tenant: {e(tenant['name'])}" if tenant else "<br>Vacant (no tenant)" if bill.get("vacant") else ""}
 <br>Period: {e(bill["month"])} ({e(bill["start_iso"][:10])} to {e(bill["end_iso"][:10])}, {e(bill["site"]["timezone"])})</p>
 <h2>Meter readings</h2>
 <table><thead><tr><th>Meter</th><th>Opening</th><th>Closing</th><th class=n>kWh</th></tr></thead>

@@ -652,8 +652,11 @@ def _clip(spans: list[tuple[float, float | None]], s: float, e: float) -> list[t
     return out
 
 
-def unit_bill(engine: Engine, unit_id: int, month: str, tenant_id: int | None = None) -> dict[str, Any]:
-    """The bill of a unit for a month (limited to one tenant's occupancy when ``tenant_id`` is given)."""
+def unit_bill(
+    engine: Engine, unit_id: int, month: str, tenant_id: int | None = None, *, vacant: bool = False
+) -> dict[str, Any]:
+    """The bill of a unit for a month: all of it, one tenant's occupancy (``tenant_id``), or the time
+    no tenant occupied it (``vacant``: the landlord's part)."""
     with engine.connect() as conn:
         unit = _row(conn, U, unit_id, "unit")
         site = _row(conn, S, unit["site_id"], "site")
@@ -670,6 +673,9 @@ def unit_bill(engine: Engine, unit_id: int, month: str, tenant_id: int | None = 
                 select(OC.c.start_t, OC.c.end_t).where(OC.c.tenant_id == tenant_id, OC.c.unit_id == unit_id)
             ).all()
             occupied = _clip([(r.start_t, r.end_t) for r in occ], start, end)
+        elif vacant:
+            occ = conn.execute(select(OC.c.start_t, OC.c.end_t).where(OC.c.unit_id == unit_id)).all()
+            occupied = _gaps(_clip([(r.start_t, r.end_t) for r in occ], start, end), start, end)
         else:
             occupied = [(start, end)]
         tariff_id = unit["tariff_id"] or site["tariff_id"]
@@ -714,6 +720,7 @@ def unit_bill(engine: Engine, unit_id: int, month: str, tenant_id: int | None = 
             "site": {"id": site["id"], "name": site["name"], "timezone": site["timezone"]},
             "unit": {"id": unit["id"], "name": unit["name"], "label": unit["label"]},
             "tenant": None if tenant is None else {"id": tenant["id"], "name": tenant["name"]},
+            "vacant": vacant,
             "occupied": [
                 {"from": a, "to": b, "from_iso": _iso(a, tz), "to_iso": _iso(b, tz)} for a, b in occupied
             ],
@@ -751,20 +758,51 @@ def tenant_bill(engine: Engine, tenant_id: int, month: str) -> dict[str, Any]:
     return unit_bill(engine, units[0], month, tenant_id)
 
 
+def _gaps(spans: list[tuple[float, float]], start: float, end: float) -> list[tuple[float, float]]:
+    """``[start, end)`` minus the (non-overlapping) ``spans``."""
+    out, at = [], start
+    for a, b in sorted(spans):
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < end:
+        out.append((at, end))
+    return out
+
+
 def site_bills(engine: Engine, site_id: int, month: str) -> list[dict[str, Any]]:
-    """One bill per occupancy (tenant and unit) in the month, plus one per unit for its vacant time."""
+    """One bill per occupancy (tenant and unit) in the month, and one per unit with metered time that no
+    tenant occupied (``vacant``, the landlord's part), in unit order."""
     with engine.connect() as conn:
         site = _row(conn, S, site_id, "site")
         tz = _zone(site["timezone"])
         start, end = month_span(month, tz)
+        end = min(end, max(start + 1, time.time()))
         occ = conn.execute(
-            select(OC.c.tenant_id, OC.c.unit_id)
+            select(OC.c.tenant_id, OC.c.unit_id, OC.c.start_t, OC.c.end_t)
             .join(U, U.c.id == OC.c.unit_id)
             .where(U.c.site_id == site_id, OC.c.start_t < end, or_(OC.c.end_t.is_(None), OC.c.end_t > start))
-            .distinct()
-            .order_by(OC.c.unit_id, OC.c.tenant_id)
+            .order_by(OC.c.unit_id, OC.c.start_t)
         ).all()
-    return [unit_bill(engine, r.unit_id, month, r.tenant_id) for r in occ]
+        metered = {
+            r.unit_id
+            for r in conn.execute(
+                select(MA.c.unit_id).where(
+                    MA.c.site_id == site_id, MA.c.start_t < end, or_(MA.c.end_t.is_(None), MA.c.end_t > start)
+                )
+            )
+        }
+    by_unit: dict[int, list[Any]] = {}
+    for r in occ:
+        by_unit.setdefault(r.unit_id, []).append(r)
+    out: list[dict[str, Any]] = []
+    for unit_id in sorted(set(by_unit) | metered):
+        rows = by_unit.get(unit_id, [])
+        for tenant_id in dict.fromkeys(r.tenant_id for r in rows):
+            out.append(unit_bill(engine, unit_id, month, tenant_id))
+        if unit_id in metered and _gaps(_clip([(r.start_t, r.end_t) for r in rows], start, end), start, end):
+            out.append(unit_bill(engine, unit_id, month, vacant=True))
+    return out
 
 
 def audit_entries(

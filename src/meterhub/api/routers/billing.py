@@ -50,11 +50,14 @@ async def unit_bill(
     tenant_id: Annotated[
         int | None, Query(ge=1, le=2**31 - 1, description="Only this tenant's part.")
     ] = None,
+    vacant: Annotated[bool, Query(description="Only the time no tenant occupied the unit.")] = False,
     format: Format = "json",
 ) -> Response:
     """Opening and closing reading of each meter (interpolated at move-in / move-out and marked so),
     kWh per tariff band and version, cost lines, tax and total, all decimal strings."""
-    bill = await call(sites.unit_bill, hub.engine, unit_id, month, tenant_id)
+    if vacant and tenant_id is not None:
+        raise ApiError(422, "tenant_id and vacant=true exclude each other")
+    bill = await call(lambda: sites.unit_bill(hub.engine, unit_id, month, tenant_id, vacant=vacant))
     return _answer([bill], format, f"bill-unit{unit_id}-{month}", True)
 
 
@@ -67,7 +70,8 @@ async def tenant_bill(hub: Hub, tenant_id: Id, month: Month, format: Format = "j
 
 @router.get("/sites/{site_id}/bills", responses=CONTENT, response_model=None)
 async def site_bills(hub: Hub, site_id: Id, month: Month, format: Format = "json") -> Response:
-    """Every tenant's bill in the site for the month (CSV: all line items of all bills)."""
+    """Every tenant's bill in the site for the month, and each unit's vacant part (CSV: all line items
+    of all bills)."""
     bills = await call(sites.site_bills, hub.engine, site_id, month)
     if format == "html" and not bills:
         raise ApiError(404, f"no occupancy in site {site_id} in {month}")
