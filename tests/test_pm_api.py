@@ -393,3 +393,61 @@ def test_the_vacant_part_of_a_unit_is_the_landlords_bill(api: Api) -> None:
         ).status_code
         == 422
     )
+
+
+def test_the_cli_sets_up_a_site_tariff_tenant_and_prepaid_meter(api: Api, tmp_path) -> None:
+    gw = api.gateway("gw-cli")
+    gw.sync("c1")
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "meterhub", *args, "--url", api.base, "--token", api.admin_token]
+        return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+    assert cli("site", "create", "Oak Row", "--timezone", "Europe/Berlin").stdout.startswith("site ")
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '{"effective_from": "2026-01-01", "kind": "tou", "bands": {"a": "0.1"},'
+        ' "windows": [{"days": "all", "start": "00:00", "end": "23:00", "band": "a"}]}'
+    )
+    r = cli("tariff", "add", "tou", str(bad), "--site", "Oak Row", check=False)
+    assert r.returncode != 0 and "windows leave a gap on mon from 23:00 to 24:00" in r.stderr
+    good = tmp_path / "flat.json"
+    good.write_text('[{"effective_from": "2020-01-01", "kind": "flat", "rate": "0.40"}]')
+    assert "1 version(s)" in cli("tariff", "add", "flat", str(good), "--site", "Oak Row", "--default").stdout
+    site = next(s for s in ok(api.read.get("/api/v1/sites")) if s["name"] == "Oak Row")
+    assert site["tariff_id"] is not None
+    b = ok(api.admin.post(f"/api/v1/sites/{site['id']}/buildings", json={"name": "Main"}), 201)
+    unit = ok(api.admin.post(f"/api/v1/buildings/{b['id']}/units", json={"name": "Flat 9"}), 201)
+    cli("meter", "move", "c1", "--unit", str(unit["id"]), "--at", "2020-01-01")
+    cli("meter", "rename", "c1", "--name", "Flat 9", "--location", "stairwell")
+    out = cli(
+        "tenant",
+        "add",
+        "Frank",
+        "--site",
+        "Oak Row",
+        "--unit",
+        str(unit["id"]),
+        "--move-in",
+        "2020-01-01",
+        "--json",
+    )
+    assert '"name": "Frank"' in out.stdout
+    r = cli(
+        "tenant",
+        "add",
+        "Gina",
+        "--site",
+        "Oak Row",
+        "--unit",
+        str(unit["id"]),
+        "--move-in",
+        "2021-01-01",
+        check=False,
+    )
+    assert r.returncode != 0 and "occupied by tenant 'Frank'" in r.stderr
+    ok(api.admin.put("/api/v1/meters/c1/prepaid", json={"balance": "2.00"}))
+    assert "balance 12.00 EUR" in cli("topup", "c1", "10", "--reference", "cash").stdout
+    assert cli("balance", "c1").stdout.startswith("c1: balance 12.00 EUR")
+    r = cli("topup", "c1", "0", check=False)
+    assert r.returncode != 0 and "must be greater than 0" in r.stderr

@@ -3,6 +3,8 @@
 - ``meterhub bill --site S --month 2026-11 [--csv | --html | --json] [--unit ID [--tenant ID]]``
 - ``meterhub site list | create NAME --timezone Z --currency C``
 - ``meterhub meter rename CID [--name N] [--location L]``, ``meterhub meter move CID --unit ID [--at T]``
+- ``meterhub tenant add NAME --site S [--unit ID --move-in D [--move-out D]]``, ``tenant move-out OCC --at D``
+- ``meterhub tariff add NAME SPEC.json --site S [--default]``
 - ``meterhub topup CID AMOUNT [--reference R]``, ``meterhub balance CID``
 
 ``PM_COMMANDS`` is what ``meterhub.cli`` registers.
@@ -184,4 +186,92 @@ def balance_cmd(cid: str, url: str, token: str | None, as_json: bool) -> None:
     )
 
 
-PM_COMMANDS: list[click.Command] = [bill_cmd, site_cmd, meter_cmd, topup_cmd, balance_cmd]
+@click.group("tenant")
+def tenant_cmd() -> None:
+    """Tenants and their occupancy of units."""
+
+
+@tenant_cmd.command("add")
+@click.argument("name")
+@click.option("--site", "site", required=True, help="Site name or id.")
+@click.option("--unit", "unit_id", type=int, default=None, help="The unit they move into.")
+@click.option("--move-in", default=None, help="YYYY-MM-DD, ISO time or Unix seconds (with --unit).")
+@click.option("--move-out", default=None, help="Exclusive; absent: open-ended.")
+@click.option("--reference", default=None)
+@_api_options
+def tenant_add(
+    name: str,
+    site: str,
+    unit_id: int | None,
+    move_in: str | None,
+    move_out: str | None,
+    reference: str | None,
+    url: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    api = ApiClient(url, token)
+    sid = _site_id(api, site)
+    out = api.request("POST", f"/api/v1/sites/{sid}/tenants", json={"name": name, "reference": reference})
+    if unit_id is not None:
+        if move_in is None:
+            raise click.UsageError("--unit needs --move-in")
+        out = api.request(
+            "POST",
+            f"/api/v1/tenants/{out['id']}/occupancies",
+            json={"unit_id": unit_id, "move_in": move_in, "move_out": move_out},
+        )
+    _print_json(out) if as_json else click.echo(f"tenant {out['id']}: {out['name']}")
+
+
+@tenant_cmd.command("move-out")
+@click.argument("occupancy_id", type=int)
+@click.option("--at", "at", required=True, help="YYYY-MM-DD, ISO time or Unix seconds.")
+@_api_options
+def tenant_move_out(occupancy_id: int, at: str, url: str, token: str | None, as_json: bool) -> None:
+    api = ApiClient(url, token)
+    out = api.request("PATCH", f"/api/v1/occupancies/{occupancy_id}", json={"move_out": at})
+    _print_json(out) if as_json else click.echo(f"tenant {out['id']} ({out['name']}) moves out at {at}")
+
+
+@click.group("tariff")
+def tariff_cmd() -> None:
+    """Tariffs (flat, time-of-use, tiered) and their versions."""
+
+
+@tariff_cmd.command("add")
+@click.argument("name")
+@click.argument("spec", type=click.File("r"))
+@click.option("--site", "site", required=True, help="Site name or id.")
+@click.option("--default", "make_default", is_flag=True, help="Make it the site's tariff.")
+@_api_options
+def tariff_add(
+    name: str, spec: Any, site: str, make_default: bool, url: str, token: str | None, as_json: bool
+) -> None:
+    """A tariff from SPEC, a JSON file: one version object or a list of them (see docs/operators.md)."""
+    import json
+
+    try:
+        data = json.load(spec)
+    except ValueError as exc:
+        raise click.ClickException(f"{spec.name}: not JSON: {exc}") from None
+    api = ApiClient(url, token)
+    sid = _site_id(api, site)
+    versions = data if isinstance(data, list) else [data]
+    out = api.request("POST", f"/api/v1/sites/{sid}/tariffs", json={"name": name, "versions": versions})
+    if make_default:
+        api.request("PATCH", f"/api/v1/sites/{sid}", json={"tariff_id": out["id"]})
+    _print_json(out) if as_json else click.echo(
+        f"tariff {out['id']}: {name}, {len(out['versions'])} version(s)"
+    )
+
+
+PM_COMMANDS: list[click.Command] = [
+    bill_cmd,
+    site_cmd,
+    meter_cmd,
+    tenant_cmd,
+    tariff_cmd,
+    topup_cmd,
+    balance_cmd,
+]
