@@ -92,6 +92,7 @@ def test_sites_and_unit_pages_with_a_top_up(dash: Dashboard) -> None:
     expect(page.locator("#site-silent .tile-value")).to_have_text("1")
     expect(page.locator("tr.silent")).to_contain_text("flat-2")
     expect(page.locator(".bars .bar")).to_have_count(14)
+    expect(page.locator('#site-prepaid tr[data-prepaid="flat-1"]')).to_contain_text("12.50 EUR")
     dash.shot("pm-site-page", full_page=True)
 
     page.click("text=Flat 1")

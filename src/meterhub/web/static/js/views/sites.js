@@ -92,10 +92,23 @@ function bars(days) {
 export async function siteView(main, { params, query, signal }) {
   const id = params[0];
   const silent = Number(query.get("silent")) || 15;
-  const [o, units] = await Promise.all([
+  const [o, units, accounts] = await Promise.all([
     api(`/api/v1/sites/${id}/overview${qs({ silent_minutes: silent })}`, { signal }),
     api(`/api/v1/sites/${id}/units`, { signal }),
+    api(`/api/v1/sites/${id}/prepaid`, { signal }),
   ]);
+  const unitOf = Object.fromEntries(o.meters.map((m) => [m.cid, m]));
+  const prepaidRows = accounts.map((a) =>
+    h(
+      "tr",
+      { "data-prepaid": a.cid },
+      h("td", null, unitOf[a.cid] ? h("a", { href: `#/units/${unitOf[a.cid].unit_id}` }, unitOf[a.cid].unit) : "—"),
+      h("td", null, a.cid),
+      h("td", { class: "num" }, `${a.balance} ${a.unit}`),
+      h("td", null, a.low_credit ? h("span", { class: "badge bad" }, "Low credit") : h("span", { class: "badge ok" }, "OK")),
+      h("td", null, a.switch_state === false ? "off" : a.switch_state === true ? "on" : "—", a.last_command_status && a.last_command_status !== "ok" ? ` (${a.last_command_status})` : ""),
+    ),
+  );
   document.title = `${o.site.name} · meterhub`;
   const month = thisMonth(o.site.timezone);
   const status = errorBox();
@@ -139,6 +152,7 @@ export async function siteView(main, { params, query, signal }) {
     ),
     h("section", { class: "panel" }, h("h2", null, "Energy per day"), bars(o.energy_per_day)),
     h("section", { class: "panel" }, h("h2", null, "Meters"), silentForm, table(["Unit", "Meter", "State", "Power", "Last seen"], meterRows, { caption: "Meters of the site" })),
+    accounts.length ? h("section", { class: "panel", id: "site-prepaid" }, h("h2", null, "Prepaid meters"), table(["Unit", "Meter", "Balance", "Credit", "Switch"], prepaidRows, { caption: "Prepaid meters" })) : null,
     h("section", { class: "panel" }, h("h2", null, "Top consumers this month"), table(["Unit", "Meter", "Energy"], topRows, { caption: "Top consumers" })),
     h(
       "section",
