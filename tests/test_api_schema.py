@@ -38,6 +38,7 @@ def api(hub_factory: Callable[..., RunningHub], clients: Any) -> Any:
     a.close()
 
 
+@pytest.mark.timeout(600)  # ~75 operations x 2-3 passes: over the default 120 s on a loaded 2-core machine
 def test_api_conforms_to_its_openapi_schema(api: Api) -> None:
     gw = api.gateway("gw-schema")
     gw.sync("m1", device_name="Meter one")

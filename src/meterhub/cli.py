@@ -163,6 +163,7 @@ def demo(
 
     from meterhub.api.security import create_token
     from meterhub.app import Hub, check_ports_free, run, start_or_explain
+    from meterhub.core import demo_site
     from meterhub.storage import registry
     from meterhub.tools.simulator import run_fleet
 
@@ -196,6 +197,7 @@ def demo(
                 interval=interval,
                 duration=duration,
                 progress=True,
+                on_ready=lambda fleet: demo_site.announce(hub, fleet, base, token, click.echo),
             )
         finally:
             await hub.stop()
@@ -632,6 +634,10 @@ def _register_ops() -> None:
     from meterhub.cluster.cli import cluster_cmd
 
     main.add_command(cluster_cmd)
+    from meterhub.cli_pm import PM_COMMANDS
+
+    for command in PM_COMMANDS:
+        main.add_command(command)
 
 
 _register_ops()

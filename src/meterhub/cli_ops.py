@@ -520,19 +520,31 @@ def token_cmd() -> None:
 @token_cmd.command("create")
 @click.argument("name")
 @click.option(
-    "--scope", type=click.Choice(["read", "admin"]), required=True, help="read: GET only; admin: all."
+    "--scope",
+    type=click.Choice(["read", "operate", "admin"]),
+    required=True,
+    help="read: GET only; operate: also commands and top-ups; admin: all.",
+)
+@click.option(
+    "--site", "sites", type=int, multiple=True, help="Limit the token to this site id (repeatable)."
 )
 @click.option("--json", "as_json", is_flag=True)
 @_db_options
 @click.pass_context
 def token_create(
-    ctx: click.Context, name: str, scope: str, as_json: bool, config: Path | None, data_dir: Path | None
+    ctx: click.Context,
+    name: str,
+    scope: str,
+    sites: tuple[int, ...],
+    as_json: bool,
+    config: Path | None,
+    data_dir: Path | None,
 ) -> None:
     """Create a token and print it (it cannot be shown again)."""
     from meterhub.api.security import TokenError, create_token
 
     try:
-        token, info = create_token(_engine(ctx, config, data_dir), name, scope)
+        token, info = create_token(_engine(ctx, config, data_dir), name, scope, list(sites) or None)
     except TokenError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

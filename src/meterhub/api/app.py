@@ -23,7 +23,19 @@ from fastapi import APIRouter, Depends, FastAPI
 from meterhub import __version__
 from meterhub.api.errors import install_error_handlers
 from meterhub.api.responses import AUTHED
-from meterhub.api.routers import alarms, commands, conformance, devices, energy, registry, system, users
+from meterhub.api.routers import (
+    alarms,
+    billing,
+    commands,
+    conformance,
+    devices,
+    energy,
+    prepaid,
+    registry,
+    sites,
+    system,
+    users,
+)
 from meterhub.api.security import Authorizer
 from meterhub.core.metrics import Metrics
 from meterhub.web.router import router as dashboard_router
@@ -65,7 +77,7 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(system.health_router)
     app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
-    for module in (registry, devices, commands, energy, alarms, users, conformance):
+    for module in (registry, devices, commands, energy, alarms, users, conformance, sites, billing, prepaid):
         api.include_router(module.router)
     app.include_router(api)
     for extra in extra_routers or []:

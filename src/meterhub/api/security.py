@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from meterhub.api.errors import ApiError
 from meterhub.storage import schema
 
-SCOPES = ("read", "admin")
+SCOPES = ("read", "operate", "admin")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TOUCH_INTERVAL = 60.0
 
@@ -49,9 +49,12 @@ class TokenInfo:
     last_used_at: float | None
     revoked: bool
     revoked_at: float | None = None
+    #: The sites this token is limited to (None: every site); see meterhub.api.scoping.
+    sites: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "sites": None if self.sites is None else list(self.sites),
             "id": self.id,
             "name": self.name,
             "scope": self.scope,
@@ -72,8 +75,11 @@ def _info(row: Any) -> TokenInfo:
     )
 
 
-def create_token(engine: Engine, name: str, scope: str) -> tuple[str, TokenInfo]:
-    """Create a token; returns ``(token, info)``. The token is not stored and cannot be shown again."""
+def create_token(
+    engine: Engine, name: str, scope: str, sites: list[int] | None = None
+) -> tuple[str, TokenInfo]:
+    """Create a token; returns ``(token, info)``. The token is not stored and cannot be shown again.
+    ``sites``: limit it to these sites (meterhub.api.scoping)."""
     if scope not in SCOPES:
         raise TokenError(f"scope must be one of {', '.join(SCOPES)}")
     if not name or len(name) > 128:
@@ -82,11 +88,15 @@ def create_token(engine: Engine, name: str, scope: str) -> tuple[str, TokenInfo]
     now = time.time()
     try:
         with engine.begin() as conn:
-            conn.execute(
+            res = conn.execute(
                 schema.api_tokens.insert().values(
                     name=name, token_hash=hash_token(token), scope=scope, created_at=now, revoked=False
                 )
             )
+            if sites:
+                from meterhub.api.scoping import attach_sites
+
+                attach_sites(conn, res.inserted_primary_key[0], sites)
     except IntegrityError:
         raise TokenError(f"a token named {name!r} already exists") from None
     info = get_token(engine, name)
@@ -98,7 +108,14 @@ def get_token(engine: Engine, name: str) -> TokenInfo | None:
     t = schema.api_tokens
     with engine.connect() as conn:
         row = conn.execute(select(t).where(t.c.name == name)).first()
-    return _info(row) if row else None
+        return _with_sites(conn, _info(row)) if row else None
+
+
+def _with_sites(conn: Any, info: TokenInfo) -> TokenInfo:
+    from meterhub.api.scoping import token_sites
+
+    sites = token_sites(conn, info.id)
+    return replace(info, sites=sites) if sites is not None else info
 
 
 def list_tokens(engine: Engine) -> list[TokenInfo]:
@@ -129,7 +146,7 @@ def lookup_token(engine: Engine, token: str) -> TokenInfo | None:
     t = schema.api_tokens
     with engine.connect() as conn:
         row = conn.execute(select(t).where(t.c.token_hash == hash_token(token))).first()
-    return _info(row) if row else None
+        return _with_sites(conn, _info(row)) if row else None
 
 
 # --- the FastAPI dependency ----------------------------------------------------------------------
@@ -161,7 +178,17 @@ class Authorizer:
         if info.revoked:
             raise _unauthorized("this token was revoked")
         if request.method not in READ_METHODS and info.scope != "admin":
-            raise ApiError(403, f"token {info.name!r} has scope {info.scope!r}; this request needs 'admin'")
+            from meterhub.api.scoping import operate_allows
+
+            if not (info.scope == "operate" and operate_allows(request)):
+                need = "'admin' (or 'operate' for commands, top-ups and alarm acknowledgements)"
+                raise ApiError(
+                    403, f"token {info.name!r} has scope {info.scope!r}; this request needs {need}"
+                )
+        if info.sites is not None:
+            from meterhub.api.scoping import check_sites
+
+            await check_sites(self.hub, request, info)
         self._touch(info)
         request.state.token = info
         return info

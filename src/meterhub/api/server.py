@@ -72,6 +72,10 @@ class ApiServer:
             await asyncio.to_thread(monitor.load, watched)
             handler.listeners.append(monitor)
             hub.alarms = monitor
+            from meterhub.core.prepaid import PrepaidService
+
+            hub.prepaid = PrepaidService(hub)
+            await hub.prepaid.start()
         self.app = create_app(hub, extra_routers=getattr(hub, "http_routers", None))
         settings = hub.settings
         config = uvicorn.Config(
@@ -107,6 +111,8 @@ class ApiServer:
             self.server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError, SystemExit, Exception):
                 await asyncio.wait_for(self.task, timeout=10)
+        if getattr(self.hub, "prepaid", None) is not None:
+            await self.hub.prepaid.stop()
         handler = self.hub.handler
         monitor = getattr(self.hub, "alarms", None)
         if monitor is not None and handler is not None and monitor in getattr(handler, "listeners", []):

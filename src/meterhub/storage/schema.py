@@ -263,3 +263,157 @@ alarms = Table(
     Index("ix_alarms_cid_raised_at", "cid", "raised_at"),
     Index("ix_alarms_cleared_at", "cleared_at"),
 )
+
+# --- property management: sites, units, tenants, tariffs, prepaid (migration 0008) ---------------
+# Money and kWh are decimal strings (Text): identical on SQLite and PostgreSQL, never a float.
+# Instants are Unix seconds like everywhere else; tariff effective dates are local dates (YYYY-MM-DD).
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("timezone", String(64), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("tariff_id", Integer),  # the default tariff of the site's units
+    Column("created_at", Float, nullable=False),
+)
+
+buildings = Table(
+    "buildings",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("site_id", "name", name="uq_buildings_site_name"),
+)
+
+units = Table(
+    "units",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("building_id", Integer, ForeignKey("buildings.id"), nullable=False, index=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("label", String(64)),  # flat, shop, floor, ...: free text
+    Column("tariff_id", Integer),  # overrides the site's tariff
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("building_id", "name", name="uq_units_building_name"),
+)
+
+meter_info = Table(
+    "meter_info",
+    metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("name", String(255)),
+    Column("location", String(255)),
+    Column("updated_at", Float, nullable=False),
+)
+
+meter_assignments = Table(
+    "meter_assignments",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("cid", String(128), nullable=False, index=True),
+    Column("unit_id", Integer, ForeignKey("units.id"), nullable=False, index=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("start_t", Float, nullable=False),
+    Column("end_t", Float),  # None: still there
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("name", String(255), nullable=False),
+    Column("reference", String(128)),
+    Column("email", String(255)),
+    Column("created_at", Float, nullable=False),
+)
+
+occupancies = Table(
+    "occupancies",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id"), nullable=False, index=True),
+    Column("unit_id", Integer, ForeignKey("units.id"), nullable=False, index=True),
+    Column("start_t", Float, nullable=False),
+    Column("end_t", Float),  # None: open-ended
+    Column("created_at", Float, nullable=False),
+)
+
+tariffs = Table(
+    "tariffs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("site_id", "name", name="uq_tariffs_site_name"),
+)
+
+tariff_versions = Table(
+    "tariff_versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tariff_id", Integer, ForeignKey("tariffs.id"), nullable=False, index=True),
+    Column("effective_from", String(10), nullable=False),
+    Column("spec", JSONText, nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("tariff_id", "effective_from", name="uq_tariff_versions_tariff_from"),
+)
+
+prepaid_accounts = Table(
+    "prepaid_accounts",
+    metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False, index=True),
+    Column("mode", String(8), nullable=False),  # currency | kwh
+    Column("balance", Text, nullable=False),
+    Column("low_threshold", Text, nullable=False),
+    Column("grace", JSONText, nullable=False),
+    Column("charged_t", Float),  # consumption is charged up to this instant
+    Column("low_alarm", Boolean, nullable=False, default=False),
+    Column("switch_wanted", Boolean),  # what the meter's switch should be (None: leave it)
+    Column("switch_state", Boolean),  # what the last successful command set
+    Column("command_attempts", Integer, nullable=False, default=0),
+    Column("last_command_at", Float),
+    Column("last_command_status", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+prepaid_topups = Table(
+    "prepaid_topups",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("cid", String(128), nullable=False, index=True),
+    Column("amount", Text, nullable=False),
+    Column("balance_after", Text, nullable=False),
+    Column("reference", String(255)),
+    Column("actor", String(128), nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("site_id", Integer),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255)),
+    Column("details", JSONText),
+    Index("ix_audit_log_site_at", "site_id", "at"),
+)
+
+# A token with rows here sees only these sites (see meterhub.api.scoping); without rows, every site.
+api_token_sites = Table(
+    "api_token_sites",
+    metadata,
+    Column("token_id", Integer, ForeignKey("api_tokens.id"), primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), primary_key=True),
+)

@@ -35,6 +35,7 @@ from starlette.types import Scope
 
 from meterhub import __version__
 from meterhub.api.errors import ApiError
+from meterhub.api.scoping import check_stream
 from meterhub.api.security import TokenInfo, lookup_token
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.web.stream import StreamBroker, event_data, sse
@@ -137,7 +138,10 @@ async def check_token(hub: Any, token: str | None) -> TokenInfo:
 async def whoami(request: Request) -> JSONResponse:
     """The bearer token's name and scope (read or admin)."""
     info = await check_token(request.app.state.hub, _bearer(request))
-    return JSONResponse({"name": info.name, "scope": info.scope}, headers={"Cache-Control": "no-store"})
+    who: dict[str, Any] = {"name": info.name, "scope": info.scope}
+    if info.sites is not None:
+        who["sites"] = list(info.sites)
+    return JSONResponse(who, headers={"Cache-Control": "no-store"})
 
 
 # --- the stream ----------------------------------------------------------------------------------
@@ -171,6 +175,7 @@ async def stream(
     hub = request.app.state.hub
     secret = token or _bearer(request)
     info = await check_token(hub, secret)
+    await check_stream(hub, info, cid)  # a site-scoped token: one meter of its sites
     broker = broker_of(request)
     if cid is not None and cid not in broker.handler.devices:
         raise ApiError(404, f"device {cid!r} does not exist", 2003)

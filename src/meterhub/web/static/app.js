@@ -8,6 +8,7 @@ import { deviceView } from "./js/views/device.js";
 import { devicesView } from "./js/views/devices.js";
 import { gatewayView, gatewaysView } from "./js/views/gateways.js";
 import { overviewView } from "./js/views/overview.js";
+import { siteView, sitesView, unitView } from "./js/views/sites.js";
 
 const main = document.getElementById("main");
 const topbar = document.getElementById("topbar");
@@ -20,6 +21,9 @@ const ROUTES = [
   [/^\/devices\/?$/, "devices", devicesView],
   [/^\/devices\/(.+)$/, "devices", deviceView],
   [/^\/alarms\/?$/, "alarms", alarmsView],
+  [/^\/sites\/?$/, "sites", sitesView],
+  [/^\/sites\/(\d+)$/, "sites", siteView],
+  [/^\/units\/(\d+)$/, "sites", unitView],
 ];
 
 let current = null; // {cleanup, controller}
@@ -45,6 +49,10 @@ async function route() {
   if (!session.token) return;
   teardown();
   const { path, query } = parseHash();
+  if (session.sites && path.replace(/\/$/, "") === "") {
+    window.location.replace("#/sites"); // a site-scoped token has no fleet pages
+    return;
+  }
   let match = null;
   let params = [];
   for (const [re, nav, view] of ROUTES) {
@@ -185,7 +193,8 @@ function startApp() {
     session.name,
     badge(session.scope, `plain scope scope-${session.scope}`, session.scope === "admin" ? "May send commands and acknowledge alarms" : "Read only: no commands, no acknowledgements"),
   );
-  refreshAlarmBadge();
+  for (const a of document.querySelectorAll(".mainnav a")) a.hidden = Boolean(session.sites) && a.dataset.nav !== "sites";
+  if (!session.sites) refreshAlarmBadge();
   route();
 }
 

@@ -5,7 +5,7 @@
 
 const TOKEN_KEY = "meterhub.token";
 
-export const session = { token: null, name: null, scope: null };
+export const session = { token: null, name: null, scope: null, sites: null };
 
 export function storedToken() {
   try {
@@ -33,6 +33,7 @@ export function authLost(message) {
   session.token = null;
   session.name = null;
   session.scope = null;
+  session.sites = null;
   try {
     sessionStorage.removeItem(TOKEN_KEY);
   } catch {
@@ -91,6 +92,7 @@ export async function signIn(token) {
   session.token = token;
   session.name = info.name;
   session.scope = info.scope;
+  session.sites = info.sites || null; // a site-scoped token: only these sites
   try {
     sessionStorage.setItem(TOKEN_KEY, token);
   } catch {
@@ -103,6 +105,7 @@ export function signOut() {
   session.token = null;
   session.name = null;
   session.scope = null;
+  session.sites = null;
   try {
     sessionStorage.removeItem(TOKEN_KEY);
   } catch {
