@@ -18,7 +18,9 @@ demo: $(BIN)/meterhub
 ## Install everything (system packages too), lint, and run the whole test suite.
 ## The PostgreSQL pass reruns the storage-heavy suites on a fresh database each (METERHUB_TEST_PG).
 PG_SUITES := tests/test_protocol_e2e.py tests/test_api.py tests/test_energy.py tests/test_alarms.py \
-	tests/test_openhub.py tests/test_conformance.py tests/test_storage_writer.py tests/test_backpressure.py
+	tests/test_openhub.py tests/test_conformance.py tests/test_storage_writer.py tests/test_backpressure.py \
+	tests/test_ownership.py tests/test_mqtt_flow.py tests/test_login_throttle.py tests/test_openhub_devices.py \
+	tests/test_homeassistant.py tests/test_pm_api.py tests/test_prepaid.py tests/test_scoped_tokens.py
 
 test: system-deps $(BIN)/meterhub
 	$(BIN)/ruff check src tests bench scripts
