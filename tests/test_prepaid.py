@@ -16,10 +16,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import Client, RunningHub, wait_for
+import conftest
+from conftest import Client, RunningHub
 from meterhub.core.prepaid import grace_reason, parse_grace
 from test_api import Api, GatewaySim
 from test_pm_api import ok
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """conftest.wait_for with room for a loaded machine: the prepaid service acts in rounds (at
+    least every 5 s, sooner when woken by a report or a command); this is a deadline, not a timing."""
+    return conftest.wait_for(predicate, timeout=timeout)
 
 
 @pytest.fixture

@@ -411,6 +411,10 @@ class PrepaidService:
             if full:
                 self._last_sweep = now
             try:
+                if dirty and self.hub.writer is not None:
+                    # Report events come when a report is submitted, not committed: wait until what
+                    # was submitted so far is committed (a barrier), so charge() reads those readings.
+                    await self.hub.writer.write([])
                 cids = await asyncio.to_thread(self._cids, None if full else dirty | online)
                 for cid in cids:
                     await self.process(cid, came_online=cid in online)
