@@ -148,7 +148,9 @@ class Hub:
             await self.cluster.start(self)
         writer.on_pressure = self.mqtt.set_intake_paused
         self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)
-        self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
+        self.mqtt_port = await self.mqtt.listen(
+            settings.mqtt_host, settings.mqtt_port, proxy_protocol=settings.proxy_protocol
+        )
         ctx = make_ssl_context(settings)
         if ctx is not None and settings.tls_port is not None:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     node_id: str | None = Field(None, description="This node's name; default host name + MQTT port.")
     node_timeout: float = Field(15.0, gt=0, description="Seconds without a heartbeat before a node is dead.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between a node's heartbeats.")
+    proxy_protocol: bool = Field(
+        False,
+        description="The MQTT listener (mqtt_port) requires a PROXY protocol v2/v1 header on every "
+        "connection (a TCP balancer's send-proxy-v2): the client's address is taken from it.",
+    )
 
     mqtt_host: str = "0.0.0.0"
     mqtt_port: int = 21883
