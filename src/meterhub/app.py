@@ -180,6 +180,17 @@ class Hub:
         if self.cluster is not None:
             await self.cluster.ready()
 
+    async def drain(self) -> None:
+        """Before :meth:`stop` on SIGTERM: stop accepting, answer what was read, close gateway
+        connections (they reconnect to other nodes), give them ``drain_grace`` to do so
+        (:mod:`meterhub.mqtt.drain`, docs/cluster.md)."""
+        from meterhub.mqtt.drain import drain
+
+        if self.mqtt is not None:
+            await drain(self.mqtt, self.settings.drain_timeout)
+        if self.cluster is not None:
+            await self.cluster.finish_drain(self.settings.drain_grace)
+
     async def stop(self) -> None:
         if self.api is not None:
             await self.api.stop()
@@ -224,6 +235,8 @@ async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     log.info("meterhub running", mqtt_port=hub.mqtt_port, tls_port=hub.tls_port, handler=handler)
     try:
         await stop.wait()
+        log.info("meterhub draining")
+        await hub.drain()
     finally:
         log.info("meterhub stopping")
         await hub.stop()

@@ -45,6 +45,15 @@ class Settings(BaseSettings):
         description="The MQTT listener (mqtt_port) requires a PROXY protocol v2/v1 header on every "
         "connection (a TCP balancer's send-proxy-v2): the client's address is taken from it.",
     )
+    drain_timeout: float = Field(
+        10.0, ge=0, description="On SIGTERM, longest wait (s) for reports read so far to be answered."
+    )
+    drain_grace: float = Field(
+        5.0,
+        ge=0,
+        description="After a drain (cluster mode), seconds its gateways have to reconnect to another "
+        "node before their devices go offline (cause node-drain).",
+    )
 
     mqtt_host: str = "0.0.0.0"
     mqtt_port: int = 21883
