@@ -204,7 +204,9 @@ backend nodes
     def presence_causes(self, cids: list[str]) -> list[tuple[str, bool, str]]:
         p = schema.presence
         with self.engine.connect() as conn:
-            rows = conn.execute(select(p.c.cid, p.c.online, p.c.cause).where(p.c.cid.in_(cids))).all()
+            rows = conn.execute(
+                select(p.c.cid, p.c.online, p.c.cause).where(p.c.cid.in_(cids)).order_by(p.c.id)
+            ).all()
         return [(r.cid, bool(r.online), r.cause) for r in rows]
 
     def stored(self, gws: list[str]) -> dict[tuple[str, str], int]:
@@ -497,6 +499,23 @@ def test_rolling_restart_under_load_loses_nothing(cluster: Balanced) -> None:
         time.sleep(2.0)
         order = list(NAMES)
         random.shuffle(order)
+        # a gateway straight on the first node that will not come back: node-drain after the grace
+        gw, m = "gw-gone", "gw-gone-m1"
+        raw = RawClient(cluster.nodes[order[0]].mqtt_port)
+        raw.send(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00" + connect(gw, user, gateway_password(gw, user)))
+        assert raw.read_packet() == (0x20, b"\x00\x00")
+        raw.send(subscribe(1, f"gateway_id/{gw}/#"))
+        assert raw.read_packet()[0] == 0x90
+        sync = {"t": int(time.time()), "request_id": "s1", "param": {"cid": m, "product_id": "p"}}
+        raw.send(publish(f"gateway_id/{gw}/devices/sync", json.dumps(sync).encode(), 1, 2))
+        assert _next_publish(raw)[0].endswith("/devices/sync/response")
+        report = {
+            "t": int(time.time()),
+            "request_id": "r1",
+            "param": {"cid": m, "id": "5", "value": 2_301_234},
+        }
+        raw.send(publish(f"gateway_id/{gw}/properties/report", json.dumps(report).encode(), 1, 3))
+        assert _next_publish(raw)[1]["param"]["code"] == 0
         for name in order:
             t0 = time.monotonic()
             assert cluster.sigterm(name) == 0, cluster.nodes[name].log.read_text()[-3000:]  # type: ignore[union-attr]
@@ -504,6 +523,12 @@ def test_rolling_restart_under_load_loses_nothing(cluster: Balanced) -> None:
             cluster.start(name)
             time.sleep(1.0)  # HAProxy's checks see it up again
             print(f"node {name}: drained and stopped in {stopped:.1f}s, restarted")
+            if name == order[0]:
+                assert raw.closed_within(1.0) is not None
+                assert cluster.presence_causes([m]) == [(m, True, "report"), (m, False, "node-drain")]
+                row = cluster.gateway_rows([gw])[gw]
+                assert (row.connected, row.owner_node) == (False, name)
+                raw.close()
         time.sleep(2.0)
         fleet.stop_producing()
         fleet.wait_idle(60)

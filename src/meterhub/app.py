@@ -235,8 +235,15 @@ async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     log.info("meterhub running", mqtt_port=hub.mqtt_port, tls_port=hub.tls_port, handler=handler)
     try:
         await stop.wait()
-        log.info("meterhub draining")
-        await hub.drain()
+        stop.clear()
+        log.info("meterhub draining (a second signal stops at once)")
+        drain = asyncio.ensure_future(hub.drain())
+        again = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, again):
+            task.cancel()
+        if drain.done() and not drain.cancelled() and drain.exception() is not None:
+            log.error("drain failed", error=repr(drain.exception())[:200])
     finally:
         log.info("meterhub stopping")
         await hub.stop()

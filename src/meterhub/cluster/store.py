@@ -55,11 +55,15 @@ def register_node(engine: Engine, row: dict[str, Any]) -> None:
 
 def heartbeat(engine: Engine, node_id: str, now: float, values: dict[str, Any]) -> str | None:
     """Record a heartbeat (and ``values``: links, ports); returns the state the row had before
-    (``lost``: another node swept us)."""
+    (``lost``: another node swept us). A node that has ``stopped`` is left so: a beat still under way
+    when the node stopped (its thread outlives the cancelled task) must not make it alive again, or
+    the others would sweep it as dead (``node-lost``) a moment later."""
     with engine.begin() as conn:
         state = conn.execute(select(n.c.state).where(n.c.node_id == node_id)).scalar()
         conn.execute(
-            update(n).where(n.c.node_id == node_id).values(heartbeat_at=now, state="alive", **values)
+            update(n)
+            .where(n.c.node_id == node_id, n.c.state != "stopped")
+            .values(heartbeat_at=now, state="alive", **values)
         )
     return state
 
