@@ -297,6 +297,7 @@ class Fleet:
             for i in range(count)
         ]
         self.producing = False
+        self.producer: Any = None
 
     def call(self, coro: Any, timeout: float = 120) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -333,11 +334,11 @@ class Fleet:
 
     def produce(self, interval: float) -> None:
         self.producing = True
-        asyncio.run_coroutine_threadsafe(self._produce(interval), self.loop)
+        self.producer = asyncio.run_coroutine_threadsafe(self._produce(interval), self.loop)
 
     def stop_producing(self) -> None:
         self.producing = False
-        time.sleep(0.1)
+        self.producer.result(10)
 
     async def _idle(self, timeout: float) -> None:
         await asyncio.gather(*(gw.wait_idle(timeout) for gw in self.gateways))
