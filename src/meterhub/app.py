@@ -148,7 +148,9 @@ class Hub:
             await self.cluster.start(self)
         writer.on_pressure = self.mqtt.set_intake_paused
         self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)
-        self.mqtt_port = await self.mqtt.listen(settings.mqtt_host, settings.mqtt_port)
+        self.mqtt_port = await self.mqtt.listen(
+            settings.mqtt_host, settings.mqtt_port, proxy_protocol=settings.proxy_protocol
+        )
         ctx = make_ssl_context(settings)
         if ctx is not None and settings.tls_port is not None:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
@@ -177,6 +179,17 @@ class Hub:
             await self.homeassistant.start()
         if self.cluster is not None:
             await self.cluster.ready()
+
+    async def drain(self) -> None:
+        """Before :meth:`stop` on SIGTERM: stop accepting, answer what was read, close gateway
+        connections (they reconnect to other nodes), give them ``drain_grace`` to do so
+        (:mod:`meterhub.mqtt.drain`, docs/cluster.md)."""
+        from meterhub.mqtt.drain import drain
+
+        if self.mqtt is not None:
+            await drain(self.mqtt, self.settings.drain_timeout)
+        if self.cluster is not None:
+            await self.cluster.finish_drain(self.settings.drain_grace)
 
     async def stop(self) -> None:
         if self.api is not None:
@@ -222,6 +235,15 @@ async def serve(settings: Settings, *, handler: str = "protocol") -> None:
     log.info("meterhub running", mqtt_port=hub.mqtt_port, tls_port=hub.tls_port, handler=handler)
     try:
         await stop.wait()
+        stop.clear()
+        log.info("meterhub draining (a second signal stops at once)")
+        drain = asyncio.ensure_future(hub.drain())
+        again = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, again):
+            task.cancel()
+        if drain.done() and not drain.cancelled() and drain.exception() is not None:
+            log.error("drain failed", error=repr(drain.exception())[:200])
     finally:
         log.info("meterhub stopping")
         await hub.stop()

@@ -109,6 +109,9 @@ def _common(f: Any) -> Any:
 @click.option("--bus-url", default=None, help="Cluster bus, nats://HOST:PORT (default: in process).")
 @click.option("--node-id", default=None, help="This node's name (default: host name + MQTT port).")
 @click.option(
+    "--proxy-protocol", is_flag=True, default=None, help="The MQTT port requires PROXY protocol v2/v1."
+)
+@click.option(
     "--handler",
     type=click.Choice(["protocol", "echo"]),
     default="protocol",

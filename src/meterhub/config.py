@@ -40,6 +40,20 @@ class Settings(BaseSettings):
     node_id: str | None = Field(None, description="This node's name; default host name + MQTT port.")
     node_timeout: float = Field(15.0, gt=0, description="Seconds without a heartbeat before a node is dead.")
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between a node's heartbeats.")
+    proxy_protocol: bool = Field(
+        False,
+        description="The MQTT listener (mqtt_port) requires a PROXY protocol v2/v1 header on every "
+        "connection (a TCP balancer's send-proxy-v2): the client's address is taken from it.",
+    )
+    drain_timeout: float = Field(
+        10.0, ge=0, description="On SIGTERM, longest wait (s) for reports read so far to be answered."
+    )
+    drain_grace: float = Field(
+        5.0,
+        ge=0,
+        description="After a drain (cluster mode), seconds its gateways have to reconnect to another "
+        "node before their devices go offline (cause node-drain).",
+    )
 
     mqtt_host: str = "0.0.0.0"
     mqtt_port: int = 21883

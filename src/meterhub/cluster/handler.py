@@ -36,7 +36,10 @@ class ClusterHandler:
 
     def client_disconnected(self, principal: Principal, reason: str) -> None:
         if principal.kind == "gateway" and not self.node.gateway_disconnected(principal.client_id, reason):
-            log.info("disconnect of a gateway held elsewhere not recorded", gateway_id=principal.client_id)
+            if reason != "node-drain":  # (a drain's gateways are the node's finish_drain)
+                log.info(
+                    "disconnect of a gateway held elsewhere not recorded", gateway_id=principal.client_id
+                )
             return
         self.inner.client_disconnected(principal, reason)
 

@@ -75,6 +75,7 @@ class ClusterNode:
         self.claiming: Counter[str] = Counter()  # gateways with a claim under way
         self.superseded: dict[str, int] = {}  # newer generations announced while we were claiming
         self.waiting: dict[str, list[Any]] = {}  # gateway -> messages waiting for its claim
+        self.drained: set[str] = set()  # gateways closed by a drain, presence left to finish_drain
         self.stats: Counter[str] = Counter()
         self.started_at = time.time()
         self._subs: list[Any] = []
@@ -245,6 +246,42 @@ class ClusterNode:
         for gw in swept.gateways:
             service._emit("gateway", {"gateway_id": gw, "connected": False, "reason": "node-lost"})
 
+    async def finish_drain(self, grace: float) -> int:
+        """After a drain closed this node's gateways: give them ``grace`` s to reconnect to another
+        node (its claim makes it the owner), then set the devices of those still owned here offline
+        (cause ``node-drain``). Returns how many gateways that was."""
+        if self.solo or not self.drained:
+            return 0
+        gws = sorted(self.drained)
+        end = time.monotonic() + grace
+        left = gws
+        while True:
+            taken = set(await asyncio.to_thread(store.not_owned, self.engine, self.node_id, gws))
+            left = [gw for gw in gws if gw not in taken]
+            if not left or time.monotonic() >= end:
+                break
+            await asyncio.sleep(0.2)
+        self.drained.clear()
+        if not left:
+            return 0
+        now = time.time()
+        devices, gateways = await asyncio.to_thread(
+            store.release_drained, self.engine, self.node_id, left, now
+        )
+        service = self.service
+        for cid, product_id in devices:
+            dev = service.devices.get(cid)
+            if dev is not None:
+                dev.online = False
+            service._emit(
+                "presence",
+                {"cid": cid, "online": False, "cause": "node-drain", "at": now, "product_id": product_id},
+            )
+        for gw in gateways:
+            service._emit("gateway", {"gateway_id": gw, "connected": False, "reason": "node-drain"})
+        log.info("drained gateways not back within the grace", gateways=len(gateways), devices=len(devices))
+        return len(gateways)
+
     # --- ownership and takeover ------------------------------------------------------------------
 
     def gateway_connected(self, gw: str) -> None:
@@ -258,6 +295,10 @@ class ClusterNode:
         """Whether the disconnect is to be recorded (False: another node holds the gateway now)."""
         if reason == "takeover":  # replaced by a new connection here: still held
             return True
+        if reason == "node-drain" and not self.solo:  # finish_drain decides, after a grace
+            if self.held.pop(gw, None) is not None:
+                self.drained.add(gw)
+            return False
         if self.held.pop(gw, None) is not None or self.solo:
             return True
         return self.claiming[gw] > 0

@@ -55,11 +55,15 @@ def register_node(engine: Engine, row: dict[str, Any]) -> None:
 
 def heartbeat(engine: Engine, node_id: str, now: float, values: dict[str, Any]) -> str | None:
     """Record a heartbeat (and ``values``: links, ports); returns the state the row had before
-    (``lost``: another node swept us)."""
+    (``lost``: another node swept us). A node that has ``stopped`` is left so: a beat still under way
+    when the node stopped (its thread outlives the cancelled task) must not make it alive again, or
+    the others would sweep it as dead (``node-lost``) a moment later."""
     with engine.begin() as conn:
         state = conn.execute(select(n.c.state).where(n.c.node_id == node_id)).scalar()
         conn.execute(
-            update(n).where(n.c.node_id == node_id).values(heartbeat_at=now, state="alive", **values)
+            update(n)
+            .where(n.c.node_id == node_id, n.c.state != "stopped")
+            .values(heartbeat_at=now, state="alive", **values)
         )
     return state
 
@@ -216,6 +220,34 @@ def load_devices(engine: Engine, gateway_id: str | None, cids: Sequence[str] = (
         for chunk in _chunks(wanted):
             rows += conn.execute(select(*cols).where(d.c.cid.in_(chunk))).all()
     return rows
+
+
+def release_drained(
+    engine: Engine, node_id: str, gateway_ids: Sequence[str], now: float
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Gateways a draining node closed that no other node claimed since: their online devices go
+    offline (cause ``node-drain``) and they are recorded disconnected, in one transaction with the
+    rows locked (a claim arriving meanwhile waits and wins after). Returns (devices, gateways)."""
+    devices: list[tuple[str, str]] = []
+    gateways: list[str] = []
+    with engine.begin() as conn:
+        for chunk in _chunks(list(gateway_ids)):
+            mine = conn.execute(
+                select(g.c.gateway_id)
+                .where(g.c.gateway_id.in_(chunk), g.c.owner_node == node_id, g.c.connected.is_(True))
+                .with_for_update()
+            ).scalars()
+            ids = list(mine)
+            if not ids:
+                continue
+            devices += _set_offline(conn, g.c.gateway_id.in_(ids), "node-drain", now)
+            conn.execute(
+                update(g)
+                .where(g.c.gateway_id.in_(ids))
+                .values(connected=False, last_disconnected_at=now, last_seen=now)
+            )
+            gateways += ids
+    return devices, gateways
 
 
 # --- start-up and the dead-node sweep ------------------------------------------------------------

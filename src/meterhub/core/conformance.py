@@ -59,10 +59,17 @@ def report_card(hub: Any, gateway_id: str, *, status_interval: float | None = No
         "gateway_id": gateway_id,
         "generated_at": time.time(),
         "connected": mqtt.is_connected(gateway_id),
+        "client_address": _address(mqtt, gateway_id),
         "verdict": overall,
         "summary": summary,
         "findings": [asdict(f) for f in findings],
     }
+
+
+def _address(mqtt: Any, gateway_id: str) -> str | None:
+    """The connected gateway's address (``host:port``; the PROXY protocol's source behind a balancer)."""
+    conn = mqtt.connected.get(gateway_id) if mqtt is not None else None
+    return conn.peer if conn is not None else None
 
 
 def _sync_before_report(gw: Any) -> Finding:

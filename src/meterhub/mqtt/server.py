@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.mqtt import codec
+from meterhub.mqtt.proxy_protocol import ProxyHeaderReader, ProxyProtocolError
 from meterhub.mqtt.session import (
     PAUSE_AUTH,
     PAUSE_HELD,
@@ -147,6 +148,7 @@ class MQTTConnection(asyncio.Protocol):
         "peer",
         "pending",
         "principal",
+        "proxy",
         "read_pause",
         "receiving",
         "record",
@@ -158,8 +160,10 @@ class MQTTConnection(asyncio.Protocol):
         "write_paused_since",
     )
 
-    def __init__(self, server: MQTTServer) -> None:
+    def __init__(self, server: MQTTServer, proxy_protocol: bool = False) -> None:
         self.server = server
+        # a PROXY protocol header is required first (mqtt/proxy_protocol.py): the reader until it is in
+        self.proxy = ProxyHeaderReader() if proxy_protocol else None
         self.transport: asyncio.Transport | None = None
         self.decoder = codec.Decoder(server_side=True, max_packet_size=server.limits.max_packet_size)
         self.state = "new"  # new -> connecting -> connected -> closed
@@ -201,6 +205,10 @@ class MQTTConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        if self.proxy is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         try:
             packets = self.decoder.feed(data)
         except codec.MQTTProtocolError as exc:
@@ -239,6 +247,35 @@ class MQTTConnection(asyncio.Protocol):
         finally:
             self.receiving = False
             self.flush()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Read the PROXY protocol header: the client's address becomes this connection's peer.
+        Returns the bytes after it (empty while it is incomplete or when the connection is closed)."""
+        proxy = self.proxy
+        assert proxy is not None
+        stats = self.server.stats
+        try:
+            header = proxy.feed(data)
+        except ProxyProtocolError as exc:
+            stats[f"proxy_protocol.refused.{exc.reason}"] += 1
+            _repeats.info(
+                ("proxy_protocol", exc.reason),
+                "connection without a valid PROXY protocol header, closing",
+                peer=self.peer,
+                reason=str(exc),
+            )
+            self.proxy = None
+            self.abort(f"proxy-protocol:{exc.reason}")
+            return b""
+        if header is None:
+            return b""
+        self.proxy = None
+        if header.peer is None:  # LOCAL (the balancer's health check) or no address given
+            stats["proxy_protocol.local"] += 1
+        else:
+            stats["proxy_protocol.accepted"] += 1
+            self.peer = header.peer
+        return proxy.rest
 
     def _receive(self, packets: Iterable[Any]) -> None:
         """Hand packets of a connected client to its session and act on what it returns."""
@@ -329,6 +366,8 @@ class MQTTConnection(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         server.stats["connections.closed"] += 1
+        if self.proxy is not None and not self.close_reason:  # the peer left before its PROXY header
+            server.stats["proxy_protocol.closed_before_header"] += 1
         was_connected = self.state == "connected"
         self.state = "closed"
         if not was_connected:
@@ -597,17 +636,31 @@ class MQTTServer:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Open a listener; returns the bound port (useful with port 0)."""
+    async def listen(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, proxy_protocol: bool = False
+    ) -> int:
+        """Open a listener; returns the bound port (useful with port 0). With ``proxy_protocol`` every
+        connection must start with a PROXY protocol v2 (or v1) header (a TCP balancer in front)."""
         loop = self.loop = asyncio.get_running_loop()
         srv = await loop.create_server(
-            lambda: MQTTConnection(self), host, port, ssl=ssl_context, backlog=4096, reuse_address=True
+            lambda: MQTTConnection(self, proxy_protocol),
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=4096,
+            reuse_address=True,
         )
         self._servers.append(srv)
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep_forever())
         bound = srv.sockets[0].getsockname()[1]
-        log.info("mqtt listening", host=host, port=bound, tls=ssl_context is not None)
+        log.info(
+            "mqtt listening",
+            host=host,
+            port=bound,
+            tls=ssl_context is not None,
+            proxy_protocol=proxy_protocol,
+        )
         return bound
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ class ReportCardOut(BaseModel):
     gateway_id: str
     generated_at: float
     connected: bool
+    client_address: str | None = None
     verdict: str
     summary: dict[str, int]
     findings: list[FindingOut]
