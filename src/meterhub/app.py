@@ -154,7 +154,7 @@ class Hub:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
         if self.openhub is not None:
             await self.openhub.start()
-            from meterhub.cluster.api import cluster_router
+            from meterhub.cluster.api import cluster_router, ready_router
             from meterhub.openhub.device_api import DeviceAPI
 
             openhub_api = OpenHubAPI(self)
@@ -164,6 +164,7 @@ class Hub:
                 openhub_api.router,
                 devices_api.router,
                 cluster_router(self),
+                ready_router(self),
                 devices_api.fallback,
             ]
         from meterhub.api.server import ApiServer
