@@ -118,6 +118,8 @@ def test_nats_restart_makes_nodes_unready_then_commands_work_again(
         wait_for(lambda: _ready(a.base)[0] == 503 and _ready(b.base)[0] == 503, timeout=10, interval=0.1)
         code, body = _ready(b.base)
         assert body["bus_connected"] is False and body["registered"] is True  # PostgreSQL still fine
+        live = httpx.get(f"{b.base}/live", timeout=2)
+        assert live.status_code == 200 and live.json() == {"alive": True, "node_id": "fb"}
         # Meanwhile the gateway on a still reports through a (no bus needed for that).
         sim.report(m, "5", 2_301_300)
 

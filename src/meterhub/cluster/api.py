@@ -27,7 +27,7 @@ def cluster_router(hub: Any) -> APIRouter:
 
 
 def ready_router(hub: Any) -> APIRouter:
-    """``GET /ready`` (no token): for load balancers and Kubernetes readiness probes."""
+    """``GET /ready`` and ``GET /live`` (no token): for load balancers and Kubernetes probes."""
     router = APIRouter(tags=["cluster"])
 
     @router.get("/ready", responses={503: {"description": "Not ready: do not send gateways here."}})
@@ -43,5 +43,11 @@ def ready_router(hub: Any) -> APIRouter:
         ok = body["registered"] and body["bus_connected"] and body["accepting"] and not body["draining"]
         body = {"ready": ok, **body}
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @router.get("/live")
+    async def live() -> dict[str, Any]:
+        """200 while the process serves HTTP, whatever PostgreSQL and the bus do (a liveness probe:
+        restarting a node does not bring a lost database back)."""
+        return {"alive": True, "node_id": hub.cluster.node_id}
 
     return router
