@@ -123,8 +123,8 @@ class Rig:
         cmd += ["--http-port", str(http), "--bus-url", f"nats://{HOST}:{self.nats_port}", "--node-id", name]
         log = (self.workdir / f"{name}.log").open("wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.nodes[name] = (proc, mqtt, http)  # before waiting: close() stops it whatever happens
         wait_http(f"http://{HOST}:{http}/ready", proc)
-        self.nodes[name] = (proc, mqtt, http)
         return self.nodes[name]
 
     def start_haproxy(self) -> None:
@@ -217,8 +217,8 @@ def load_phase(
         "reports_per_s": res["done"] / args.duration,
         "cpu_us_per_report": res["server_cpu"] / done * 1e6,
         "haproxy_us_per_report": (lb1 - lb0) / done * 1e6 if extra_pids else None,
-        "p50_ms": percentile(lat, 0.50) * 1e3 if lat else None,
-        "p99_ms": percentile(lat, 0.99) * 1e3 if lat else None,
+        "p50_ms": percentile(lat, 50) * 1e3 if lat else None,
+        "p99_ms": percentile(lat, 99) * 1e3 if lat else None,
         "bad": res["bad"],
         "other_cpu_s": res["other_cpu"],
     }
