@@ -25,6 +25,7 @@ PG_SUITES := tests/test_protocol_e2e.py tests/test_api.py tests/test_energy.py t
 test: system-deps $(BIN)/meterhub
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
+	scripts/check-deploy.sh
 	bench/smoke.sh
 	$(BIN)/pytest -q
 	@if $(BIN)/python scripts/pg-available.py; then \

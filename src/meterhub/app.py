@@ -94,6 +94,7 @@ class Hub:
         self.http_routers: list[Any] = []
         self.lock = ServerLock.for_url(settings.resolved_database_url)
         self.cluster: Any = None
+        self.draining = False
 
     async def start(self) -> None:
         """Start everything. First the embedded database's lock (:class:`DataDirInUse` when another
@@ -156,7 +157,7 @@ class Hub:
             self.tls_port = await self.mqtt.listen(settings.mqtt_host, settings.tls_port, ctx)
         if self.openhub is not None:
             await self.openhub.start()
-            from meterhub.cluster.api import cluster_router
+            from meterhub.cluster.api import cluster_router, ready_router
             from meterhub.openhub.device_api import DeviceAPI
 
             openhub_api = OpenHubAPI(self)
@@ -166,6 +167,7 @@ class Hub:
                 openhub_api.router,
                 devices_api.router,
                 cluster_router(self),
+                ready_router(self),
                 devices_api.fallback,
             ]
         from meterhub.api.server import ApiServer
@@ -186,6 +188,7 @@ class Hub:
         (:mod:`meterhub.mqtt.drain`, docs/cluster.md)."""
         from meterhub.mqtt.drain import drain
 
+        self.draining = True  # GET /ready answers 503 from now on: the balancer sends nobody new
         if self.mqtt is not None:
             await drain(self.mqtt, self.settings.drain_timeout)
         if self.cluster is not None:

@@ -45,6 +45,7 @@ class Bus(Protocol):
 
     #: ``"local"`` or ``"nats"``: whether other nodes can exist at all.
     kind: str
+    connected: bool
 
     async def publish(self, subject: str, data: bytes) -> None: ...
 
@@ -79,6 +80,7 @@ class LocalBus:
     """A bus with one node on it (the embedded default)."""
 
     kind = "local"
+    connected = True  # in process: always
 
     def __init__(self) -> None:
         self.subs: dict[str, list[_LocalSubscription]] = {}
@@ -194,6 +196,11 @@ class NatsBus:
         except (NatsTimeout, TimeoutError):
             raise BusTimeout(subject) from None
         return msg.data  # type: ignore[no-any-return]
+
+    @property
+    def connected(self) -> bool:
+        """Whether the NATS connection is up now (False while nats-py reconnects)."""
+        return bool(self.nc.is_connected)
 
     async def close(self) -> None:
         for task in list(self.tasks):

@@ -81,6 +81,7 @@ class ClusterNode:
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self.beat_ok_at: float | None = None  # last heartbeat stored (None: not registered yet)
 
     @property
     def solo(self) -> bool:
@@ -177,6 +178,14 @@ class ClusterNode:
         if self.bus is not None:
             await self.bus.close()
 
+    def readiness(self) -> dict[str, Any]:
+        """For ``GET /ready``: registered (a heartbeat stored within ``node_timeout``, so the other
+        nodes see this one alive) and the bus connected."""
+        age = None if self.beat_ok_at is None else time.time() - self.beat_ok_at
+        registered = age is not None and age < self.settings.node_timeout
+        bus = self.bus is not None and bool(self.bus.connected)
+        return {"node_id": self.node_id, "registered": registered, "heartbeat_age": age, "bus_connected": bus}
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -209,6 +218,7 @@ class ClusterNode:
             time.time(),
             {"links": self.links(), "mqtt_port": hub.mqtt_port, "http_port": hub.http_port},
         )
+        self.beat_ok_at = time.time()
         if self.solo:
             return
         if state == "lost":
