@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     tls_port: int | None = Field(None, description="Second listener with TLS; None = no TLS listener.")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Alarm notifications (meterhub.core.notify): retry backoff base, attempts before a dead letter.
+    notify_backoff: float = Field(5.0, gt=0, description="Seconds before a notification's first retry.")
+    notify_max_attempts: int = Field(6, ge=1, description="Attempts before a notification is dead.")
+    notify_poll: float = Field(1.0, gt=0, description="Seconds between two looks at the outbox.")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     http_docs_public: bool = Field(
