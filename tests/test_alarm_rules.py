@@ -152,3 +152,33 @@ def test_rule_mistakes_are_4xx(api: Api) -> None:
     assert r.status_code == 200 and r.json()["raise_after"] == 7
     assert api.admin.delete(f"/api/v1/alarm-rules/{created['id']}").status_code == 204
     assert api.admin.get(f"/api/v1/alarm-rules/{created['id']}").status_code == 404
+
+
+def test_the_cli_manages_rules_targets_and_the_log(api: Api) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "meterhub", *args, "--url", api.base, "--token", api.admin_token]
+        return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+    rule_id = cli(
+        "alarm-rule", "add", "above", "hot", "--code", "temp_current", "--value", "70"
+    ).stdout.strip()
+    assert rule_id.isdigit()
+    r = cli("alarm-rule", "add", "above", "x", "--value", "1", check=False)
+    assert r.returncode != 0 and "HTTP 422" in r.stderr and "code" in r.stderr
+    listed = cli("alarm-rule", "list").stdout
+    assert "hot" in listed and "temp_current" in listed
+    target_id = cli(
+        "notify", "add-webhook", "ops", "http://127.0.0.1:9/h", "--secret", "zq-secret"
+    ).stdout.strip()
+    assert "ops" in cli("notify", "targets").stdout
+    shown = cli("notify", "targets", "--json").stdout
+    assert '"secret": "***"' in shown and "zq-secret" not in shown
+    assert cli("notify", "log", "--dead").stdout.startswith("id")
+    cli("notify", "delete-target", target_id)
+    cli("alarm-rule", "delete", rule_id)
+    assert api.read.get("/api/v1/alarm-rules").json()["items"] == []
+    r = cli("alarm-rule", "delete", rule_id, check=False)
+    assert r.returncode != 0 and f"rule {rule_id} not found" in r.stderr
