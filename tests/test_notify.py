@@ -203,3 +203,53 @@ def test_email_over_starttls(api: Api, tmp_path: Path) -> None:
         wait_for(lambda: [r["status"] for r in log(api)] == ["sent"])
     finally:
         smtp.stop()
+
+
+def test_a_pending_notification_survives_a_restart(tmp_path: Path, clients: Any) -> None:
+    from conftest import make_settings
+
+    port = free_port()  # nothing listens there yet: the first attempt fails
+    settings = dict(notify_backoff=0.3, notify_poll=0.1, notify_max_attempts=20)
+    first = RunningHub(make_settings(tmp_path / "data", **settings)).start()
+    try:
+        api = Api(first, clients)
+        assert api.admin.post("/api/v1/alarm-rules", json=IMMEDIATE).status_code == 201
+        target(api, name="later", kind="webhook", config={"url": f"http://127.0.0.1:{port}/x", "secret": "k"})
+        gw = api.gateway()
+        gw.sync("p1")
+        gw.report("p1", "19", ["outage_alarm"], t=int(time.time()) - 5)
+        wait_for(lambda: (log(api) or [{}])[0].get("attempts", 0) >= 1, timeout=10)
+        gw.client.close()
+        api.close()
+    finally:
+        first.stop()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_a: Any) -> None:
+            pass
+
+    got: list[dict[str, Any]] = []
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    second = RunningHub(make_settings(tmp_path / "data", **settings)).start()
+    try:
+        wait_for(lambda: len(got) == 1, timeout=10)
+        assert got[0]["alarm"]["label"] == "outage_alarm" and got[0]["delivery"]["attempt"] >= 2
+        from sqlalchemy import select
+
+        from meterhub.storage import schema
+
+        def statuses() -> list[str]:
+            with second.engine.connect() as conn:
+                return list(conn.execute(select(schema.notify_outbox.c.status)).scalars())
+
+        wait_for(lambda: statuses() == ["sent"])
+    finally:
+        second.stop()
+        server.shutdown()
+        server.server_close()
