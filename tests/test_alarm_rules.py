@@ -97,8 +97,9 @@ def test_min_duration_finished_by_a_timer(api: Api) -> None:
     wait_for(lambda: alarms(api, active=True) == [], timeout=5)
 
 
-def test_default_debouncing_ignores_a_blip(api: Api) -> None:
-    """Without any rule: a fault that lasts 3 s (report time) is not an alarm."""
+def test_default_debouncing_ignores_a_blip(hub_factory: Callable[..., RunningHub], clients: Any) -> None:
+    """Without any rule (the settings' defaults, 10 s / 30 s): a fault lasting 3 s is not an alarm."""
+    api = Api(hub_factory("protocol", alarm_raise_after=10.0, alarm_clear_after=30.0), clients)
     gw = api.gateway()
     gw.sync("b1")
     t0 = int(time.time()) - 100
@@ -108,6 +109,7 @@ def test_default_debouncing_ignores_a_blip(api: Api) -> None:
     gw.report("b1", "19", ["magnetism_alarm"], t=t0 + 20)  # held 16 s >= 10 s default
     wait_for(lambda: len(alarms(api)) == 1)
     assert [a["label"] for a in alarms(api)] == ["magnetism_alarm"]
+    api.close()
 
 
 def test_operator_rules_above_rate_and_scope(api: Api) -> None:

@@ -71,6 +71,8 @@ class ApiServer:
                     elif dp.code in WATCHED_CODES:
                         watched[dp.id_str] = dp.code
             monitor.models = list(handler.models)
+            monitor.raise_after = hub.settings.alarm_raise_after
+            monitor.clear_after = hub.settings.alarm_clear_after
             await asyncio.to_thread(monitor.load, watched)
             handler.listeners.append(monitor)
             hub.alarms = monitor

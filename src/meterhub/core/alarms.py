@@ -29,8 +29,8 @@ Three kinds:
 Flapping: every alarm has a hysteresis (thresholds: the value must come back past ``limit -+
 hysteresis``; default 2 % of the limit) and minimum durations: the condition must hold for
 ``raise_after`` seconds before the alarm is raised and be gone for ``clear_after`` seconds before it is
-cleared (defaults :data:`DEFAULT_RAISE_AFTER` / :data:`DEFAULT_CLEAR_AFTER`; a ``tune`` rule changes
-them per label, model or site). Durations are measured in report time ``t``; when no further report
+cleared (defaults: settings ``alarm_raise_after`` / ``alarm_clear_after``, 10 s / 30 s; a ``tune`` rule
+changes them per label, model or site). Durations are measured in report time ``t``; when no further report
 comes, a timer in the event loop finishes the wait. An open alarm whose condition comes back while it
 waits to clear is not raised again: its ``count`` goes up.
 
@@ -187,6 +187,8 @@ class AlarmMonitor:
         self.watched: dict[str, str] = {}
         self.models: list[Any] = []
         self.rules = RuleSet()
+        self.raise_after = DEFAULT_RAISE_AFTER  # settings.alarm_raise_after / alarm_clear_after
+        self.clear_after = DEFAULT_CLEAR_AFTER
         # notifications: (event, alarm, site_id) -> writer ops for the outbox (meterhub.core.notify)
         self.notify: Callable[[str, Alarm, int | None], list[Any]] | None = None
         self.raised = 0
@@ -454,8 +456,8 @@ class AlarmMonitor:
     ) -> None:
         alarm = dev.active.get(key)
         tune = self._tuning(dev, cid, key)
-        raise_after = DEFAULT_RAISE_AFTER if tune.raise_after is None else tune.raise_after
-        clear_after = DEFAULT_CLEAR_AFTER if tune.clear_after is None else tune.clear_after
+        raise_after = self.raise_after if tune.raise_after is None else tune.raise_after
+        clear_after = self.clear_after if tune.clear_after is None else tune.clear_after
         if cond.asserted:
             if alarm is None:
                 if cond.on_since is None:
