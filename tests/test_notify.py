@@ -253,3 +253,21 @@ def test_a_pending_notification_survives_a_restart(tmp_path: Path, clients: Any)
         second.stop()
         server.shutdown()
         server.server_close()
+
+
+def test_escalation_is_notified_once(api: Api, hooks: Hooks) -> None:
+    target(
+        api, name="esc", kind="webhook", events=["escalate"], config={"url": f"{hooks.url}/ok", "secret": "e"}
+    )
+    gw = api.gateway()
+    gw.sync("x1")
+    t0 = int(time.time()) - 30
+    gw.report("x1", "20", "general", t=t0)
+    gw.report("x1", "19", ["ov_cr"], t=t0 + 1)
+    wait_for(lambda: api.read.get("/api/v1/alarms", params={"active": True}).json()["total"] == 1)
+    gw.report("x1", "20", "serious", t=t0 + 2)  # up: escalated
+    gw.report("x1", "20", "general", t=t0 + 3)  # down: no notification
+    wait_for(lambda: len(hooks.posts("/ok")) == 1)
+    time.sleep(0.5)
+    ((_, _, body, _),) = hooks.posts("/ok")
+    assert (body["event"], body["alarm"]["label"], body["alarm"]["level"]) == ("escalate", "ov_cr", "serious")
