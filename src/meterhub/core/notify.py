@@ -208,7 +208,8 @@ class Notifier:
                 )
             )
         if ops:
-            asyncio.get_running_loop().call_later(0.05, self.wake.set)  # after the commit, usually
+            with contextlib.suppress(RuntimeError):  # no loop: the poll finds them
+                asyncio.get_running_loop().call_later(0.05, self.wake.set)  # after the commit, usually
         return ops
 
     async def start(self) -> None:
