@@ -271,3 +271,58 @@ def test_escalation_is_notified_once(api: Api, hooks: Hooks) -> None:
     time.sleep(0.5)
     ((_, _, body, _),) = hooks.posts("/ok")
     assert (body["event"], body["alarm"]["label"], body["alarm"]["level"]) == ("escalate", "ov_cr", "serious")
+
+
+def test_two_nodes_never_send_one_notification_twice(shared_postgres: str, hooks: Hooks) -> None:
+    """Two notifiers (two cluster nodes) on one PostgreSQL outbox: every row is sent exactly once."""
+    import asyncio
+
+    from sqlalchemy import insert, select
+
+    from meterhub.core.notify import Notifier, create_target
+    from meterhub.storage import schema
+    from meterhub.storage.database import create_db_engine, migrate
+
+    engine = create_db_engine(shared_postgres)
+    migrate(engine)
+    t = create_target(
+        engine, {"name": "both", "kind": "webhook", "config": {"url": f"{hooks.url}/ok", "secret": "s"}}
+    )
+    now = time.time()
+    rows = [
+        {
+            "target_id": t["id"],
+            "alarm_id": i,
+            "event": "raise",
+            "payload": {"event": "raise", "alarm": {"id": i}},
+            "status": "pending",
+            "attempts": 0,
+            "next_at": now,
+            "created_at": now,
+        }
+        for i in range(1, 61)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(schema.notify_outbox), rows)
+
+    async def main() -> None:
+        a, b = Notifier(engine, "a", poll=0.05), Notifier(engine, "b", poll=0.05)
+        await a.start()
+        await b.start()
+        try:
+            await asyncio.gather(*(n.run_once() for n in (a, b) for _ in range(4)))
+            while a.sent + b.sent < 60:
+                await asyncio.sleep(0.05)
+        finally:
+            await a.stop()
+            await b.stop()
+        assert a.sent > 0 and b.sent > 0, (a.sent, b.sent)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    sent_ids = sorted(body["alarm"]["id"] for _, _, body, _ in hooks.posts("/ok"))
+    assert sent_ids == list(range(1, 61))
+    with engine.connect() as conn:
+        claimed = set(conn.execute(select(schema.notify_outbox.c.claimed_by)).scalars())
+        statuses = set(conn.execute(select(schema.notify_outbox.c.status)).scalars())
+    assert claimed == {"a", "b"} and statuses == {"sent"}
+    engine.dispose()
