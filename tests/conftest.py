@@ -135,6 +135,9 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "mqtt_port": 0,
         "http_port": 0,
         "sqlite_synchronous": "NORMAL",
+        # alarms raised and cleared at once unless a test asks for debouncing (core/alarms.py)
+        "alarm_raise_after": 0.0,
+        "alarm_clear_after": 0.0,
     }
     base.update(overrides)
     return load_settings(None, **base)

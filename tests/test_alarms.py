@@ -12,10 +12,14 @@ import pytest
 from conftest import RunningHub, make_settings, wait_for
 from test_api import Api
 
+IMMEDIATE = {"kind": "tune", "label": "*", "hysteresis": 0, "raise_after": 0, "clear_after": 0}
+
 
 @pytest.fixture
 def api(hub_factory: Callable[..., RunningHub], clients: Any) -> Any:
+    """A hub whose alarms are raised and cleared at once (no debouncing), as before rules existed."""
     a = Api(hub_factory("protocol"), clients)
+    assert a.admin.post("/api/v1/alarm-rules", json=IMMEDIATE).status_code == 201
     yield a
     a.close()
 
@@ -31,10 +35,10 @@ def test_fault_bitmap_raises_two_alarms_then_clears_one(api: Api) -> None:
     gw.sync("a1")
     t0 = int(time.time()) - 60
     gw.report("a1", "20", "serious", t=t0)
-    gw.report("a1", "19", 9, t=t0 + 1)  # bits 0 and 3: short_circuit_alarm, ov_vol
+    gw.report("a1", "19", 5, t=t0 + 1)  # bits 0 and 2: short_circuit_alarm, overload_alarm
     wait_for(lambda: len(alarms(api, active=True)) == 2)
     raised = {a["label"]: a for a in alarms(api, active=True)}
-    assert sorted(raised) == ["ov_vol", "short_circuit_alarm"]
+    assert sorted(raised) == ["overload_alarm", "short_circuit_alarm"]
     for a in raised.values():
         assert (a["cid"], a["kind"], a["level"], a["active"], a["raised_at"]) == (
             "a1",
@@ -45,24 +49,24 @@ def test_fault_bitmap_raises_two_alarms_then_clears_one(api: Api) -> None:
         )
         assert a["cleared_at"] is None and a["acknowledged_at"] is None
 
-    gw.report("a1", "19", ["ov_vol"], t=t0 + 2)  # short circuit gone
+    gw.report("a1", "19", ["overload_alarm"], t=t0 + 2)  # short circuit gone
     wait_for(lambda: len(alarms(api, active=True)) == 1)
     (still,) = alarms(api, active=True)
     (past,) = alarms(api, active=False)
-    assert (still["label"], still["id"]) == ("ov_vol", raised["ov_vol"]["id"])
+    assert (still["label"], still["id"]) == ("overload_alarm", raised["overload_alarm"]["id"])
     assert (past["label"], past["cleared_at"], past["active"]) == ("short_circuit_alarm", t0 + 2, False)
 
     # A buffered, older report changes nothing; a new level is carried by the active alarm.
     gw.report("a1", "19", 0, t=t0)
     gw.report("a1", "20", "urgent", t=t0 + 3)
     wait_for(lambda: alarms(api, active=True)[0]["level"] == "urgent")
-    assert [a["label"] for a in alarms(api, level="urgent")] == ["ov_vol"]
+    assert [a["label"] for a in alarms(api, level="urgent")] == ["overload_alarm"]
     assert [a["label"] for a in alarms(api, level="serious")] == ["short_circuit_alarm"]
     assert len(alarms(api, cid="a1")) == 2 and alarms(api, cid="zz") == []
 
     # The device detail lists its active alarms; acknowledging needs admin, keeps the first ack.
     detail = api.read.get("/api/v1/devices/a1").json()
-    assert [a["label"] for a in detail["alarms"]] == ["ov_vol"]
+    assert [a["label"] for a in detail["alarms"]] == ["overload_alarm"]
     ack_path = f"/api/v1/alarms/{still['id']}/ack"
     assert api.read.post(ack_path).status_code == 403
     acked = api.admin.post(ack_path, json={"by": "operator-7"}).json()
@@ -123,6 +127,7 @@ def test_active_alarms_survive_a_restart(tmp_path: Path, clients: Any) -> None:
     first = RunningHub(settings).start()
     try:
         api = Api(first, clients)
+        assert api.admin.post("/api/v1/alarm-rules", json=IMMEDIATE).status_code == 201
         gw = api.gateway()
         gw.sync("r1")
         gw.report("r1", "19", "fire_alarm")

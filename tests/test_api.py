@@ -267,7 +267,7 @@ def test_device_list_detail_and_presence(api: Api) -> None:
     }
     assert values["phase_a"]["scaled"] is None
     assert values["fault"]["raw"] == ["short_circuit_alarm", "ov_vol"]
-    assert sorted(a["label"] for a in detail["alarms"]) == ["ov_vol", "short_circuit_alarm"]
+    assert sorted(a["label"] for a in detail["alarms"]) == ["overvoltage", "short_circuit_alarm"]
     assert volt["t_iso"].endswith("+01:00")  # Europe/Berlin in November
 
     gw.status([("k1", False)])

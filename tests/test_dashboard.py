@@ -410,6 +410,9 @@ def test_phone_layout_has_no_sideways_scroll(dash: Dashboard) -> None:
 def test_meter_fault_appears_on_the_alarms_page(dash: Dashboard) -> None:
     gw, page = dash.gw, dash.page
     now = time.time()
+    immediate = {"kind": "tune", "label": "*", "raise_after": 0, "clear_after": 0}  # no debouncing here
+    headers = {"Authorization": f"Bearer {dash.admin_token}"}
+    assert httpx.post(dash.base + "/api/v1/alarm-rules", json=immediate, headers=headers).status_code == 201
     gw.sync("m7", device_name="Workshop")
     gw.report("m7", [(20, "serious", now), (19, 0, now)])
     dash.sign_in(dash.admin_token)
@@ -417,7 +420,7 @@ def test_meter_fault_appears_on_the_alarms_page(dash: Dashboard) -> None:
     dash.go("/alarms")
     expect(page.locator("#alarms-empty")).to_have_text("No active alarms.")
 
-    # The meter reports its fault bitmap: bit 2 = overload_alarm, bit 3 = ov_vol.
+    # The meter reports its fault bitmap: bit 2 = overload_alarm, bit 3 = ov_vol (the overvoltage alarm).
     gw.report("m7", [(19, 0b1100, time.time())])
     rows = page.locator("table.alarm-table tbody tr")
     expect(rows).to_have_count(2)  # live, no reload

@@ -88,6 +88,7 @@ class Hub:
         self.tls_port: int | None = None
         self.api: Any = None
         self.alarms: Any = None
+        self.notifier: Any = None
         self.http_port: int | None = None
         self.openhub: Any = None
         self.homeassistant: Any = None

@@ -641,6 +641,10 @@ def _register_ops() -> None:
 
     for command in PM_COMMANDS:
         main.add_command(command)
+    from meterhub.cli_alarms import ALARM_COMMANDS
+
+    for command in ALARM_COMMANDS:
+        main.add_command(command)
 
 
 _register_ops()

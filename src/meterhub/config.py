@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     tls_port: int | None = Field(None, description="Second listener with TLS; None = no TLS listener.")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Alarms (meterhub.core.alarms): how long a condition must hold / be gone before an alarm is raised
+    # / cleared, unless a "tune" rule says otherwise.
+    alarm_raise_after: float = Field(10.0, ge=0, description="Default seconds before an alarm is raised.")
+    alarm_clear_after: float = Field(30.0, ge=0, description="Default seconds before an alarm is cleared.")
+    # Alarm notifications (meterhub.core.notify): retry backoff base, attempts before a dead letter.
+    notify_backoff: float = Field(5.0, gt=0, description="Seconds before a notification's first retry.")
+    notify_max_attempts: int = Field(6, ge=1, description="Attempts before a notification is dead.")
+    notify_poll: float = Field(1.0, gt=0, description="Seconds between two looks at the outbox.")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     http_docs_public: bool = Field(

@@ -24,6 +24,7 @@ from meterhub import __version__
 from meterhub.api.errors import install_error_handlers
 from meterhub.api.responses import AUTHED
 from meterhub.api.routers import (
+    alarm_config,
     alarms,
     billing,
     commands,
@@ -77,7 +78,8 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(system.health_router)
     app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
-    for module in (registry, devices, commands, energy, alarms, users, conformance, sites, billing, prepaid):
+    routers = (registry, devices, commands, energy, alarms, alarm_config, users, conformance, sites, billing)
+    for module in (*routers, prepaid):
         api.include_router(module.router)
     app.include_router(api)
     for extra in extra_routers or []:

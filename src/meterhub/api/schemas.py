@@ -205,6 +205,9 @@ class AlarmOut(_Model):
     acknowledged_at: float | None
     acknowledged_by: str | None
     details: dict[str, Any] | None
+    count: int = 1
+    sources: list[str] | None = None
+    last_raised_at: float | None = None
 
 
 class DeviceDetail(_Model):

@@ -54,6 +54,7 @@ class ApiServer:
         self.server: _Server | None = None
         self.task: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self.sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Start the alarm monitor and the HTTP server; returns the bound port."""
@@ -69,9 +70,13 @@ class ApiServer:
                         watched[dp.id_str] = FAULT
                     elif dp.code in WATCHED_CODES:
                         watched[dp.id_str] = dp.code
+            monitor.models = list(handler.models)
+            monitor.raise_after = hub.settings.alarm_raise_after
+            monitor.clear_after = hub.settings.alarm_clear_after
             await asyncio.to_thread(monitor.load, watched)
             handler.listeners.append(monitor)
             hub.alarms = monitor
+            await self._start_notifier(monitor)
             from meterhub.core.prepaid import PrepaidService
 
             hub.prepaid = PrepaidService(hub)
@@ -104,7 +109,37 @@ class ApiServer:
         log.info("http listening", host=settings.http_host, port=self.port)
         return self.port
 
+    async def _start_notifier(self, monitor: AlarmMonitor) -> None:
+        """The notification outbox (meterhub.core.notify) and the alarm monitor's periodic work."""
+        from meterhub.core.notify import Notifier
+
+        s = self.hub.settings
+        node = getattr(getattr(self.hub, "cluster", None), "node_id", None) or s.node_id or "local"
+        self.hub.notifier = Notifier(
+            self.hub.engine, str(node), s.notify_backoff, s.notify_max_attempts, s.notify_poll
+        )
+        await self.hub.notifier.start()
+        monitor.notify = self.hub.notifier.outbox_ops
+        self.sweeper = asyncio.get_running_loop().create_task(self._sweep(monitor), name="meterhub-alarms")
+
+    async def _sweep(self, monitor: AlarmMonitor) -> None:
+        """Every few seconds: no-data rules; every 10 s: rules and targets changed on other nodes."""
+        n = 0
+        while True:
+            await asyncio.sleep(2.0)
+            n += 1
+            try:
+                if n % 5 == 0:
+                    await asyncio.to_thread(monitor.reload_rules)
+                monitor.sweep_no_data()
+            except Exception:
+                log.exception("alarm sweep failed")
+
     async def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        if getattr(self.hub, "notifier", None) is not None:
+            await self.hub.notifier.stop()
         if self.app is not None:
             await self.app.state.jobs.cancel_all()
         if self.server is not None and self.task is not None:

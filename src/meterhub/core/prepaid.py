@@ -513,16 +513,11 @@ class PrepaidService:
         # the alarm monitor's state lives in the event loop: raised / cleared here, written by its writer
         from meterhub.core.alarms import THRESHOLD, THRESHOLD_LEVEL
 
-        dev = monitor._device(row["cid"])
-        ops: list[Any] = []
-        active = dev.active.get((THRESHOLD, LOW_LABEL))
-        if low and active is None:
+        if low:
             details = {"balance": str(balance), "low_threshold": str(threshold), "mode": row["mode"]}
-            monitor._raise(dev, row["cid"], THRESHOLD, LOW_LABEL, THRESHOLD_LEVEL, now, details, ops)
-        elif not low and active is not None:
-            monitor._clear(dev, active, now, ops)
-        if ops:
-            monitor.writer.submit(ops)
+            monitor.raise_now(row["cid"], THRESHOLD, LOW_LABEL, THRESHOLD_LEVEL, now, details)
+        else:
+            monitor.clear_now(row["cid"], THRESHOLD, LOW_LABEL, now)
 
     def _store_low(self, row: dict[str, Any], low: bool, balance: Decimal, threshold: Decimal) -> bool:
         with self.engine.begin() as conn:

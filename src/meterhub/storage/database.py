@@ -279,6 +279,10 @@ def _apply_alarm_update(conn: Connection, rows: list[dict[str, Any]]) -> None:
         conn.execute(update(schema.alarms).where(schema.alarms.c.id == row["id"]).values(**values))
 
 
+def _apply_notify(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    conn.execute(insert(schema.notify_outbox), rows)
+
+
 def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         conn.execute(
@@ -302,6 +306,7 @@ APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "alarm_raise": _apply_alarm_raise,
     "alarm_clear": _apply_alarm_update,
     "alarm_update": _apply_alarm_update,
+    "notify": _apply_notify,
     "token_used": _apply_token_used,
 }
 

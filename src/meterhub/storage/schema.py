@@ -260,6 +260,11 @@ alarms = Table(
     Column("acknowledged_at", Float),
     Column("acknowledged_by", String(128)),
     Column("details", JSONText),
+    # migration 0012: how often the condition came back while the alarm was open, who asserted it
+    # ("meter": its fault bitmap, "meterhub": a threshold rule), the level's history
+    Column("count", Integer, nullable=False, default=1, server_default="1"),
+    Column("sources", JSONText),
+    Column("last_raised_at", Float),
     Index("ix_alarms_cid_raised_at", "cid", "raised_at"),
     Index("ix_alarms_cleared_at", "cleared_at"),
 )
@@ -416,4 +421,62 @@ api_token_sites = Table(
     metadata,
     Column("token_id", Integer, ForeignKey("api_tokens.id"), primary_key=True),
     Column("site_id", Integer, ForeignKey("sites.id"), primary_key=True),
+)
+
+
+# --- alarm rules and notifications (migration 0012) -------------------------------------------------
+
+alarm_rules = Table(
+    "alarm_rules",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    # scope: a product id (model) or a site; both None = every meter
+    Column("product_id", String(64)),
+    Column("site_id", Integer),
+    # kind: above / below / rate (per minute, absolute) / no_data (minutes) / tune (hysteresis and
+    # durations for a built-in alarm named by ``label``)
+    Column("kind", String(16), nullable=False),
+    Column("code", String(64)),
+    Column("value", Float),
+    Column("label", String(64), nullable=False),
+    Column("level", String(16), nullable=False, default="general"),
+    Column("hysteresis", Float, nullable=False, default=0.0),
+    Column("raise_after", Float, nullable=False, default=0.0),
+    Column("clear_after", Float, nullable=False, default=0.0),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+notify_targets = Table(
+    "notify_targets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # webhook / email
+    Column("site_id", Integer),  # None: every site
+    Column("levels", JSONText, nullable=False),  # e.g. ["serious", "urgent"]
+    Column("events", JSONText, nullable=False),  # raise / escalate / clear
+    # webhook: url, secret; email: host, port, starttls, username, password, sender, to
+    Column("config", JSONText, nullable=False),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", Float, nullable=False),
+)
+
+notify_outbox = Table(
+    "notify_outbox",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("target_id", Integer, nullable=False),
+    Column("alarm_id", _BigId),
+    Column("event", String(16), nullable=False),
+    Column("payload", JSONText, nullable=False),
+    Column("status", String(16), nullable=False),  # pending / sent / dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_at", Float, nullable=False),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("done_at", Float),
+    Column("claimed_by", String(128)),
+    Index("ix_notify_outbox_status_next", "status", "next_at"),
 )

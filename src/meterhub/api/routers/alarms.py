@@ -33,6 +33,9 @@ def alarm_out(row: dict[str, Any], tz: Any) -> dict[str, Any]:
         "acknowledged_at": row["acknowledged_at"],
         "acknowledged_by": row["acknowledged_by"],
         "details": row["details"],
+        "count": row.get("count") or 1,
+        "sources": row.get("sources"),
+        "last_raised_at": row.get("last_raised_at"),
     }
 
 
@@ -42,7 +45,7 @@ async def list_alarms(
     paging: PagingDep,
     cid: Annotated[str | None, Query(max_length=128)] = None,
     level: Annotated[Literal["general", "serious", "urgent"] | None, Query()] = None,
-    kind: Annotated[Literal["fault", "threshold"] | None, Query()] = None,
+    kind: Annotated[Literal["fault", "threshold", "rule"] | None, Query()] = None,
     active: Annotated[bool | None, Query(description="true: not cleared yet; false: cleared.")] = None,
 ) -> dict[str, Any]:
     """Alarms, newest first. See meterhub.core.alarms for what raises and clears them."""

@@ -3,6 +3,7 @@
 import { ApiError, session, signIn, signOut, storedToken } from "./js/api.js";
 import { badge, fill, h } from "./js/dom.js";
 import { initShell, refreshAlarmBadge, stopShell } from "./js/shell.js";
+import { alarmRulesView } from "./js/views/alarm_rules.js";
 import { alarmsView } from "./js/views/alarms.js";
 import { deviceView } from "./js/views/device.js";
 import { devicesView } from "./js/views/devices.js";
@@ -21,6 +22,7 @@ const ROUTES = [
   [/^\/devices\/?$/, "devices", devicesView],
   [/^\/devices\/(.+)$/, "devices", deviceView],
   [/^\/alarms\/?$/, "alarms", alarmsView],
+  [/^\/alarm-rules\/?$/, "alarms", alarmRulesView],
   [/^\/sites\/?$/, "sites", sitesView],
   [/^\/sites\/(\d+)$/, "sites", siteView],
   [/^\/units\/(\d+)$/, "sites", unitView],

@@ -47,7 +47,7 @@ export function alarmRow(a, { showDevice = true, onAck }) {
     "tr",
     { "data-alarm": a.id, class: a.active ? "alarm-active" : "alarm-past" },
     h("td", null, levelBadge(a.level)),
-    h("td", null, h("strong", null, alarmName(a)), h("span", { class: "sub" }, detail || `${a.kind} · ${a.label}`)),
+    h("td", null, h("strong", null, alarmName(a)), a.count > 1 ? h("span", { class: "badge warn", title: "Times the condition came back while open" }, ` ×${a.count}`) : null, h("span", { class: "sub" }, detail || `${a.kind} · ${a.label}`)),
     showDevice ? h("td", null, h("a", { href: `#/devices/${encodeURIComponent(a.cid)}` }, a.cid)) : null,
     h("td", null, a.active ? h("span", { class: "badge bad" }, "Active") : h("span", { class: "badge off" }, "Cleared")),
     h("td", { class: "time", title: fullTime(a.raised_at) }, time(a.raised_at)),
@@ -89,6 +89,7 @@ export async function alarmsView(main, { query, signal }) {
       "div",
       { class: "page-head" },
       h("div", null, h("h1", null, "Alarms"), h("div", { class: "sub" }, isAdmin() ? "Acknowledge an alarm to record that someone is on it." : "Read-only token: acknowledging needs an admin token.")),
+      h("a", { href: "#/alarm-rules", id: "alarm-rules-link" }, "Rules and notifications"),
     ),
     err,
     h(
