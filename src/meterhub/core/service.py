@@ -31,11 +31,12 @@ from functools import partial
 from typing import Any
 
 import msgspec
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from meterhub.cluster.store import reset_at_start
 from meterhub.config import Settings
 from meterhub.core.dedupe import AnswerCache
+from meterhub.core.device_cache import DeviceCache, read_owner
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.datapoint import DataPoint, ProductModel
 from meterhub.model.errors import ValueRejected
@@ -50,7 +51,7 @@ from meterhub.protocol.messages import (
     encode_response,
 )
 from meterhub.protocol.topics import Kind, commands_topic, parse_topic, response_topic
-from meterhub.storage import registry, schema
+from meterhub.storage import registry
 from meterhub.storage.database import GroupCommitWriter
 from meterhub.storage.schema import report_digest
 from meterhub.transport import Principal, Southbound
@@ -170,8 +171,11 @@ class ProtocolService:
             if self.default_model is None:
                 raise ValueError(f"default_model {settings.default_model!r} is not a known model")
         self.products: dict[str, str] = {}
-        self.devices: dict[str, DeviceState] = {}
-        self.by_gateway: dict[str, set[str]] = {}
+        #: Devices in memory, bounded and loaded on demand (meterhub.core.device_cache); ``devices`` and
+        #: ``by_gateway`` are its mappings (the hot path's dict lookup).
+        self.cache = DeviceCache(engine, settings.device_cache_max, self._device_from_row)
+        self.devices: dict[str, DeviceState] = self.cache.devices
+        self.by_gateway: dict[str, set[str]] = self.cache.by_gateway
         self.southbound: Southbound | None = None
         self.stats: Counter[str] = Counter()
         self.gateway_records: dict[str, GatewayRecord] = {}
@@ -212,45 +216,38 @@ class ProtocolService:
                 pending.future.cancel()
 
     def _load(self) -> None:
-        """Read products and devices; devices left online by a previous run are set offline."""
+        """Read products; devices left online by a previous run are set offline. Devices are not
+        loaded here: a gateway's devices are loaded when it connects (meterhub.core.device_cache)."""
         self.products = registry.list_products(self.engine)
         now = self.clock()
-        d = schema.devices
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(
-                    d.c.cid,
-                    d.c.gateway_id,
-                    d.c.product_id,
-                    d.c.model,
-                    d.c.online,
-                    d.c.last_seen,
-                    d.c.device_name,
-                    d.c.vendor_id,
-                )
-            ).all()
             # One node: every device; in a cluster only this node's gateways (meterhub.cluster).
             reset_at_start(conn, now, self.presence_scope, self.settings.node_timeout)
-        for r in rows:
-            model = self.models.get(r.model) or self.default_model
-            if model is None:
-                _repeats.warning(
-                    "load_unknown_model",
-                    "device model unknown, device ignored until it syncs",
-                    cid=r.cid,
-                    model=r.model,
-                )
-                continue
-            self._remember(
-                DeviceState(
-                    r.cid, r.gateway_id, r.product_id, model, False, r.last_seen, r.device_name, r.vendor_id
-                )
+        log.info("products loaded", products=len(self.products))
+
+    def _device_from_row(self, r: Any) -> DeviceState | None:
+        """A stored device as the cache keeps it (offline: presence starts from what this node hears;
+        None when its model is unknown)."""
+        model = self.models.get(r.model) or self.default_model
+        if model is None:
+            _repeats.warning(
+                "load_unknown_model",
+                "device model unknown, device ignored until it syncs",
+                cid=r.cid,
+                model=r.model,
             )
-        log.info("devices loaded", devices=len(self.devices), products=len(self.products))
+            return None
+        return DeviceState(
+            r.cid, r.gateway_id, r.product_id, model, False, r.last_seen, r.device_name, r.vendor_id
+        )
+
+    async def find_device(self, cid: str) -> DeviceState | None:
+        """A device from memory, else from the database (then cached)."""
+        dev = self.devices.get(cid)
+        return dev if dev is not None else await self.cache.fetch(cid)
 
     def _remember(self, dev: DeviceState) -> None:
-        self.devices[dev.cid] = dev
-        self.by_gateway.setdefault(dev.gateway_id, set()).add(dev.cid)
+        self.cache.put(dev)
 
     # --- ApplicationHandler ----------------------------------------------------------------------
 
@@ -260,6 +257,7 @@ class ProtocolService:
             return
         now = self.clock()
         self.stats["gateway.connected"] += 1
+        self.cache.load_gateway(principal.client_id)  # its devices, for the hot path
         self.writer.submit(
             [
                 (
@@ -297,8 +295,7 @@ class ProtocolService:
                 },
             )
         ]
-        for cid in self.by_gateway.get(gw, ()):
-            dev = self.devices[cid]
+        for dev in self.cache.of_gateway(gw):  # every online device is in memory
             if dev.online:
                 self._set_presence(dev, False, "gateway-disconnect", now, ops)
         self.writer.submit(ops)
@@ -414,6 +411,24 @@ class ProtocolService:
                 cid=req.cid,
             )
         dev = self.devices.get(req.cid)
+        if dev is None:  # not in memory: ask the database (the gateway's reports wait for nothing else)
+            return asyncio.ensure_future(self._report_miss(gw, req, key, content, now))
+        return self._accept_report(gw, req, key, content, dev, now)
+
+    async def _report_miss(self, gw: str, req: Any, key: tuple[str, str], content: int, now: float) -> None:
+        try:
+            dev = await self.cache.fetch(req.cid)
+        except Exception:
+            self._reply(gw, _REPORT, req.request_id, req.cid, ErrorCode.SYSTEM)
+            return
+        result = self._accept_report(gw, req, key, content, dev, now)
+        if result is not None:
+            with contextlib.suppress(Exception):  # answered by _report_committed
+                await result
+
+    def _accept_report(
+        self, gw: str, req: Any, key: tuple[str, str], content: int, dev: DeviceState | None, now: float
+    ) -> Any:
         if dev is None or dev.gateway_id != gw:
             return self._refuse_report(
                 key,
@@ -564,7 +579,18 @@ class ProtocolService:
             )
             return
         dev = self.devices.get(req.cid)
-        if dev is not None and dev.gateway_id != gw and not _may_take(dev.vendor_id, vendor_id):
+        owner: tuple[str, int | None] | None = None
+        if dev is None:  # not in memory is not new: the device may be stored (and owned) already
+            dev = await self.cache.fetch(req.cid)
+            if dev is None:  # not stored, or of a model this node does not know
+                owner = await asyncio.to_thread(read_owner, self.engine, req.cid)
+        if owner is not None and owner[0] != gw and not _may_take(owner[1], vendor_id):
+            dev_gateway: str | None = owner[0]
+        elif dev is not None and dev.gateway_id != gw and not _may_take(dev.vendor_id, vendor_id):
+            dev_gateway = dev.gateway_id
+        else:
+            dev_gateway = None
+        if dev_gateway is not None:
             # Not remembered for redeliveries: nothing was stored, and asking again changes nothing.
             self.stats["devices.vendor_refused"] += 1
             self.stats["rejected.sync"] += 1
@@ -573,7 +599,7 @@ class ProtocolService:
                 "sync refused: the device belongs to another vendor",
                 gateway_id=gw,
                 cid=req.cid,
-                owner_gateway_id=dev.gateway_id,
+                owner_gateway_id=dev_gateway,
             )
             self._reply(gw, _SYNC, req.request_id, req.cid, ErrorCode.UPLINK, VENDOR_REFUSED)
             return
@@ -609,9 +635,7 @@ class ProtocolService:
                 _repeats.info(
                     "rebind", "device moved to another gateway", cid=dev.cid, old=dev.gateway_id, new=gw
                 )
-                self.by_gateway.get(dev.gateway_id, set()).discard(dev.cid)
-                self.by_gateway.setdefault(gw, set()).add(dev.cid)
-                dev.gateway_id = gw
+                self.cache.move(dev, gw)
                 self.stats["devices.rebound"] += 1
             dev.product_id = req.product_id
             dev.model = model
@@ -626,8 +650,7 @@ class ProtocolService:
             _repeats.error("sync_not_stored", "sync not stored", gateway_id=gw, cid=req.cid, error=str(exc))
             self._dedupe.pop(key, None)
             if created:
-                self.devices.pop(dev.cid, None)
-                self.by_gateway.get(gw, set()).discard(dev.cid)
+                self.cache.discard(dev.cid)
             self._reply(gw, _SYNC, req.request_id, req.cid, ErrorCode.SYSTEM)
             return
         self._dedupe[key] = ErrorCode.SUCCESS
@@ -691,9 +714,7 @@ class ProtocolService:
         saved = None
         if dev is not None:  # the cache changes now, so no report of the old gateway slips in meanwhile
             saved = (dev.gateway_id, dev.vendor_id, dev.online)
-            self.by_gateway.get(dev.gateway_id, set()).discard(cid)
-            self.by_gateway.setdefault(gateway_id, set()).add(cid)
-            dev.gateway_id = gateway_id
+            self.cache.move(dev, gateway_id)
             dev.vendor_id = target.vendor_id
             if dev.online:
                 self._set_presence(dev, False, "moved", now, ops)
@@ -703,9 +724,8 @@ class ProtocolService:
             await self.writer.write(ops)
         except Exception:
             if dev is not None and saved is not None and dev.gateway_id == gateway_id:
-                self.by_gateway.get(gateway_id, set()).discard(cid)
-                self.by_gateway.setdefault(saved[0], set()).add(cid)
-                dev.gateway_id, dev.vendor_id, dev.online = saved
+                self.cache.move(dev, saved[0])
+                dev.vendor_id, dev.online = saved[1], saved[2]
             raise
         self.stats["devices.moved"] += 1
         log.info("device moved by an operator", cid=cid, old=old, new=gateway_id, vendor=target.vendor)
@@ -749,6 +769,23 @@ class ProtocolService:
                 request_id=req.request_id,
                 detail=reason,
             )
+        devices = self.devices
+        missing = [cid for cid, _ in req.items if cid not in devices]
+        if missing:  # not in memory: ask the database first
+            return asyncio.ensure_future(self._status_miss(gw, req, missing, now))
+        return self._apply_status(gw, req, now)
+
+    async def _status_miss(self, gw: str, req: Any, missing: list[str], now: float) -> None:
+        try:
+            await asyncio.gather(*(self.cache.fetch(cid) for cid in missing))
+        except Exception:
+            _repeats.error("status_lookup", "status not applied: device lookup failed", gateway_id=gw)
+            return
+        result = self._apply_status(gw, req, now)
+        if result is not None:
+            await result
+
+    def _apply_status(self, gw: str, req: Any, now: float) -> Any:
         ops: list[tuple[str, Any]] = []
         for cid, online in req.items:
             dev = self.devices.get(cid)
@@ -797,7 +834,7 @@ class ProtocolService:
         now = self.clock()
         limit = now - self.settings.presence_timeout
         ops: list[tuple[str, Any]] = []
-        for dev in self.devices.values():
+        for dev in list(self.devices.values()):  # every online device is in memory
             if dev.online and dev.last_heard < limit:
                 self._set_presence(dev, False, "silence", now, ops)
         if ops:
@@ -892,7 +929,7 @@ class ProtocolService:
         timeout = self.settings.command_timeout if timeout is None else timeout
         request_id = str(uuid.uuid4())
         now = self.clock()
-        dev = self.devices.get(cid)
+        dev = await self.find_device(cid)
         dp_obj = self.resolve_data_point(dev.model, dp) if dev is not None else None
         dp_id = dp_obj.id_str if dp_obj is not None else str(dp)
         log_row = {
