@@ -692,7 +692,7 @@ class ProtocolService:
         :class:`registry.UnknownDevice`, :class:`registry.UnknownGateway` or
         :class:`registry.RegistryError` (a gateway of no vendor)."""
         target = await asyncio.to_thread(registry.move_target, self.engine, cid, gateway_id)
-        dev = self.devices.get(cid)
+        dev = await self.find_device(cid)  # cached, so other nodes are told (the sync event below)
         old = dev.gateway_id if dev is not None else target.old_gateway_id
         out = {"cid": cid, "old_gateway_id": old, "gateway_id": gateway_id, "vendor": target.vendor}
         if old == gateway_id and (dev is None or dev.vendor_id == target.vendor_id):
