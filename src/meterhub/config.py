@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     models_dir: Path | None = None
     command_timeout: float = 10.0
     presence_timeout: float = Field(180.0, description="Seconds of silence after which a device is offline.")
+    device_cache_max: int = Field(
+        200_000, ge=1, description="Most devices kept in memory (online ones are never evicted)."
+    )
     dedupe_window: int = Field(100_000, description="Recent (gateway, request_id) answers remembered.")
     dedupe_max_age: float = Field(
         600.0, gt=0, description="Seconds a report's answer stays in memory (the database decides after)."

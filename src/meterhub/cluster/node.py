@@ -418,9 +418,7 @@ class ClusterNode:
             )
             return
         if dev.gateway_id != row.gateway_id:
-            service.by_gateway.get(dev.gateway_id, set()).discard(dev.cid)
-            service.by_gateway.setdefault(row.gateway_id, set()).add(dev.cid)
-            dev.gateway_id = row.gateway_id
+            service.cache.move(dev, row.gateway_id)
         dev.product_id = row.product_id
         dev.model = model
         dev.name = row.device_name
@@ -527,7 +525,7 @@ class ClusterNode:
         (a known device, a valid value, its gateway connected to another live node)."""
         if self.solo:
             return False
-        dev = self.service.devices.get(cid)
+        dev = await self.service.find_device(cid)
         dp_obj = self.service.resolve_data_point(dev.model, dp) if dev is not None else None
         if dp_obj is None:
             return False

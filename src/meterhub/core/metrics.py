@@ -186,10 +186,29 @@ class HubCollector(Collector):
         devices = getattr(handler, "devices", None)
         if devices is not None:
             online = sum(1 for d in devices.values() if d.online)
-            g = GaugeMetricFamily("meterhub_devices", "Known devices, by presence.", labels=["state"])
+            g = GaugeMetricFamily(
+                "meterhub_devices",
+                "Devices in this node's memory, by presence (every device online here is in memory).",
+                labels=["state"],
+            )
             g.add_metric(["online"], online)
             g.add_metric(["offline"], len(devices) - online)
             yield g
+        cache = getattr(handler, "cache", None)
+        if cache is not None:
+            g = GaugeMetricFamily(
+                "meterhub_device_cache_max", "Most devices kept in memory (device_cache_max)."
+            )
+            g.add_metric([], cache.max_size)
+            yield g
+            c = CounterMetricFamily(
+                "meterhub_device_cache",
+                "Device cache: lookup jobs, cids fetched, devices evicted.",
+                labels=["event"],
+            )
+            for event in ("lookups", "misses", "evicted"):
+                c.add_metric([event], getattr(cache, event))
+            yield c
         pending = getattr(handler, "pending_commands", None)
         if pending is not None:
             g = GaugeMetricFamily("meterhub_pending_commands", "Commands sent and awaiting an answer.")

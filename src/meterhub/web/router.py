@@ -177,7 +177,7 @@ async def stream(
     info = await check_token(hub, secret)
     await check_stream(hub, info, cid)  # a site-scoped token: one meter of its sites
     broker = broker_of(request)
-    if cid is not None and cid not in broker.handler.devices:
+    if cid is not None and cid not in broker.handler.devices and not await _stored(broker.handler, cid):
         raise ApiError(404, f"device {cid!r} does not exist", 2003)
     dps = None if dp is None else [d for d in dp if 0 < d < 1_000_000]
     if broker.full:
@@ -248,3 +248,9 @@ async def stream(
         "X-Content-Type-Options": "nosniff",
     }
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _stored(handler: Any, cid: str) -> bool:
+    """Whether the device exists (the handler's cache holds only some devices)."""
+    find = getattr(handler, "find_device", None)
+    return find is not None and await find(cid) is not None

@@ -183,6 +183,7 @@ async def send_command(hub: Hub, request: Request, cid: CidParam, body: CommandI
     dp: str | int = body.dp
     if isinstance(dp, str):
         dp = dp.strip()
+    await protocol(hub).find_device(cid)  # into the cache if it is only in the database
     will_send, dp_id = _precheck(hub, cid, dp, body.value)
     if not will_send and not body.wait and getattr(hub, "cluster", None) is not None:
         will_send = await hub.cluster.sends_elsewhere(cid, dp, body.value)  # held by another node
