@@ -288,6 +288,26 @@ def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _apply_mqtt_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Persistent MQTT sessions (meterhub.mqtt.session_store): the last row per client id wins;
+    a row whose ``state`` is None deletes the stored session."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        last[row["client_id"]] = row
+    gone = [cid for cid, row in last.items() if row["state"] is None]
+    if gone:
+        t = schema.mqtt_sessions
+        conn.execute(t.delete().where(t.c.client_id.in_(gone)))
+    kept = [row for row in last.values() if row["state"] is not None]
+    upsert(
+        conn,
+        schema.mqtt_sessions,
+        ["client_id"],
+        kept,
+        [c for c in kept[0] if c != "client_id"] if kept else [],
+    )
+
+
 APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "gateway": _apply_gateways,
     "device": _apply_devices,
@@ -303,6 +323,7 @@ APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "alarm_clear": _apply_alarm_update,
     "alarm_update": _apply_alarm_update,
     "token_used": _apply_token_used,
+    "mqtt_session": _apply_mqtt_sessions,
 }
 
 DoneCallback = Callable[[BaseException | None], None]

@@ -417,3 +417,19 @@ api_token_sites = Table(
     Column("token_id", Integer, ForeignKey("api_tokens.id"), primary_key=True),
     Column("site_id", Integer, ForeignKey("sites.id"), primary_key=True),
 )
+
+# Persistent MQTT sessions (clean_session=0): Session.to_dict() as JSON text, written by
+# meterhub.mqtt.session_store; ``node`` holds it now when ``connected`` (see docs/decisions.md).
+mqtt_sessions = Table(
+    "mqtt_sessions",
+    metadata,
+    Column("client_id", String(256), primary_key=True),
+    Column("owner", String(256), nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("connected", Boolean, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_mqtt_sessions_owner", "owner", "updated_at"),
+    Index("ix_mqtt_sessions_expires_at", "expires_at"),
+)
