@@ -4,16 +4,27 @@ a move to another node), are bounded like the sessions in memory, and clean_sess
 from __future__ import annotations
 
 import json
+import signal
 import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 
 import mqttraw
-from conftest import TEST_DB, RunningHub, drop_postgres, fresh_postgres_url, make_settings, wait_for
+from conftest import (
+    TEST_DB,
+    RunningHub,
+    cli_add_vendor,
+    drop_postgres,
+    free_port,
+    fresh_postgres_url,
+    make_settings,
+    wait_for,
+)
 from meterhub.core.auth import gateway_password
 from meterhub.storage import registry, schema
+from test_crash_safety import start_server
 
 
 class Hubs:
@@ -165,3 +176,44 @@ def test_stored_sessions_are_bounded_per_vendor_like_those_in_memory(hubs: Hubs)
     # An expired one is purged too.
     assert store.purge(time.time() + 8 * 24 * 3600, 3, 100) == 3
     assert stored(again.engine) == {}
+
+
+def test_an_answer_owed_to_an_absent_gateway_survives_kill_9_once_stored(tmp_path: Any) -> None:
+    """The guarantee in docs/decisions.md: once the session is in the table (within flush_delay plus
+    one commit of the disconnect), a crash loses nothing of it."""
+    data = tmp_path / "data"
+    user = cli_add_vendor(data, "crash-sessions")
+    port = free_port()
+    proc = start_server(data, port)
+    try:
+        gw = "gw-kill"
+        raw, body = connect_raw(port, gw, user, clean=False)
+        assert body == b"\x00\x00"
+        raw.send(mqttraw.subscribe(1, f"gateway_id/{gw}/#", 1))
+        assert raw.read_packet() == (0x90, b"\x00\x01\x01")
+        sync = {"t": int(time.time()), "request_id": "k1", "param": {"cid": "m-kill", "product_id": "p"}}
+        raw.send(mqttraw.publish(f"gateway_id/{gw}/devices/sync", json.dumps(sync).encode(), 1, 9))
+        packets = [raw.read_packet() for _ in range(2)]
+        answer = next(p for p in packets if p[0] & 0xF0 == 0x30)
+        _, pid, _ = split_publish(*answer)
+        raw.close()
+        engine = create_engine(f"sqlite:///{data / 'meterhub.db'}")
+        try:
+            wait_for(
+                lambda: (s := stored(engine).get(gw)) is not None and not s["connected"] and s["inflight"]
+            )
+        finally:
+            engine.dispose()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = start_server(data, port)
+        raw, body = connect_raw(port, gw, user, clean=False)
+        assert body == b"\x01\x00"
+        first, body2 = raw.read_packet()
+        assert first == 0x3A and body2 == answer[1]
+        raw.send(mqttraw.puback(pid))  # type: ignore[arg-type]
+        raw.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
