@@ -688,4 +688,13 @@ def test_a_persistent_session_queued_on_one_node_is_delivered_on_the_other(
     while topic != f"gateway_id/{gw}/commands":  # the status answer may come first
         topic, cmd = _next_publish(back_on_a)
     assert cmd["cid"] == m
-    back_on_a.close()
+    # A clean_session=1 CONNECT through b discards the session: a, closing its connection for the
+    # takeover, does not store its copy again.
+    clean_on_b = RawClient(b.mqtt_port)
+    clean_on_b.send(connect(gw, user, password, clean=True))
+    assert clean_on_b.read_packet() == (0x20, b"\x00\x00")
+    assert back_on_a.closed_within(3.0) is not None, "node a did not close the old connection"
+    time.sleep(0.5)  # a's write of its copy would have landed by now
+    with cluster.engine.connect() as conn:
+        assert conn.execute(select(t.c.client_id).where(t.c.client_id == gw)).first() is None
+    clean_on_b.close()

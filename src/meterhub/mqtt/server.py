@@ -640,10 +640,10 @@ class MQTTServer:
         for task in list(self.background):
             task.cancel()
         store = self.store
-        if store is not None:  # every persistent session as it is now, stored offline
+        if store is not None:  # the persistent sessions connected here, stored offline
             store.closing = True
             for session in self.sessions.values():
-                if not session.clean:
+                if not session.clean and session.connection is not None:
                     store.save(session)
             await store.flush()
 
@@ -926,6 +926,10 @@ class MQTTServer:
             return False
         if reason == "takeover":  # taken over on another node (meterhub.cluster): no will
             conn.will = None
+            session = self.sessions.get(client_id)
+            if session is not None and session.connection is conn and not session.clean:
+                # The other node's copy is the session now: do not store this one over it.
+                self.forget(session, keep_stored=True)
         conn.close(reason or "closed-by-server")
         return True
 
