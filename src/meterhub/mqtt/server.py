@@ -802,6 +802,10 @@ class MQTTServer:
             while self.connected.get(client_id) is conn and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         session = self.sessions.get(client_id)
+        if session is not None and conn is not None and session.connection is conn:
+            session.detach(time.monotonic())  # not closed yet: its state is what it owes now
+            if not session.clean:
+                self.went_offline(session)
         if (
             session is not None
             and not session.clean

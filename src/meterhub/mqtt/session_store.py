@@ -51,7 +51,7 @@ class SessionStore:
         expiry: float = 7 * 24 * 3600.0,
         flush_delay: float = 0.05,
         chunk: int = 1000,
-        hand_over_timeout: float = 2.0,
+        hand_over_timeout: float = 5.0,
     ) -> None:
         self.engine = engine
         self.writer = writer
