@@ -668,6 +668,15 @@ def test_a_persistent_session_queued_on_one_node_is_delivered_on_the_other(
     # Still connected to b, the gateway is owed another answer when it connects to a (a takeover):
     # a asks b to close and store the session before answering the CONNECT.
     pid2, answer2 = _sync_unacked(on_b, gw, m, "s2", 3)
+    with cluster.engine.connect() as conn:
+
+        def held_by_b() -> Any:
+            row = conn.execute(select(t.c.node, t.c.connected).where(t.c.client_id == gw)).first()
+            conn.rollback()
+            return row is not None and tuple(row) == ("b", True) and row
+
+        # b records that it holds the session 50 ms + one commit after the CONNECT (docs/cluster.md)
+        before = wait_for(held_by_b, timeout=5)
     back_on_a = RawClient(a.mqtt_port)
     back_on_a.send(connect(gw, user, password, clean=False))
     assert back_on_a.read_packet() == (0x20, b"\x01\x00")
@@ -677,7 +686,9 @@ def test_a_persistent_session_queued_on_one_node_is_delivered_on_the_other(
             seen = [
                 (n, x) for n, c in (("a", api_a), ("b", api_b)) for x in c.get("/metrics").text.splitlines()
             ]
-        pytest.fail(f"not b's session: {[(n, x) for n, x in seen if 'sessions.' in x]}")
+        pytest.fail(
+            f"not b's session (row before: {before}): {[(n, x) for n, x in seen if 'sessions.' in x]}"
+        )
     assert first == 0x3A
     back_on_a.send(puback(pid2))
     assert on_b.closed_within(3.0) is not None, "node b did not close the old connection"

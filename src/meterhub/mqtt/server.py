@@ -478,7 +478,7 @@ class MQTTConnection(asyncio.Protocol):
         server = self.server
         code, reason = server.precheck(packet)
         result = AuthResult(code, None, reason)
-        stored: tuple[str, dict[str, Any]] | None = None
+        stored: tuple[str, dict[str, Any], int] | None = None
         if code == CONNACK_ACCEPTED:
             try:
                 result = await asyncio.wait_for(
@@ -767,8 +767,11 @@ class MQTTServer:
         if self.sessions.get(cid) is session:
             del self.sessions[cid]
         if not session.clean:
-            if self.store is not None and not keep_stored:
-                self.store.delete(cid)
+            if self.store is not None:
+                if keep_stored:
+                    self.store.gens.pop(cid, None)
+                else:
+                    self.store.delete(cid)
             self._online(session)
             self.persistent_total -= 1
             count = self.persistent_count
@@ -776,7 +779,7 @@ class MQTTServer:
             if count[session.owner] <= 0:
                 del count[session.owner]
 
-    async def load_stored(self, client_id: str) -> tuple[str, dict[str, Any]] | None:
+    async def load_stored(self, client_id: str) -> tuple[str, dict[str, Any], int] | None:
         """For a CONNECT with clean_session=0: the stored session (the node that wrote it, its state)
         when memory may not have the newest (none here, or a cluster); None otherwise or on error."""
         store = self.store
@@ -822,7 +825,7 @@ class MQTTServer:
         conn: MQTTConnection,
         principal: Principal,
         clean: bool,
-        stored: tuple[str, dict[str, Any]] | None = None,
+        stored: tuple[str, dict[str, Any], int] | None = None,
     ) -> Session:
         """Bind an authenticated connection to its session (resumed, loaded from ``stored``, or new);
         the session writes the CONNACK with session_present."""
@@ -875,8 +878,9 @@ class MQTTServer:
                 self.persistent_total += 1
         if store is not None:
             if clean:
-                store.delete(cid)
+                store.delete(cid, whatever_gen=True)
             else:
+                store.took(cid, stored[2] if stored is not None else None)
                 session.on_change = store.save
                 store.save(session)  # held by this node now
         session.attach(conn, principal, present)

@@ -68,6 +68,9 @@ class SessionStore:
         #: ``await hand_over(node_id, client_id)``: ask another node to close and store a session.
         self.hand_over: Callable[[str, str], Awaitable[None]] | None = None
         self.stats: Any = None  # a Counter shared with the MQTT server, set by it
+        #: client id -> generation of this node's copy (see :meth:`took`); a delete of a client id
+        #: this node has no copy of (a clean connect) applies whatever the stored generation.
+        self.gens: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._flushing = False
         self._inflight: set[asyncio.Future[None]] = set()
@@ -79,10 +82,18 @@ class SessionStore:
         self.dirty[session.client_id] = session
         self._schedule()
 
-    def delete(self, client_id: str) -> None:
-        """Forget the stored session of ``client_id``."""
+    def delete(self, client_id: str, whatever_gen: bool = False) -> None:
+        """Forget the stored session of ``client_id`` (unless another node took it since, or
+        ``whatever_gen``: a clean_session=1 CONNECT discards it wherever it was)."""
+        if whatever_gen:
+            self.gens[client_id] = 1 << 62
         self.dirty[client_id] = None
         self._schedule()
+
+    def took(self, client_id: str, stored_gen: int | None) -> None:
+        """This node takes the session: one generation above the stored one (or its own copy's)."""
+        base = stored_gen if stored_gen is not None else self.gens.get(client_id, 0)
+        self.gens[client_id] = base + 1
 
     def _schedule(self) -> None:
         if self._timer is None and not self._flushing:
@@ -91,13 +102,14 @@ class SessionStore:
 
     def _row(self, cid: str, session: Any, now: float) -> dict[str, Any]:
         if session is None:
-            return {"client_id": cid, "state": None}
+            return {"client_id": cid, "state": None, "gen": self.gens.pop(cid, 1 << 62)}
         return {
             "client_id": cid,
             "owner": session.owner,
             "node": self.node_id,
             "connected": session.connection is not None and not self.closing,
             "state": _encode(session.to_dict()).decode(),
+            "gen": self.gens.get(cid, 0),
             "updated_at": now,
             "expires_at": now + self.expiry,
         }
@@ -160,7 +172,7 @@ class SessionStore:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def load(self, client_id: str) -> tuple[str, dict[str, Any]] | None:
+    async def load(self, client_id: str) -> tuple[str, dict[str, Any], int] | None:
         """The stored session of ``client_id``: the node that wrote it and its state
         (``Session.to_dict()`` form), or None when there is none (or it expired). Held by another
         node: that node is asked to hand it over first."""
@@ -189,13 +201,15 @@ class SessionStore:
         if row.expires_at < time.time():
             self.delete(client_id)
             return None
-        return row.node, _decode(row.state)
+        return row.node, _decode(row.state), int(row.gen)
 
     def _read(self, client_id: str) -> Any:
         t = schema.mqtt_sessions
         with self.engine.connect() as conn:
             return conn.execute(
-                select(t.c.node, t.c.connected, t.c.state, t.c.expires_at).where(t.c.client_id == client_id)
+                select(t.c.node, t.c.connected, t.c.state, t.c.gen, t.c.expires_at).where(
+                    t.c.client_id == client_id
+                )
             ).first()
 
     # --- purge -----------------------------------------------------------------------------------

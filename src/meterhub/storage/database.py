@@ -290,22 +290,20 @@ def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
 
 def _apply_mqtt_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Persistent MQTT sessions (meterhub.mqtt.session_store): the last row per client id wins;
-    a row whose ``state`` is None deletes the stored session."""
+    a row whose ``state`` is None deletes the stored session. Neither applies over a row of a newer
+    ``gen`` (written by the node that took the session after this one's copy)."""
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
         last[row["client_id"]] = row
-    gone = [cid for cid, row in last.items() if row["state"] is None]
+    t = schema.mqtt_sessions
+    gone = [{"b_cid": cid, "b_gen": row["gen"]} for cid, row in last.items() if row["state"] is None]
     if gone:
-        t = schema.mqtt_sessions
-        conn.execute(t.delete().where(t.c.client_id.in_(gone)))
+        conn.execute(
+            t.delete().where(t.c.client_id == bindparam("b_cid"), t.c.gen <= bindparam("b_gen")), gone
+        )
     kept = [row for row in last.values() if row["state"] is not None]
-    upsert(
-        conn,
-        schema.mqtt_sessions,
-        ["client_id"],
-        kept,
-        [c for c in kept[0] if c != "client_id"] if kept else [],
-    )
+    if kept:
+        upsert(conn, t, ["client_id"], kept, [c for c in kept[0] if c != "client_id"], where_newer="gen")
 
 
 APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {

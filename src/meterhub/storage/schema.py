@@ -428,6 +428,8 @@ mqtt_sessions = Table(
     Column("node", String(128), nullable=False),
     Column("connected", Boolean, nullable=False),
     Column("state", Text, nullable=False),
+    # + 1 each time a node takes the session: an older copy's writes and deletes do not apply
+    Column("gen", BigInteger, nullable=False, default=0, server_default="0"),
     Column("updated_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
     Index("ix_mqtt_sessions_owner", "owner", "updated_at"),

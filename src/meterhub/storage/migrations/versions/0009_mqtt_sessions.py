@@ -23,6 +23,7 @@ def upgrade() -> None:
         sa.Column("node", sa.String(128), nullable=False),
         sa.Column("connected", sa.Boolean(), nullable=False),
         sa.Column("state", sa.Text(), nullable=False),
+        sa.Column("gen", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("updated_at", sa.Float(), nullable=False),
         sa.Column("expires_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("client_id", name="pk_mqtt_sessions"),
