@@ -623,3 +623,97 @@ def test_a_report_redelivered_through_another_node_is_stored_once(
     with cluster.engine.connect() as conn:
         rows = conn.execute(select(r.c.request_id).where(r.c.cid == m)).all()
     assert [x.request_id for x in rows] == ["r-once"]
+
+
+def _sync_unacked(raw: RawClient, gw: str, m: str, rid: str, pid: int) -> tuple[int, bytes]:
+    """Send a sync and read its answer without acknowledging it: (the answer's packet id, its body)."""
+    sync = {"t": int(time.time()), "request_id": rid, "param": {"cid": m, "product_id": "p"}}
+    raw.send(publish(f"gateway_id/{gw}/devices/sync", json.dumps(sync).encode(), 1, pid))
+    while True:
+        first, body = raw.read_packet()
+        if first & 0xF0 == 0x30:
+            n = int.from_bytes(body[:2], "big")
+            assert body[2 : 2 + n].decode() == f"gateway_id/{gw}/devices/sync/response"
+            return int.from_bytes(body[2 + n : 4 + n], "big"), body
+
+
+def test_a_persistent_session_queued_on_one_node_is_delivered_on_the_other(
+    cluster: Cluster, two: tuple[Node, Node]
+) -> None:
+    a, b = two
+    gw, m = _uid("gw"), _uid("m")
+    user, password = cluster.vendor.username, gateway_password(gw, cluster.vendor.username)
+    on_a = RawClient(a.mqtt_port)
+    on_a.send(connect(gw, user, password, clean=False))
+    assert on_a.read_packet() == (0x20, b"\x00\x00")
+    on_a.send(subscribe(1, f"gateway_id/{gw}/#"))
+    assert on_a.read_packet()[0] == 0x90
+    pid, answer = _sync_unacked(on_a, gw, m, "s1", 2)  # owed by a when the gateway goes
+    on_a.close()
+    t = schema.mqtt_sessions
+    with cluster.engine.connect() as conn:
+
+        def stored_offline() -> bool:
+            row = conn.execute(select(t.c.node, t.c.connected).where(t.c.client_id == gw)).first()
+            conn.rollback()
+            return row is not None and tuple(row) == ("a", False)
+
+        wait_for(stored_offline, timeout=5)
+
+    # The gateway comes back through the load balancer to node b: its session is there.
+    on_b = RawClient(b.mqtt_port)
+    on_b.send(connect(gw, user, password, clean=False))
+    assert on_b.read_packet() == (0x20, b"\x01\x00")
+    first, body = on_b.read_packet()
+    assert first == 0x3A and body == answer  # a's answer again, DUP, same packet id
+    on_b.send(puback(pid))
+    # Still connected to b, the gateway is owed another answer when it connects to a (a takeover):
+    # a asks b to close and store the session before answering the CONNECT.
+    pid2, answer2 = _sync_unacked(on_b, gw, m, "s2", 3)
+    with cluster.engine.connect() as conn:
+
+        def held_by_b() -> Any:
+            row = conn.execute(select(t.c.node, t.c.connected).where(t.c.client_id == gw)).first()
+            conn.rollback()
+            return row is not None and tuple(row) == ("b", True) and row
+
+        # b records that it holds the session 50 ms + one commit after the CONNECT (docs/cluster.md)
+        before = wait_for(held_by_b, timeout=5)
+    back_on_a = RawClient(a.mqtt_port)
+    back_on_a.send(connect(gw, user, password, clean=False))
+    assert back_on_a.read_packet() == (0x20, b"\x01\x00")
+    first, body = back_on_a.read_packet()
+    if body != answer2:  # say what the nodes counted
+        with cluster.api(a) as api_a, cluster.api(b) as api_b:
+            seen = [
+                (n, x) for n, c in (("a", api_a), ("b", api_b)) for x in c.get("/metrics").text.splitlines()
+            ]
+        pytest.fail(
+            f"not b's session (row before: {before}): {[(n, x) for n, x in seen if 'sessions.' in x]}"
+        )
+    assert first == 0x3A
+    back_on_a.send(puback(pid2))
+    assert on_b.closed_within(3.0) is not None, "node b did not close the old connection"
+    with cluster.api(b) as api:
+        assert 'meterhub_mqtt_events_total{event="sessions.handed_over"} 1.0' in api.get("/metrics").text
+    # The subscription moved with it: a command through b's API reaches the gateway on a.
+    status = {"t": int(time.time()), "request_id": "st", "param": [{"cid": m, "status": True}]}
+    back_on_a.send(publish(f"gateway_id/{gw}/devices/status", json.dumps(status).encode(), 1, 4))
+    wait_for(lambda: (row := cluster.device(m)) is not None and row.online, timeout=5)
+    with cluster.api(b) as api:
+        r = api.post(f"/api/v1/devices/{m}/commands", json={"dp": "switch", "value": True, "wait": False})
+        assert r.status_code == 202, r.text
+    topic, cmd = _next_publish(back_on_a)
+    while topic != f"gateway_id/{gw}/commands":  # the status answer may come first
+        topic, cmd = _next_publish(back_on_a)
+    assert cmd["cid"] == m
+    # A clean_session=1 CONNECT through b discards the session: a, closing its connection for the
+    # takeover, does not store its copy again.
+    clean_on_b = RawClient(b.mqtt_port)
+    clean_on_b.send(connect(gw, user, password, clean=True))
+    assert clean_on_b.read_packet() == (0x20, b"\x00\x00")
+    assert back_on_a.closed_within(3.0) is not None, "node a did not close the old connection"
+    time.sleep(0.5)  # a's write of its copy would have landed by now
+    with cluster.engine.connect() as conn:
+        assert conn.execute(select(t.c.client_id).where(t.c.client_id == gw)).first() is None
+    clean_on_b.close()

@@ -149,6 +149,7 @@ class Hub:
             await self.handler.start(self.mqtt)
             await self.cluster.start(self)
         writer.on_pressure = self.mqtt.set_intake_paused
+        self.mqtt.store = self._session_store(writer, limits)
         self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)
         self.mqtt_port = await self.mqtt.listen(
             settings.mqtt_host, settings.mqtt_port, proxy_protocol=settings.proxy_protocol
@@ -194,6 +195,18 @@ class Hub:
             await drain(self.mqtt, self.settings.drain_timeout)
         if self.cluster is not None:
             await self.cluster.finish_drain(self.settings.drain_grace)
+
+    def _session_store(self, writer: GroupCommitWriter, limits: Limits) -> Any:
+        """Persistent MQTT sessions in the database (meterhub.mqtt.session_store)."""
+        from meterhub.mqtt.session_store import SessionStore
+
+        node_id = self.cluster.node_id if self.cluster is not None else (self.settings.node_id or "local")
+        store = SessionStore(self.engine, writer, node_id, expiry=limits.session_expiry)
+        assert self.mqtt is not None
+        store.stats = self.mqtt.stats
+        if self.cluster is not None:
+            self.cluster.use_session_store(store)
+        return store
 
     async def stop(self) -> None:
         if self.api is not None:

@@ -139,6 +139,9 @@ class ClusterNode:
             self._subs.append(
                 await bus.subscribe(f"mh.node.{self.node_id}.command", self._on_command, concurrent=True)
             )
+            self._subs.append(
+                await bus.subscribe(f"mh.node.{self.node_id}.session", self._on_hand_over, concurrent=True)
+            )
             self.relay = EventRelay(
                 self.node_id,
                 bus,
@@ -548,6 +551,24 @@ class ClusterNode:
         _ROUTED.set(True)
         result = await self.service.send_command(req["cid"], req["dp"], req["value"], timeout=req["timeout"])
         return _encode(dataclasses.asdict(result))
+
+    # --- persistent MQTT sessions (meterhub.mqtt.session_store) -----------------------------------
+
+    def use_session_store(self, store: Any) -> None:
+        """With other nodes: a session stored as held by another node is asked from it first."""
+        if not self.solo:
+            store.hand_over = self._ask_hand_over
+
+    async def _ask_hand_over(self, node: str, client_id: str) -> None:
+        """Ask ``node`` to close ``client_id``'s connection and store its session; returns once
+        it has (the caller bounds the wait)."""
+        assert self.bus is not None
+        self.stats["sessions.hand_over_asked"] += 1
+        await self.bus.request(f"mh.node.{node}.session", _encode({"cid": client_id}), 5.0)
+
+    async def _on_hand_over(self, data: bytes) -> bytes:
+        await self.southbound.hand_over(_decode(data)["cid"])
+        return b"{}"
 
     # --- status ------------------------------------------------------------------------------------
 

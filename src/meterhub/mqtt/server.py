@@ -50,6 +50,7 @@ from meterhub.mqtt.session import (
     Session,
     owner_of,
 )
+from meterhub.mqtt.session_store import SessionStore
 from meterhub.transport import (
     CONNACK_ACCEPTED,
     CONNACK_BAD_PROTOCOL,
@@ -382,6 +383,8 @@ class MQTTConnection(asyncio.Protocol):
                     del server.sessions[session.client_id]
                 else:
                     server.went_offline(session)
+                    if server.store is not None:
+                        server.store.save(session)
         reason = self.close_reason or ("disconnect" if self.clean_disconnect else "connection-lost")
         if self.will is not None and not self.clean_disconnect:
             server.stats["will.published"] += 1
@@ -514,6 +517,7 @@ class MQTTConnection(asyncio.Protocol):
         server = self.server
         code, reason = server.precheck(packet)
         result = AuthResult(code, None, reason)
+        stored: tuple[str, dict[str, Any], int] | None = None
         if code == CONNACK_ACCEPTED:
             try:
                 result = await asyncio.wait_for(
@@ -543,6 +547,9 @@ class MQTTConnection(asyncio.Protocol):
                 and not result.principal.may_publish(packet.will.topic)  # type: ignore[union-attr]
             ):
                 code, result.reason = 0x05, "will topic not allowed"
+            stored = None
+            if code == CONNACK_ACCEPTED and not packet.clean_session:
+                stored = await server.load_stored(packet.client_id)
             if code == CONNACK_ACCEPTED and not server.admit(result.principal, packet.clean_session):  # type: ignore[arg-type]
                 code, result.reason = CONNACK_UNAVAILABLE, "too many persistent sessions"
         if self.state == "closed":
@@ -572,7 +579,7 @@ class MQTTConnection(asyncio.Protocol):
         self.principal = principal
         self.keep_alive = packet.keep_alive
         self.will = packet.will
-        session = server.attach(self, principal, packet.clean_session)  # writes the CONNACK
+        session = server.attach(self, principal, packet.clean_session, stored)  # writes the CONNACK
         session.record = self.record
         self.state = "connected"
         log.debug("client connected", client_id=principal.client_id, peer=self.peer)
@@ -623,6 +630,8 @@ class MQTTServer:
         self.offline: dict[str, Session] = {}
         self.offline_by_owner: dict[str, dict[str, Session]] = {}
         self.limited_log = RateLimitedLog(log)  # this server's refusals (sessions share it)
+        #: Where persistent sessions are stored (meterhub.mqtt.session_store); None: memory only.
+        self.store: SessionStore | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.intake_paused = False
@@ -653,6 +662,14 @@ class MQTTServer:
         self._servers.append(srv)
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep_forever())
+            if self.store is not None:
+                limits = self.limits
+                purge = self.store.purge_forever(
+                    60.0, limits.max_persistent_sessions_per_vendor, limits.max_persistent_sessions
+                )
+                task = loop.create_task(purge)
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
         bound = srv.sockets[0].getsockname()[1]
         log.info(
             "mqtt listening",
@@ -675,6 +692,13 @@ class MQTTServer:
             self._sweeper.cancel()
         for task in list(self.background):
             task.cancel()
+        store = self.store
+        if store is not None:  # the persistent sessions connected here, stored offline
+            store.closing = True
+            for session in self.sessions.values():
+                if not session.clean and session.connection is not None:
+                    store.save(session)
+            await store.flush()
 
     # --- flow control ----------------------------------------------------------------------------
 
@@ -789,12 +813,18 @@ class MQTTServer:
             if not by_owner:
                 del self.offline_by_owner[session.owner]
 
-    def forget(self, session: Session) -> None:
-        """Drop a session (expired, over a bound, or replaced by a new one for the same client id)."""
+    def forget(self, session: Session, keep_stored: bool = False) -> None:
+        """Drop a session (expired, over a bound, or replaced by a new one for the same client id);
+        its stored copy too unless ``keep_stored`` (handed over to another node)."""
         cid = session.client_id
         if self.sessions.get(cid) is session:
             del self.sessions[cid]
         if not session.clean:
+            if self.store is not None:
+                if keep_stored:
+                    self.store.gens.pop(cid, None)
+                else:
+                    self.store.delete(cid)
             self._online(session)
             self.persistent_total -= 1
             count = self.persistent_count
@@ -802,9 +832,56 @@ class MQTTServer:
             if count[session.owner] <= 0:
                 del count[session.owner]
 
-    def attach(self, conn: MQTTConnection, principal: Principal, clean: bool) -> Session:
-        """Bind an authenticated connection to its session (resumed or new); the session writes the
-        CONNACK with session_present."""
+    async def load_stored(self, client_id: str) -> tuple[str, dict[str, Any], int] | None:
+        """For a CONNECT with clean_session=0: the stored session (the node that wrote it, its state)
+        when memory may not have the newest (none here, or a cluster); None otherwise or on error."""
+        store = self.store
+        if store is None or (client_id in self.sessions and store.hand_over is None):
+            return None
+        try:
+            return await store.load(client_id)
+        except Exception as exc:
+            self.stats["sessions.load_failed"] += 1
+            _repeats.warning(
+                "session_load_failed", "stored session not read", client_id=client_id, error=str(exc)[:200]
+            )
+            return None
+
+    async def hand_over(self, client_id: str, wait: float = 1.0) -> None:
+        """Another node takes ``client_id``'s persistent session: close its connection here (no
+        will), store the session and forget it from memory (the stored copy is the other node's)."""
+        conn = self.connected.get(client_id)
+        if conn is not None:
+            conn.will = None
+            conn.close("takeover")
+            deadline = time.monotonic() + wait
+            while self.connected.get(client_id) is conn and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        session = self.sessions.get(client_id)
+        if session is not None and conn is not None and session.connection is conn:
+            session.detach(time.monotonic())  # not closed yet: its state is what it owes now
+            if not session.clean:
+                self.went_offline(session)
+        if (
+            session is not None
+            and not session.clean
+            and session.connection is None
+            and self.store is not None
+        ):
+            self.store.save(session)
+            await self.store.flush()
+            self.stats["sessions.handed_over"] += 1
+            self.forget(session, keep_stored=True)
+
+    def attach(
+        self,
+        conn: MQTTConnection,
+        principal: Principal,
+        clean: bool,
+        stored: tuple[str, dict[str, Any], int] | None = None,
+    ) -> Session:
+        """Bind an authenticated connection to its session (resumed, loaded from ``stored``, or new);
+        the session writes the CONNACK with session_present."""
         cid = principal.client_id
         old = self.connected.pop(cid, None)
         if old is not None and old is not conn:
@@ -824,18 +901,41 @@ class MQTTServer:
                 )
         session = self.sessions.get(cid)
         present = False
-        if session is not None and not clean and not session.clean and session.owner == owner_of(principal):
+        owner = owner_of(principal)
+        store = self.store
+        if (
+            stored is not None
+            and session is not None
+            and store is not None
+            and stored[0] != store.node_id
+            and not clean
+        ):
+            self.forget(session, keep_stored=True)  # another node held it after us: its copy wins
+            session = None
+        if session is not None and not clean and not session.clean and session.owner == owner:
             present = True
             session.principal = principal
             self._online(session)
         else:
             if session is not None:
                 self.forget(session)
-            session = Session(cid, principal, clean, self.limits, self.stats, self.limited_log)
+            if stored is not None and not clean and stored[1].get("owner") == owner:
+                session = Session.from_dict(stored[1], principal, self.limits, self.stats, self.limited_log)
+                present = True
+                self.stats["sessions.loaded"] += 1
+            else:
+                session = Session(cid, principal, clean, self.limits, self.stats, self.limited_log)
             self.sessions[cid] = session
             if not clean:
                 self.persistent_count[session.owner] += 1
                 self.persistent_total += 1
+        if store is not None:
+            if clean:
+                store.delete(cid, whatever_gen=True)
+            else:
+                store.took(cid, stored[2] if stored is not None else None)
+                session.on_change = store.save
+                store.save(session)  # held by this node now
         session.attach(conn, principal, present)
         conn.session = session
         self.connected[cid] = conn
@@ -887,6 +987,10 @@ class MQTTServer:
             return False
         if reason == "takeover":  # taken over on another node (meterhub.cluster): no will
             conn.will = None
+            session = self.sessions.get(client_id)
+            if session is not None and session.connection is conn and not session.clean:
+                # The other node's copy is the session now: do not store this one over it.
+                self.forget(session, keep_stored=True)
         conn.close(reason or "closed-by-server")
         return True
 

@@ -146,6 +146,7 @@ class Session:
         "limits",
         "match_cache",
         "next_pid",
+        "on_change",
         "out",
         "out_size",
         "owner",
@@ -187,6 +188,9 @@ class Session:
         self.disconnected_at: float | None = None
         self.connection: Any = None
         self.record: ClientRecord | None = None
+        #: Called with the session when its persistent state changes outside a connection's life
+        #: (subscriptions changed, a message queued while offline); None for clean sessions.
+        self.on_change: Any = None
         self._reset_connection_state()
 
     def _reset_connection_state(self) -> None:
@@ -337,6 +341,8 @@ class Session:
                 self.subscriptions.pop(topic_filter, None)
             self.match_cache.clear()
             self._write(codec.encode(codec.UnsubAck(packet.packet_id)))
+            if self.on_change is not None:
+                self.on_change(self)
         elif kind is codec.Disconnect:
             return packet
         else:
@@ -512,6 +518,8 @@ class Session:
             codes.append(qos)
         self.match_cache.clear()
         self._write(codec.encode(codec.SubAck(packet.packet_id, codes)))
+        if self.on_change is not None:
+            self.on_change(self)
         self.pump()
 
     def granted_qos(self, topic: str) -> int | None:
@@ -577,6 +585,8 @@ class Session:
             else:
                 stats["publish.out_queued_over_bound"] += 1
         queue.append((topic, payload, qos))
+        if not connected and self.on_change is not None:
+            self.on_change(self)
         if connected and publishes and len(queue) >= max_queued:
             self.start_holding()  # owed to a connected gateway: never dropped, slow it down instead
         return True

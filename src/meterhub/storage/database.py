@@ -292,6 +292,24 @@ def _apply_token_used(conn: Connection, rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _apply_mqtt_sessions(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Persistent MQTT sessions (meterhub.mqtt.session_store): the last row per client id wins;
+    a row whose ``state`` is None deletes the stored session. Neither applies over a row of a newer
+    ``gen`` (written by the node that took the session after this one's copy)."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        last[row["client_id"]] = row
+    t = schema.mqtt_sessions
+    gone = [{"b_cid": cid, "b_gen": row["gen"]} for cid, row in last.items() if row["state"] is None]
+    if gone:
+        conn.execute(
+            t.delete().where(t.c.client_id == bindparam("b_cid"), t.c.gen <= bindparam("b_gen")), gone
+        )
+    kept = [row for row in last.values() if row["state"] is not None]
+    if kept:
+        upsert(conn, t, ["client_id"], kept, [c for c in kept[0] if c != "client_id"], where_newer="gen")
+
+
 APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "gateway": _apply_gateways,
     "device": _apply_devices,
@@ -308,6 +326,7 @@ APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "alarm_update": _apply_alarm_update,
     "notify": _apply_notify,
     "token_used": _apply_token_used,
+    "mqtt_session": _apply_mqtt_sessions,
 }
 
 DoneCallback = Callable[[BaseException | None], None]

@@ -480,3 +480,22 @@ notify_outbox = Table(
     Column("claimed_by", String(128)),
     Index("ix_notify_outbox_status_next", "status", "next_at"),
 )
+
+
+# Persistent MQTT sessions (clean_session=0): Session.to_dict() as JSON text, written by
+# meterhub.mqtt.session_store; ``node`` holds it now when ``connected`` (see docs/decisions.md).
+mqtt_sessions = Table(
+    "mqtt_sessions",
+    metadata,
+    Column("client_id", String(256), primary_key=True),
+    Column("owner", String(256), nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("connected", Boolean, nullable=False),
+    Column("state", Text, nullable=False),
+    # + 1 each time a node takes the session: an older copy's writes and deletes do not apply
+    Column("gen", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("updated_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_mqtt_sessions_owner", "owner", "updated_at"),
+    Index("ix_mqtt_sessions_expires_at", "expires_at"),
+)
