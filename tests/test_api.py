@@ -550,6 +550,41 @@ def test_operator_cli(api: Api, tmp_path: Any) -> None:
     assert dup.exit_code == 1 and "already exists" in dup.output
 
 
+def test_cli_commands_take_real_units_and_raw_with_a_flag(api: Api) -> None:
+    """``meterhub command D voltage_under 207`` sends 207 V (2070000 on the wire); ``--raw`` sends the
+    wire form; a value the scale/step cannot represent is refused with the allowed values."""
+    from click.testing import CliRunner
+
+    from meterhub.cli_ops import cli
+
+    gw = api.gateway()
+    gw.sync("c-units")
+    gw.status([("c-units", True)])
+    gw.command_code = 0
+    conn = ["--url", api.base, "--token", api.admin_token]
+    runner = CliRunner()
+
+    def sent(*args: str) -> Any:
+        before = len(gw.commands)
+        result = runner.invoke(cli, ["command", "c-units", *args, *conn], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("ok: code 0"), result.output
+        wait_for(lambda: len(gw.commands) > before)
+        return gw.commands[-1]["param"]
+
+    assert sent("voltage_under", "207") == {"id": "11", "value": 2070000}
+    assert sent("voltage_under", "207.5 V") == {"id": "11", "value": 2075000}
+    assert sent("leakage_warn_value", "30") == {"id": "13", "value": 300000}
+    assert sent("voltage_under", "2070000", "--raw") == {"id": "11", "value": 2070000}
+    assert sent("switch", "off") == {"id": "1", "value": False}
+    bad = runner.invoke(cli, ["command", "c-units", "voltage_under", "207.00001", *conn])
+    assert bad.exit_code == 2
+    assert "not representable" in bad.output and "0 to 100000 V in steps of 0.0001 V" in bad.output
+    wrong = runner.invoke(cli, ["command", "c-units", "voltage_under", "high", *conn])
+    assert wrong.exit_code == 2 and "takes a number in V" in wrong.output
+    assert runner.invoke(cli, ["command", "c-units", "switch", "maybe", *conn]).exit_code == 2
+
+
 def test_every_cid_a_sync_accepts_is_addressable_in_the_api(api: Api) -> None:
     """A cid must work as one path segment of /api/v1/devices/{cid}: sync refuses (1101) a cid with
     '/', control characters, or that is '.' or '..'; every other cid works in every device path."""
