@@ -618,11 +618,19 @@ def token_revoke(ctx: click.Context, name: str, config: Path | None, data_dir: P
 @_api_options
 @click.argument("gateway_id")
 def conformance_cmd(url: str, token: str | None, as_json: bool, gateway_id: str) -> None:
-    """The gateway's conformance report card: what the document expects, what the gateway did."""
+    """The gateway's conformance report card: what the document expects, what the gateway did.
+
+    Exits 1 when a rule fails (verdict "fail"), 0 otherwise, with --json too: for scripts and CI."""
     card = ApiClient(url, token).get(f"/api/v1/gateways/{gateway_id}/conformance")
     if as_json:
         _print_json(card)
-        return
+    else:
+        _print_card(card)
+    if card["verdict"] == "fail" or any(f["verdict"] == "fail" for f in card["findings"]):
+        raise SystemExit(1)
+
+
+def _print_card(card: dict[str, Any]) -> None:
     marks = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "unknown": " ?  "}
     state = "connected" if card["connected"] else "not connected"
     click.echo(f"gateway {card['gateway_id']} ({state}): {card['verdict'].upper()}")
