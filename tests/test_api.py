@@ -585,6 +585,35 @@ def test_cli_commands_take_real_units_and_raw_with_a_flag(api: Api) -> None:
     assert runner.invoke(cli, ["command", "c-units", "switch", "maybe", *conn]).exit_code == 2
 
 
+def test_a_gateways_last_seen_follows_its_messages_and_first_seen_is_kept(
+    hub_factory: Callable[..., RunningHub], clients: Callable[..., Client]
+) -> None:
+    """A gateway reporting every 0.3 s: "last seen" moves with its messages (not its connect time),
+    "first seen" is filled at its first connection and stays there across reconnections."""
+    api = Api(hub_factory("protocol", presence_timeout=2.0), clients)
+    try:
+        gw = api.gateway("gw-seen")
+        gw.sync("m-seen")
+
+        def row() -> dict[str, Any]:
+            return api.read.get("/api/v1/gateways/gw-seen").json()
+
+        first = wait_for(lambda: row()["first_seen"])
+        connected = row()["last_connected_at"]
+        for _ in range(6):
+            gw.status([("m-seen", True)])
+            time.sleep(0.3)
+        later = wait_for(lambda: (r := row())["last_seen"] > connected + 1.0 and r)
+        assert later["first_seen"] == first and later["last_connected_at"] == connected
+        gw.client.close()
+        again = api.gateway("gw-seen")
+        wait_for(lambda: row()["last_connected_at"] > connected)
+        again.status([("m-seen", True)])
+        assert row()["first_seen"] == first
+    finally:
+        api.close()
+
+
 def test_every_cid_a_sync_accepts_is_addressable_in_the_api(api: Api) -> None:
     """A cid must work as one path segment of /api/v1/devices/{cid}: sync refuses (1101) a cid with
     '/', control characters, or that is '.' or '..'; every other cid works in every device path."""

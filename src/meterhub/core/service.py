@@ -184,6 +184,7 @@ class ProtocolService:
         #: reports' answers by (gateway, request_id) with their content digest, bounded in count and age
         self._reports = AnswerCache(settings.dedupe_window, settings.dedupe_max_age)
         self._dirty_seen: dict[str, float] = {}
+        self._dirty_gw_seen: dict[str, float] = {}  # gateway id -> last message, flushed with devices'
         self._tasks: list[asyncio.Task[Any]] = []
         self.presence_interval = min(5.0, max(0.05, settings.presence_timeout / 10))
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -271,6 +272,7 @@ class ProtocolService:
                         "client_address": peer,
                         "last_connected_at": now,
                         "last_seen": now,
+                        "first_seen": now,  # kept once set (database._apply_gateways)
                     },
                 )
             ]
@@ -317,6 +319,7 @@ class ProtocolService:
             )
             return None
         gw, kind = parsed
+        self._dirty_gw_seen[gw] = self.clock()
         try:
             if kind is _REPORT:
                 return self._on_report(gw, payload)
@@ -808,6 +811,11 @@ class ProtocolService:
         """Write devices' last-seen times in one batch (not on every report), at most ``limit`` of
         them per call, longest waiting first: with 190,000 meters heard every minute a single flush
         was a six-figure UPDATE that held the writer (and every report's answer) for seconds."""
+        gateways, self._dirty_gw_seen = self._dirty_gw_seen, {}
+        if gateways:  # one row per gateway: a few thousand at most, unlike the devices
+            self.writer.submit(
+                [("gateway", {"gateway_id": gw, "last_seen": t}) for gw, t in gateways.items()]
+            )
         dirty = self._dirty_seen
         if not dirty:
             return
