@@ -465,6 +465,23 @@ def test_health_and_metrics(api: Api) -> None:
     assert 0 < values['meterhub_gc_pause_seconds_max{generation="0"}'] < 5
 
 
+def test_api_docs_need_no_other_host(api: Api) -> None:
+    """/docs works offline: every script, style sheet and icon it references is served by meterhub."""
+    import re
+
+    page = api.anon.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*["']([^"']+)["']""", page.text)
+    refs = [a or b for a, b in urls]
+    assert any(r.endswith("swagger-ui-bundle.js") for r in refs) and any(r.endswith(".css") for r in refs)
+    assert not re.search(r"https?://", page.text), re.findall(r"https?://[^\s\"']+", page.text)
+    for ref in refs:
+        assert ref.startswith("/"), ref
+        r = api.anon.get(ref)
+        assert r.status_code == 200 and len(r.content) > 100, ref
+    assert api.anon.get("/openapi.json").json()["info"]["title"] == "meterhub"
+
+
 def test_simple_get_latency(api: Api) -> None:
     """Light load: sequential GETs of the device list; prints the median for the report."""
     gw = api.gateway()
