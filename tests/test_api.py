@@ -482,6 +482,35 @@ def test_api_docs_need_no_other_host(api: Api) -> None:
     assert api.anon.get("/openapi.json").json()["info"]["title"] == "meterhub"
 
 
+def test_csv_exports_of_a_devices_history_and_of_the_alarms(api: Api) -> None:
+    """For spreadsheets: GET /devices/{cid}/history.csv (values in real units) and /alarms.csv."""
+    import csv
+    import io
+
+    gw = api.gateway()
+    gw.sync("csv-1")
+    now = int(time.time())
+    gw.report("csv-1", "5", 2301234, t=now - 60)
+    gw.report("csv-1", "1", True, t=now - 30)
+    gw.report("csv-1", "19", 1, t=now - 10)  # short_circuit_alarm: an alarm
+    r = api.read.get("/api/v1/devices/csv-1/history.csv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert 'filename="csv-1-history.csv"' in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    by_code = {row["code"]: row for row in rows}
+    assert by_code["voltage_current"]["value"] == "230.1234" and by_code["voltage_current"]["unit"] == "V"
+    assert by_code["voltage_current"]["raw"] == "2301234" and by_code["switch"]["value"] == "True"
+    assert [row["code"] for row in rows] == ["voltage_current", "switch", "fault"]  # by measurement time
+    assert api.read.get("/api/v1/devices/nobody/history.csv").status_code == 404
+    assert api.anon.get("/api/v1/devices/csv-1/history.csv").status_code == 401
+    wait_for(lambda: api.read.get("/api/v1/alarms").json()["total"] >= 1)
+    alarms = list(
+        csv.DictReader(io.StringIO(api.read.get("/api/v1/alarms.csv", params={"cid": "csv-1"}).text))
+    )
+    assert alarms and alarms[0]["label"] == "short_circuit_alarm" and alarms[0]["state"] == "active"
+    assert alarms[0]["cid"] == "csv-1" and alarms[0]["raised_at"]
+
+
 def test_simple_get_latency(api: Api) -> None:
     """Light load: sequential GETs of the device list; prints the median for the report."""
     gw = api.gateway()

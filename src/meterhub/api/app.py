@@ -30,6 +30,7 @@ from meterhub.api.routers import (
     conformance,
     devices,
     energy,
+    export,
     prepaid,
     registry,
     sites,
@@ -77,7 +78,19 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(system.health_router)
     app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
-    for module in (registry, devices, commands, energy, alarms, users, conformance, sites, billing, prepaid):
+    for module in (
+        registry,
+        devices,
+        commands,
+        energy,
+        alarms,
+        users,
+        conformance,
+        sites,
+        billing,
+        prepaid,
+        export,
+    ):
         api.include_router(module.router)
     app.include_router(api)
     for extra in extra_routers or []:
