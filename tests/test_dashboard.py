@@ -596,3 +596,25 @@ def test_a_slow_client_loses_its_oldest_events_not_the_listener() -> None:
         sub.offer(("report", {"i": i}))  # never blocks, never raises
     assert sub.dropped == 2
     assert [sub.queue.get_nowait()[1]["i"] for _ in range(3)] == [2, 3, 4]
+
+
+def test_device_page_downloads_its_history_as_csv(dash: Dashboard, tmp_path: Path) -> None:
+    """The device page's "Download CSV" button saves the reports with the session's token."""
+    gw, page = dash.gw, dash.page
+    gw.sync("m-csv", device_name="Export board")
+    seed_meter(gw, "m-csv", time.time())
+    dash.sign_in(dash.read_token)
+    expect(page.locator("#topbar")).to_be_visible()
+    dash.go("/devices/m-csv")
+    expect(page.locator("#history-csv")).to_be_visible()
+    with page.expect_download() as info:
+        page.click("#history-csv")
+    download = info.value
+    assert download.suggested_filename == "m-csv-history.csv"
+    saved = tmp_path / "export.csv"
+    download.save_as(saved)
+    lines = saved.read_text().splitlines()
+    assert lines[0] == "t,time,dp_id,code,value,unit,raw,received_at"
+    voltage = next(line.split(",") for line in lines[1:] if ",voltage_current," in line)
+    assert voltage[4:7] == ["230.4", "V", "2304000"]
+    dash.check_console()

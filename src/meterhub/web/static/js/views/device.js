@@ -2,7 +2,7 @@
 // of temperature (history API, downsampled), energy per day and per month, alarms, and the command
 // panel built from the product model.
 
-import { ApiError, api, isAdmin, model as getModel, openStream, qs } from "../api.js";
+import { ApiError, api, download, isAdmin, model as getModel, openStream, qs } from "../api.js";
 import { BarChart, COLORS, LineChart } from "../charts.js";
 import { fill, flash, h, setText, throttle } from "../dom.js";
 import { ago, decimalsFor, duration, energy, fixed, fullTime, num, power, time } from "../format.js";
@@ -299,7 +299,7 @@ export async function deviceView(main, { params, signal }) {
       h(
         "section",
         { class: "panel", "aria-labelledby": "dps-h" },
-        h("div", { class: "panel-head" }, h("h2", { id: "dps-h" }, "Data points"), h("span", { class: "hint" }, "Live: values update as the meter reports")),
+        h("div", { class: "panel-head" }, h("h2", { id: "dps-h" }, "Data points"), h("span", { class: "hint" }, "Live: values update as the meter reports"), csvButton(cid)),
         h(
           "div",
           { class: "table-wrap" },
@@ -716,4 +716,21 @@ export async function deviceView(main, { params, signal }) {
 
 function sameValue(a, b) {
   return a === b || JSON.stringify(a) === JSON.stringify(b);
+}
+
+/** "Download CSV": the device's reports of the last 7 days (GET /devices/{cid}/history.csv). */
+function csvButton(cid) {
+  const button = h("button", { type: "button", class: "secondary", id: "history-csv", title: "Every report of the last 7 days, values in real units (raw in its own column)" }, "Download CSV");
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await download(`/api/v1/devices/${encodeURIComponent(cid)}/history.csv`, `${cid}-history.csv`);
+      button.textContent = "Download CSV";
+    } catch (err) {
+      button.textContent = `Download failed: ${err.message || err}`;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return button;
 }
