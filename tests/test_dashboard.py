@@ -672,3 +672,16 @@ def test_no_page_cuts_off_or_hides_content_sideways(dash: Dashboard, width: int)
         if found:
             problems[route] = found
     assert problems == {}, problems
+
+
+def test_the_overviews_updated_time_moves_with_its_live_tiles(dash: Dashboard) -> None:
+    gw, page = dash.gw, dash.page
+    gw.sync("m-live", device_name="Live feeder")
+    gw.report("m-live", [(3, 10_000_000, time.time())])
+    dash.sign_in(dash.read_token)
+    expect(page.locator("#overview-updated")).to_contain_text("Updated")
+    first = text_of(page, "#overview-updated")
+    time.sleep(2.2)  # the stamp has a resolution of a second
+    gw.report("m-live", [(3, 20_000_000, time.time())])  # the power tile changes live
+    expect(page.locator("#overview-updated")).not_to_have_text(first, timeout=5000)
+    dash.check_console()
