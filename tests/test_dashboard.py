@@ -289,7 +289,12 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
 
     # Every data point with its scaled value and unit.
     voltage = page.locator('#dp-table tr[data-dp="5"] td.value')
-    expect(voltage).to_have_text("230.4000")
+    expect(voltage).to_have_text("230.4")  # no trailing zeros: "230.4000" said nothing more
+    expect(voltage).to_have_attribute("title", "230.4 V (raw 2304000, scale 4)")
+    current = page.locator('#dp-table tr[data-dp="7"]')
+    expect(current.locator("td.value")).to_have_text("22.6")  # 22,600 mA reads better as 22.6 A
+    expect(current.locator("td.unit")).to_have_text("A")
+    expect(current.locator("td.value")).to_have_attribute("title", "22,600 mA (raw 226000000, scale 4)")
     expect(page.locator('#dp-table tr[data-dp="5"] td.unit')).to_have_text("V")
     expect(page.locator('#dp-table tr[data-dp="10"] td.value')).to_have_text("38.62")
     expect(page.locator('#dp-table tr[data-dp="10"] td.unit')).to_have_text("°C")
@@ -359,7 +364,7 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     row.locator("button[type=submit]").click()
     assert gw.next_command()["param"] == {"id": "12", "value": 2_535_000}
     expect(status).to_contain_text("the meter reports 253.5 V")
-    expect(page.locator('#dp-table tr[data-dp="12"] td.value')).to_have_text("253.5000")
+    expect(page.locator('#dp-table tr[data-dp="12"] td.value')).to_have_text("253.5")
 
     # The meter goes offline (live), and the server's refusal (409, 2001) is shown clearly.
     gw.status([("m1", False)])
@@ -388,7 +393,7 @@ def test_phone_layout_has_no_sideways_scroll(dash: Dashboard) -> None:
     dash.sign_in(dash.admin_token)
     dash.go("/devices/m1")
     expect(page.locator("#chart-voltage .uplot")).to_be_visible()
-    expect(page.locator('#dp-table tr[data-dp="5"] td.value')).to_have_text("230.4000")
+    expect(page.locator('#dp-table tr[data-dp="5"] td.value')).to_have_text("230.4")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     # Keyboard: the switch is a real button reachable with Tab, with a visible focus ring.
     for _ in range(60):
