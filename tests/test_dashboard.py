@@ -346,7 +346,7 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     expect(page.locator('.tile[data-dp="1"] .tile-value')).to_have_text("Off")
 
     # A setting in real units goes out as the raw integer (scale 4); out of range is refused here.
-    page.click("details.settings > summary")
+    page.click("#settings-group > summary")
     over = page.locator("#cmd-voltage_over")
     row = page.locator('.control-row[data-code="voltage_over"]')
     over.fill("-5")
@@ -689,4 +689,35 @@ def test_the_overviews_updated_time_moves_with_its_live_tiles(dash: Dashboard) -
     time.sleep(2.2)  # the stamp has a resolution of a second
     gw.report("m-live", [(3, 20_000_000, time.time())])  # the power tile changes live
     expect(page.locator("#overview-updated")).not_to_have_text(first, timeout=5000)
+    dash.check_console()
+
+
+def test_measured_values_are_calibration_apart_from_settings_and_confirmed(dash: Dashboard) -> None:
+    """Actual voltage, total electricity, frequency are read-write in the document but measurements:
+    grouped as calibration, apart from the limits, and sent only after a confirmation."""
+    gw, page = dash.gw, dash.page
+    gw.sync("m-cal", device_name="Calibration board")
+    seed_meter(gw, "m-cal", time.time())
+    dash.sign_in(dash.admin_token)
+    dash.go("/devices/m-cal")
+    settings, calibration = page.locator("#settings-group"), page.locator("#calibration-group")
+    expect(calibration.locator("summary")).to_contain_text("Calibration")
+    for code in ("voltage_current", "electric_total", "supply_frequency"):
+        expect(calibration.locator(f'.control-row[data-code="{code}"]')).to_have_count(1)
+        expect(settings.locator(f'.control-row[data-code="{code}"]')).to_have_count(0)
+    for code in ("voltage_under", "voltage_over", "power_limit"):
+        expect(settings.locator(f'.control-row[data-code="{code}"]')).to_have_count(1)
+    calibration.locator("summary").click()
+    row = calibration.locator('.control-row[data-code="voltage_current"]')
+    row.locator("input").fill("231")
+    page.once("dialog", lambda d: d.dismiss())
+    row.locator("button[type=submit]").click()
+    expect(page.locator("#cmd-status-5")).to_contain_text("calibration cancelled")
+    page.wait_for_timeout(200)
+    assert gw.received == [], gw.received
+    messages: list[str] = []
+    page.once("dialog", lambda d: (messages.append(d.message), d.accept()))
+    row.locator("button[type=submit]").click()
+    assert gw.next_command()["param"] == {"id": "5", "value": 2_310_000}
+    assert "overwrite the meter's measured value" in messages[0]
     dash.check_console()

@@ -10,6 +10,10 @@ import { refreshAlarmBadge } from "../shell.js";
 import { ALARM_DPS, alarmRow } from "./alarms.js";
 import { errorBox, learnModel, presenceBadge, renderValue } from "./common.js";
 
+// Read-write in the document, but measurements: setting one overwrites what the meter measured.
+// Offered apart from the real settings (limits, switches), as calibration behind a confirmation.
+const CALIBRATION = new Set(["voltage_current", "leakage_current", "power_effective", "power_reactive", "power_factor", "supply_frequency", "electric_total", "electric_daily", "electric_month", "residual_electricity"]);
+
 const RANGES = {
   hour: { label: "1 hour", seconds: 3600, buckets: 60, refresh: 5000 },
   day: { label: "24 hours", seconds: 86400, buckets: 96, refresh: 60000 },
@@ -548,6 +552,10 @@ export async function deviceView(main, { params, signal }) {
     };
 
     async function send(dp, row, raw, shown) {
+      if (CALIBRATION.has(dp.code) && !window.confirm(`Calibrate ${dp.name}: overwrite the meter's measured value with ${shown}?`)) {
+        setStatus(row, "pending", "Not sent: calibration cancelled.");
+        return;
+      }
       const old = waits.get(dp.id);
       if (old) clearTimeout(old.timer);
       waits.delete(dp.id);
@@ -670,12 +678,16 @@ export async function deviceView(main, { params, signal }) {
     }
 
     const switches = [...rows.values()].filter((r) => r.dp.type === "bool").map((r) => r.el);
-    const settings = [...rows.values()].filter((r) => r.dp.type !== "bool").map((r) => r.el);
+    const settings = [...rows.values()].filter((r) => r.dp.type !== "bool" && !CALIBRATION.has(r.dp.code)).map((r) => r.el);
+    const calibration = [...rows.values()].filter((r) => r.dp.type !== "bool" && CALIBRATION.has(r.dp.code)).map((r) => r.el);
     fill(
       fieldset,
       switches,
       settings.length
-        ? h("details", { class: "settings" }, h("summary", null, `Settings (${settings.length})`), settings)
+        ? h("details", { class: "settings", id: "settings-group" }, h("summary", null, `Settings (${settings.length})`), settings)
+        : null,
+      calibration.length
+        ? h("details", { class: "settings calibration", id: "calibration-group" }, h("summary", null, `Calibration (${calibration.length})`), h("p", { class: "small muted" }, "Measured values: setting one overwrites the meter's own reading. Each asks for confirmation."), calibration)
         : null,
     );
     const panel = h(

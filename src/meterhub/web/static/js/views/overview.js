@@ -184,7 +184,10 @@ export async function overviewView(main, { signal }) {
     tiles.month.set(mText, mUnit, monthName ? `${monthName} so far` : "no readings yet");
   }
 
-  const stamp = () => setText(document.getElementById("overview-updated"), `Updated ${time(Date.now() / 1000)}`);
+  const stamp = () => {
+    const el = document.getElementById("overview-updated"); // null once the view was left
+    if (el) setText(el, `Updated ${time(Date.now() / 1000)}`);
+  };
   const guard = (p) =>
     p.catch((err) => {
       if (err.name !== "AbortError") console.warn(err);
