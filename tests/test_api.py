@@ -465,6 +465,52 @@ def test_health_and_metrics(api: Api) -> None:
     assert 0 < values['meterhub_gc_pause_seconds_max{generation="0"}'] < 5
 
 
+def test_api_docs_need_no_other_host(api: Api) -> None:
+    """/docs works offline: every script, style sheet and icon it references is served by meterhub."""
+    import re
+
+    page = api.anon.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*["']([^"']+)["']""", page.text)
+    refs = [a or b for a, b in urls]
+    assert any(r.endswith("swagger-ui-bundle.js") for r in refs) and any(r.endswith(".css") for r in refs)
+    assert not re.search(r"https?://", page.text), re.findall(r"https?://[^\s\"']+", page.text)
+    for ref in refs:
+        assert ref.startswith("/"), ref
+        r = api.anon.get(ref)
+        assert r.status_code == 200 and len(r.content) > 100, ref
+    assert api.anon.get("/openapi.json").json()["info"]["title"] == "meterhub"
+
+
+def test_csv_exports_of_a_devices_history_and_of_the_alarms(api: Api) -> None:
+    """For spreadsheets: GET /devices/{cid}/history.csv (values in real units) and /alarms.csv."""
+    import csv
+    import io
+
+    gw = api.gateway()
+    gw.sync("csv-1")
+    now = int(time.time())
+    gw.report("csv-1", "5", 2301234, t=now - 60)
+    gw.report("csv-1", "1", True, t=now - 30)
+    gw.report("csv-1", "19", 1, t=now - 10)  # short_circuit_alarm: an alarm
+    r = api.read.get("/api/v1/devices/csv-1/history.csv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert 'filename="csv-1-history.csv"' in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    by_code = {row["code"]: row for row in rows}
+    assert by_code["voltage_current"]["value"] == "230.1234" and by_code["voltage_current"]["unit"] == "V"
+    assert by_code["voltage_current"]["raw"] == "2301234" and by_code["switch"]["value"] == "True"
+    assert [row["code"] for row in rows] == ["voltage_current", "switch", "fault"]  # by measurement time
+    assert api.read.get("/api/v1/devices/nobody/history.csv").status_code == 404
+    assert api.anon.get("/api/v1/devices/csv-1/history.csv").status_code == 401
+    wait_for(lambda: api.read.get("/api/v1/alarms").json()["total"] >= 1)
+    alarms = list(
+        csv.DictReader(io.StringIO(api.read.get("/api/v1/alarms.csv", params={"cid": "csv-1"}).text))
+    )
+    assert alarms and alarms[0]["label"] == "short_circuit_alarm" and alarms[0]["state"] == "active"
+    assert alarms[0]["cid"] == "csv-1" and alarms[0]["raised_at"]
+
+
 def test_simple_get_latency(api: Api) -> None:
     """Light load: sequential GETs of the device list; prints the median for the report."""
     gw = api.gateway()
@@ -548,6 +594,70 @@ def test_operator_cli(api: Api, tmp_path: Any) -> None:
     )
     dup = runner.invoke(cli, ["token", "create", "ops", "--scope", "admin", *data])
     assert dup.exit_code == 1 and "already exists" in dup.output
+
+
+def test_cli_commands_take_real_units_and_raw_with_a_flag(api: Api) -> None:
+    """``meterhub command D voltage_under 207`` sends 207 V (2070000 on the wire); ``--raw`` sends the
+    wire form; a value the scale/step cannot represent is refused with the allowed values."""
+    from click.testing import CliRunner
+
+    from meterhub.cli_ops import cli
+
+    gw = api.gateway()
+    gw.sync("c-units")
+    gw.status([("c-units", True)])
+    gw.command_code = 0
+    conn = ["--url", api.base, "--token", api.admin_token]
+    runner = CliRunner()
+
+    def sent(*args: str) -> Any:
+        before = len(gw.commands)
+        result = runner.invoke(cli, ["command", "c-units", *args, *conn], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("ok: code 0"), result.output
+        wait_for(lambda: len(gw.commands) > before)
+        return gw.commands[-1]["param"]
+
+    assert sent("voltage_under", "207") == {"id": "11", "value": 2070000}
+    assert sent("voltage_under", "207.5 V") == {"id": "11", "value": 2075000}
+    assert sent("leakage_warn_value", "30") == {"id": "13", "value": 300000}
+    assert sent("voltage_under", "2070000", "--raw") == {"id": "11", "value": 2070000}
+    assert sent("switch", "off") == {"id": "1", "value": False}
+    bad = runner.invoke(cli, ["command", "c-units", "voltage_under", "207.00001", *conn])
+    assert bad.exit_code == 2
+    assert "not representable" in bad.output and "0 to 100000 V in steps of 0.0001 V" in bad.output
+    wrong = runner.invoke(cli, ["command", "c-units", "voltage_under", "high", *conn])
+    assert wrong.exit_code == 2 and "takes a number in V" in wrong.output
+    assert runner.invoke(cli, ["command", "c-units", "switch", "maybe", *conn]).exit_code == 2
+
+
+def test_a_gateways_last_seen_follows_its_messages_and_first_seen_is_kept(
+    hub_factory: Callable[..., RunningHub], clients: Callable[..., Client]
+) -> None:
+    """A gateway reporting every 0.3 s: "last seen" moves with its messages (not its connect time),
+    "first seen" is filled at its first connection and stays there across reconnections."""
+    api = Api(hub_factory("protocol", presence_timeout=2.0), clients)
+    try:
+        gw = api.gateway("gw-seen")
+        gw.sync("m-seen")
+
+        def row() -> dict[str, Any]:
+            return api.read.get("/api/v1/gateways/gw-seen").json()
+
+        first = wait_for(lambda: row()["first_seen"])
+        connected = row()["last_connected_at"]
+        for _ in range(6):
+            gw.status([("m-seen", True)])
+            time.sleep(0.3)
+        later = wait_for(lambda: (r := row())["last_seen"] > connected + 1.0 and r)
+        assert later["first_seen"] == first and later["last_connected_at"] == connected
+        gw.client.close()
+        again = api.gateway("gw-seen")
+        wait_for(lambda: row()["last_connected_at"] > connected)
+        again.status([("m-seen", True)])
+        assert row()["first_seen"] == first
+    finally:
+        api.close()
 
 
 def test_every_cid_a_sync_accepts_is_addressable_in_the_api(api: Api) -> None:

@@ -175,3 +175,28 @@ def test_report_card_api_and_cli(hub: RunningHub, vendor: registry.Vendor, clien
     assert out.exit_code == 0, out.output
     assert "gateway gw-api (connected)" in out.output and "[PASS] Devices are synced" not in out.output
     assert "expected:" in out.output and "observed:" in out.output
+
+
+def test_cli_exits_non_zero_when_a_rule_fails_also_with_json(
+    hub: RunningHub, vendor: registry.Vendor
+) -> None:
+    """Scripts and CI pipelines of meter makers: a failing rule is exit code 1, text or --json."""
+    from click.testing import CliRunner
+
+    from meterhub.cli import main
+
+    user = vendor.username
+    for _ in range(5):  # a reconnect storm: "reconnect-politely" fails
+        r = mqttraw.RawClient(hub.port)
+        r.send(mqttraw.connect("gw-ci", user, gateway_password("gw-ci", user), keepalive=1))
+        assert r.read_packet()[0] == 0x20
+        r.close()
+    assert verdicts(hub, "gw-ci")["reconnect-politely"] == "fail"
+    token, _ = create_token(hub.engine, "ci", "read")
+    conn = ["--url", f"http://127.0.0.1:{hub.hub.http_port}", "--token", token]
+    text = CliRunner().invoke(main, ["conformance", "gw-ci", *conn])
+    assert text.exit_code == 1 and "[FAIL]" in text.output
+    as_json = CliRunner().invoke(main, ["conformance", "gw-ci", *conn, "--json"])
+    assert as_json.exit_code == 1
+    card = json.loads(as_json.output)
+    assert card["gateway_id"] == "gw-ci" and card["verdict"] == "fail"

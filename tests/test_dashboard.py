@@ -289,7 +289,12 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
 
     # Every data point with its scaled value and unit.
     voltage = page.locator('#dp-table tr[data-dp="5"] td.value')
-    expect(voltage).to_have_text("230.4000")
+    expect(voltage).to_have_text("230.4")  # no trailing zeros: "230.4000" said nothing more
+    expect(voltage).to_have_attribute("title", "230.4 V (raw 2304000, scale 4)")
+    current = page.locator('#dp-table tr[data-dp="7"]')
+    expect(current.locator("td.value")).to_have_text("22.6")  # 22,600 mA reads better as 22.6 A
+    expect(current.locator("td.unit")).to_have_text("A")
+    expect(current.locator("td.value")).to_have_attribute("title", "22,600 mA (raw 226000000, scale 4)")
     expect(page.locator('#dp-table tr[data-dp="5"] td.unit')).to_have_text("V")
     expect(page.locator('#dp-table tr[data-dp="10"] td.value')).to_have_text("38.62")
     expect(page.locator('#dp-table tr[data-dp="10"] td.unit')).to_have_text("°C")
@@ -341,7 +346,7 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     expect(page.locator('.tile[data-dp="1"] .tile-value')).to_have_text("Off")
 
     # A setting in real units goes out as the raw integer (scale 4); out of range is refused here.
-    page.click("details.settings > summary")
+    page.click("#settings-group > summary")
     over = page.locator("#cmd-voltage_over")
     row = page.locator('.control-row[data-code="voltage_over"]')
     over.fill("-5")
@@ -359,7 +364,7 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     row.locator("button[type=submit]").click()
     assert gw.next_command()["param"] == {"id": "12", "value": 2_535_000}
     expect(status).to_contain_text("the meter reports 253.5 V")
-    expect(page.locator('#dp-table tr[data-dp="12"] td.value')).to_have_text("253.5000")
+    expect(page.locator('#dp-table tr[data-dp="12"] td.value')).to_have_text("253.5")
 
     # The meter goes offline (live), and the server's refusal (409, 2001) is shown clearly.
     gw.status([("m1", False)])
@@ -388,7 +393,7 @@ def test_phone_layout_has_no_sideways_scroll(dash: Dashboard) -> None:
     dash.sign_in(dash.admin_token)
     dash.go("/devices/m1")
     expect(page.locator("#chart-voltage .uplot")).to_be_visible()
-    expect(page.locator('#dp-table tr[data-dp="5"] td.value')).to_have_text("230.4000")
+    expect(page.locator('#dp-table tr[data-dp="5"] td.value')).to_have_text("230.4")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     # Keyboard: the switch is a real button reachable with Tab, with a visible focus ring.
     for _ in range(60):
@@ -599,3 +604,123 @@ def test_a_slow_client_loses_its_oldest_events_not_the_listener() -> None:
         sub.offer(("report", {"i": i}))  # never blocks, never raises
     assert sub.dropped == 2
     assert [sub.queue.get_nowait()[1]["i"] for _ in range(3)] == [2, 3, 4]
+
+
+def test_device_page_downloads_its_history_as_csv(dash: Dashboard, tmp_path: Path) -> None:
+    """The device page's "Download CSV" button saves the reports with the session's token."""
+    gw, page = dash.gw, dash.page
+    gw.sync("m-csv", device_name="Export board")
+    seed_meter(gw, "m-csv", time.time())
+    dash.sign_in(dash.read_token)
+    expect(page.locator("#topbar")).to_be_visible()
+    dash.go("/devices/m-csv")
+    expect(page.locator("#history-csv")).to_be_visible()
+    with page.expect_download() as info:
+        page.click("#history-csv")
+    download = info.value
+    assert download.suggested_filename == "m-csv-history.csv"
+    saved = tmp_path / "export.csv"
+    download.save_as(saved)
+    lines = saved.read_text().splitlines()
+    assert lines[0] == "t,time,dp_id,code,value,unit,raw,received_at"
+    voltage = next(line.split(",") for line in lines[1:] if ",voltage_current," in line)
+    assert voltage[4:7] == ["230.4", "V", "2304000"]
+    dash.check_console()
+
+
+# --- layout: nothing cut off or hidden sideways at 1280 and 390 px --------------------------------
+
+OVERFLOW_JS = """() => {
+  const found = [];
+  const vw = window.innerWidth;
+  for (const el of document.querySelectorAll("main *, #app *")) {
+    const style = getComputedStyle(el);
+    if (style.display === "none" || style.visibility === "hidden") continue;
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0) continue;
+    const cls = typeof el.className === "string" ? el.className.trim().split(/\\s+/).join(".") : "";
+    const name = el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") + (cls ? "." + cls : "");
+    if (r.right > vw + 1) found.push(`${name} ends at ${Math.round(r.right)} > ${vw}`);
+    if (el.scrollWidth > el.clientWidth + 1 && ["hidden", "auto", "scroll", "clip"].includes(style.overflowX)
+        && el.clientWidth > 0 && !el.closest(".uplot")) {
+      found.push(`${name} hides ${el.scrollWidth - el.clientWidth}px sideways`);
+    }
+  }
+  return [...new Set(found)].slice(0, 30);
+}"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known layout defects, not fixed yet (issue item 8): at 1280 px the device page's alarm table "
+    "is cut off in its column; at 390 px tables of the overview, device and alarms pages scroll sideways "
+    "with no cue. Remove this marker with the fix.",
+)
+@pytest.mark.parametrize("width", [1280, 390])
+def test_no_page_cuts_off_or_hides_content_sideways(dash: Dashboard, width: int) -> None:
+    gw, page = dash.gw, dash.page
+    gw.sync("m1", device_name="Main distribution board", install_location="Plant room, level 1")
+    seed_meter(gw, "m1", time.time())
+    gw.report("m1", [(19, 1, time.time())])  # a fault: the alarms table has a row
+    page.set_viewport_size({"width": width, "height": 900})
+    dash.sign_in(dash.admin_token)
+    expect(page.locator("#topbar")).to_be_visible()
+    problems = {}
+    for route, ready in (
+        ("/devices/m1", '#dp-table tr[data-dp="5"] td.value'),
+        ("/alarms", "table.alarm-table tbody tr"),
+        ("/", "#topbar"),
+    ):
+        dash.go(route)
+        expect(page.locator(ready).first).to_be_visible()
+        page.wait_for_timeout(500)
+        name = route.strip("/").replace("/", "-") or "overview"
+        dash.shot(f"layout-{name}-{width}", full_page=True)
+        found = page.evaluate(OVERFLOW_JS)
+        if found:
+            problems[route] = found
+    assert problems == {}, problems
+
+
+def test_the_overviews_updated_time_moves_with_its_live_tiles(dash: Dashboard) -> None:
+    gw, page = dash.gw, dash.page
+    gw.sync("m-live", device_name="Live feeder")
+    gw.report("m-live", [(3, 10_000_000, time.time())])
+    dash.sign_in(dash.read_token)
+    expect(page.locator("#overview-updated")).to_contain_text("Updated")
+    first = text_of(page, "#overview-updated")
+    time.sleep(2.2)  # the stamp has a resolution of a second
+    gw.report("m-live", [(3, 20_000_000, time.time())])  # the power tile changes live
+    expect(page.locator("#overview-updated")).not_to_have_text(first, timeout=5000)
+    dash.check_console()
+
+
+def test_measured_values_are_calibration_apart_from_settings_and_confirmed(dash: Dashboard) -> None:
+    """Actual voltage, total electricity, frequency are read-write in the document but measurements:
+    grouped as calibration, apart from the limits, and sent only after a confirmation."""
+    gw, page = dash.gw, dash.page
+    gw.sync("m-cal", device_name="Calibration board")
+    seed_meter(gw, "m-cal", time.time())
+    dash.sign_in(dash.admin_token)
+    dash.go("/devices/m-cal")
+    settings, calibration = page.locator("#settings-group"), page.locator("#calibration-group")
+    expect(calibration.locator("summary")).to_contain_text("Calibration")
+    for code in ("voltage_current", "electric_total", "supply_frequency"):
+        expect(calibration.locator(f'.control-row[data-code="{code}"]')).to_have_count(1)
+        expect(settings.locator(f'.control-row[data-code="{code}"]')).to_have_count(0)
+    for code in ("voltage_under", "voltage_over", "power_limit"):
+        expect(settings.locator(f'.control-row[data-code="{code}"]')).to_have_count(1)
+    calibration.locator("summary").click()
+    row = calibration.locator('.control-row[data-code="voltage_current"]')
+    row.locator("input").fill("231")
+    page.once("dialog", lambda d: d.dismiss())
+    row.locator("button[type=submit]").click()
+    expect(page.locator("#cmd-status-5")).to_contain_text("calibration cancelled")
+    page.wait_for_timeout(200)
+    assert gw.received == [], gw.received
+    messages: list[str] = []
+    page.once("dialog", lambda d: (messages.append(d.message), d.accept()))
+    row.locator("button[type=submit]").click()
+    assert gw.next_command()["param"] == {"id": "5", "value": 2_310_000}
+    assert "overwrite the meter's measured value" in messages[0]
+    dash.check_console()

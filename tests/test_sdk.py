@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -506,3 +507,84 @@ def test_sync_answers_slower_than_the_response_timeout_still_count(
             await gw.close(flush_timeout=0)
 
     run(main())
+
+
+# --- a server that goes away: quiet reconnection ---------------------------------------------------
+
+_SDK_UNDER_KILL = """
+import asyncio, logging, sys, time
+from meterhub.sdk import Gateway
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+port, user, outages = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+async def main():
+    gw = Gateway("127.0.0.1", port, "gw-kill", user, reconnect_base=0.05, reconnect_cap=0.2)
+    await gw.start(timeout=20)
+    assert await gw.sync("m-kill", "p") == 0
+    print("READY", flush=True)
+    i = seen = 0
+    while seen < outages:  # report as fast as the window allows while the server dies
+        gw.report_nowait("m-kill", "voltage_current", 220 + i % 10)
+        i += 1
+        await (asyncio.sleep(0.002) if i % 50 == 0 else asyncio.sleep(0))
+        if gw.stats.reconnects > seen and gw.connected:
+            seen = gw.stats.reconnects
+            print("UP", seen, flush=True)
+    await gw.wait_idle(20)
+    print("DONE", gw.stats.reconnects, gw.stats.acked, flush=True)
+    await gw.close()
+
+asyncio.run(main())
+"""
+
+
+def test_killing_the_server_under_the_sdk_prints_no_traceback(tmp_path: Path) -> None:
+    """The server is stopped (SIGTERM) and killed (SIGKILL) under a busy gateway: it reconnects each
+    time with one warning line per outage and nothing else on stderr (no asyncio callback traceback)."""
+    from conftest import cli_add_vendor
+
+    data = tmp_path / "data"
+    user = cli_add_vendor(data, "kill-vendor")
+    mqtt_port, http_port = free_port(), free_port()
+    serve = [sys.executable, "-m", "meterhub", "serve", "--data-dir", str(data)]
+    serve += ["--mqtt-port", str(mqtt_port), "--http-port", str(http_port)]
+    log = (tmp_path / "serve.log").open("wb")
+
+    def start_server() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", mqtt_port)) == 0
+
+    signals = [15, 9, 15]
+    server = start_server()
+    wait_for(listening, 20)
+    sdk = subprocess.Popen(
+        [sys.executable, "-c", _SDK_UNDER_KILL, str(mqtt_port), user, str(len(signals))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sdk.stdout is not None
+        assert sdk.stdout.readline().strip() == "READY"
+        for n, sig in enumerate(signals, 1):
+            time.sleep(0.5)  # reports in flight
+            server.send_signal(sig)
+            server.wait(20)
+            time.sleep(0.3)  # the gateway retries against a closed port meanwhile
+            server = start_server()
+            assert sdk.stdout.readline().split() == ["UP", str(n)]
+        out, err = sdk.communicate(timeout=60)
+    finally:
+        sdk.kill()
+        server.terminate()
+        server.wait(20)
+    assert sdk.returncode == 0, err
+    assert out.split()[:2] == ["DONE", str(len(signals))]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and "Exception in callback" not in err, err
+    warnings = [line for line in lines if not line.startswith("INFO ")]
+    assert len(warnings) == len(signals), err
+    assert all("lost its connection" in w and "reconnecting" in w for w in warnings), err

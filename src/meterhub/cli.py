@@ -162,7 +162,6 @@ def demo(
 ) -> None:
     """Run the server with a simulated fleet of three-phase meters, so data flows at once."""
     import asyncio
-    import time
 
     from meterhub.api.security import create_token
     from meterhub.app import Hub, check_ports_free, run, start_or_explain
@@ -178,17 +177,25 @@ def demo(
         check_ports_free(settings)
     engine = ctx.engine()
     vendor = registry.get_vendor(engine, "demo") or registry.add_vendor(engine, "demo")
-    token, _ = create_token(engine, f"demo-{int(time.time())}", "admin")
+    token = _demo_token(engine, Path(settings.data_dir), create_token)
     engine.dispose()
 
     async def main_task() -> None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):  # both stop the demo cleanly (hub.stop below)
+            loop.add_signal_handler(sig, task.cancel)
         await start_or_explain(hub)
         base = f"http://127.0.0.1:{hub.http_port}"
         click.echo(f"meterhub demo: MQTT for gateways on port {hub.mqtt_port}, API and dashboard at {base}/")
         click.echo(f"  dashboard / API token (admin): {token}")
         click.echo(f"  try: curl -H 'Authorization: Bearer {token}' {base}/api/v1/devices")
         click.echo(
-            f"  simulating {gateways} gateways x {meters} meters, a report every {interval:g} s; Ctrl-C stops"
+            f"  simulating {gateways} gateways x {meters} meters, a report every {interval:g} s; "
+            "Ctrl-C (or SIGTERM) stops"
         )
         try:
             await run_fleet(
@@ -210,6 +217,26 @@ def demo(
             run(main_task())
     finally:
         hub.lock.release()
+
+
+def _demo_token(engine: Any, data_dir: Path, create_token: Any) -> str:
+    """The demo's admin token: kept in ``DATA_DIR/demo-token`` (mode 0600) and reused while it is
+    still valid, so every ``make demo`` does not add one more admin token."""
+    import time
+
+    from meterhub.api.security import lookup_token
+
+    path = data_dir / "demo-token"
+    with contextlib.suppress(OSError):
+        kept = path.read_text().strip()
+        info = lookup_token(engine, kept)
+        if info is not None and not info.revoked and info.scope == "admin" and info.sites is None:
+            return kept
+    token, _ = create_token(engine, f"demo-{int(time.time())}", "admin")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
 
 
 # --- vendors -------------------------------------------------------------------------------------

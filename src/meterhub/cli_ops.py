@@ -24,6 +24,8 @@ from typing import Any
 
 import click
 
+from meterhub.cli_values import ValueText, to_raw
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -313,6 +315,7 @@ def history_cmd(
     "--timeout", type=click.FloatRange(0, 300, min_open=True), default=None, help="Seconds to wait."
 )
 @click.option("--no-wait", is_flag=True, help="Do not wait for the answer; print the id to poll.")
+@click.option("--raw", is_flag=True, help="VALUE is the wire form (2070000 for 207 V), JSON or text.")
 def command_cmd(
     url: str,
     token: str | None,
@@ -322,14 +325,16 @@ def command_cmd(
     value: str,
     timeout: float | None,
     no_wait: bool,
+    raw: bool,
 ) -> None:
-    """Send a command: VALUE is JSON (true, 2300000, "label") or plain text."""
-    body: dict[str, Any] = {"dp": dp, "value": parse_value(value), "wait": not no_wait}
+    """Send a command. VALUE is in the data point's real unit (``voltage_under 207`` = 207 V), true or
+    false, or a label; with --raw it is the wire value."""
+    client = ApiClient(url, token, timeout=(timeout or 10) + 30)
+    wire = parse_value(value) if raw else _typed_value(client, cid, dp, value)
+    body: dict[str, Any] = {"dp": dp, "value": wire, "wait": not no_wait}
     if timeout is not None:
         body["timeout"] = timeout
-    out = ApiClient(url, token, timeout=(timeout or 10) + 30).request(
-        "POST", f"/api/v1/devices/{cid}/commands", json=body
-    )
+    out = client.request("POST", f"/api/v1/devices/{cid}/commands", json=body)
     if as_json:
         _print_json(out)
     elif out["status"] == "pending":
@@ -338,6 +343,20 @@ def command_cmd(
         elapsed = f" in {out['elapsed'] * 1000:.0f} ms" if out.get("elapsed") else ""
         msg = out["msg"] or ""
         click.echo(f"{out['status']}: code {out['code']} {msg}{elapsed} (request_id {out['request_id']})")
+
+
+def _typed_value(client: ApiClient, cid: str, dp: str, value: str) -> Any:
+    """The wire value of ``value`` typed in real units, from the device's model as the server has it."""
+    device = client.get(f"/api/v1/devices/{cid}")
+    model = client.get(f"/api/v1/models/{device['model']}")
+    key = dp.strip()
+    found = next((d for d in model["data_points"] if key in (d["code"], str(d["id"]))), None)
+    if found is None:
+        return parse_value(value)  # the server answers "unknown data point"
+    try:
+        return to_raw(found, value)
+    except ValueText as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @click.command("move")
@@ -599,11 +618,19 @@ def token_revoke(ctx: click.Context, name: str, config: Path | None, data_dir: P
 @_api_options
 @click.argument("gateway_id")
 def conformance_cmd(url: str, token: str | None, as_json: bool, gateway_id: str) -> None:
-    """The gateway's conformance report card: what the document expects, what the gateway did."""
+    """The gateway's conformance report card: what the document expects, what the gateway did.
+
+    Exits 1 when a rule fails (verdict "fail"), 0 otherwise, with --json too: for scripts and CI."""
     card = ApiClient(url, token).get(f"/api/v1/gateways/{gateway_id}/conformance")
     if as_json:
         _print_json(card)
-        return
+    else:
+        _print_card(card)
+    if card["verdict"] == "fail" or any(f["verdict"] == "fail" for f in card["findings"]):
+        raise SystemExit(1)
+
+
+def _print_card(card: dict[str, Any]) -> None:
     marks = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "unknown": " ?  "}
     state = "connected" if card["connected"] else "not connected"
     click.echo(f"gateway {card['gateway_id']} ({state}): {card['verdict'].upper()}")

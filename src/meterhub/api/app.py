@@ -31,6 +31,7 @@ from meterhub.api.routers import (
     conformance,
     devices,
     energy,
+    export,
     prepaid,
     registry,
     sites,
@@ -65,7 +66,7 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
         title="meterhub",
         version=__version__,
         description=DESCRIPTION,
-        docs_url="/docs" if docs else None,
+        docs_url=None,  # served below, with Swagger UI's files from the package (works offline)
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
@@ -79,7 +80,7 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
     routers = (registry, devices, commands, energy, alarms, alarm_config, users, conformance, sites, billing)
-    for module in (*routers, prepaid):
+    for module in (*routers, prepaid, export):
         api.include_router(module.router)
     app.include_router(api)
     for extra in extra_routers or []:
@@ -87,4 +88,30 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     # The operator dashboard (meterhub.web): the page at /, its files, the live event stream.
     app.include_router(dashboard_router)
     app.mount("/static", dashboard_static(), name="static")
+    if docs:
+        install_docs(app)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the ``swagger-ui-bundle`` package, so it works without internet (an
+    edge gateway is often offline); no file comes from another host."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="meterhub API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )

@@ -128,6 +128,11 @@ class PresenceMixin:
         """Write devices' last-seen times in one batch (not on every report), at most ``limit`` of
         them per call, longest waiting first: with 190,000 meters heard every minute a single flush
         was a six-figure UPDATE that held the writer (and every report's answer) for seconds."""
+        gateways, self._dirty_gw_seen = self._dirty_gw_seen, {}
+        if gateways:  # one row per gateway: a few thousand at most, unlike the devices
+            self.writer.submit(
+                [("gateway", {"gateway_id": gw, "last_seen": t}) for gw, t in gateways.items()]
+            )
         dirty = self._dirty_seen
         if not dirty:
             return

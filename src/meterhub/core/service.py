@@ -134,6 +134,7 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
         #: reports' answers by (gateway, request_id) with their content digest, bounded in count and age
         self._reports = AnswerCache(settings.dedupe_window, settings.dedupe_max_age)
         self._dirty_seen: dict[str, float] = {}
+        self._dirty_gw_seen: dict[str, float] = {}  # gateway id -> last message, flushed with devices'
         self._tasks: list[asyncio.Task[Any]] = []
         self.presence_interval = min(5.0, max(0.05, settings.presence_timeout / 10))
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -215,6 +216,7 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
                         "client_address": peer,
                         "last_connected_at": now,
                         "last_seen": now,
+                        "first_seen": now,  # kept once set (database._apply_gateways)
                     },
                 )
             ]
@@ -260,6 +262,7 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
             )
             return None
         gw, kind = parsed
+        self._dirty_gw_seen[gw] = self.clock()
         try:
             if kind is _REPORT:
                 return self._on_report(gw, payload)

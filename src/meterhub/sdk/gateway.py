@@ -40,7 +40,7 @@ Choices made where the protocol is silent:
 - ``drop(offline_for)`` cuts the connection abruptly (no DISCONNECT packet, like a network failure) and
   keeps the gateway offline for ``offline_for`` seconds: for simulators and tests.
 - Logging uses the standard ``logging`` module (logger ``meterhub.sdk``), so the SDK needs none of the
-  server's dependencies: only aiomqtt (paho-mqtt) and msgspec.
+  server's dependencies: only paho-mqtt (public API, see ``link.py``) and msgspec.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ import inspect
 import logging
 import math
 import random
-import socket
 import ssl
 import time
 import uuid
@@ -63,9 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import msgspec
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.client import MQTT_ERR_SUCCESS
 
 from meterhub.model.datapoint import DataPoint, ProductModel
@@ -80,6 +77,7 @@ from meterhub.protocol.messages import (
     encode_status,
     encode_sync,
 )
+from meterhub.sdk.link import Link, LinkError, LinkRefused
 from meterhub.sdk.values import InvalidValue, resolve, to_real, to_wire
 
 __all__ = [
@@ -223,29 +221,14 @@ def _check_id(value: object, what: str) -> str:
     return value
 
 
-class _DispatchQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """aiomqtt's incoming-message queue, replaced (``queue_type``) by a direct call of the gateway's
-    dispatcher: aiomqtt hands every message to ``put_nowait`` in the event loop thread, and its own
-    ``messages`` iterator costs a task and an ``asyncio.wait`` per message, which limits a busy gateway
-    to a few hundred responses a second. Nothing is ever queued; ``client.messages`` is still iterated
-    to notice the disconnection."""
-
-    dispatch: Callable[[aiomqtt.Message], None]
-
-    def put_nowait(self, item: aiomqtt.Message) -> None:
-        self.dispatch(item)
-
-
 def _ssl_context(tls_ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext | None:
     if tls_ca is None or isinstance(tls_ca, ssl.SSLContext):
         return tls_ca
     return ssl.create_default_context(cafile=str(tls_ca))
 
 
-def _code_of(exc: MqttConnectError) -> int | None:
-    rc = exc.rc
-    value = getattr(rc, "value", rc)
-    return value if isinstance(value, int) else None
+def _code_of(exc: LinkRefused) -> int | None:
+    return exc.rc if exc.rc >= 0 else None
 
 
 class Gateway:
@@ -318,7 +301,7 @@ class Gateway:
         self._seq = 0
         self._sync_requests: dict[str, str] = {}  # request_id -> cid
         self._sync_waiters: dict[str, list[asyncio.Future[int]]] = {}
-        self._client: aiomqtt.Client | None = None
+        self._client: Link | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._session_tasks: set[asyncio.Task[Any]] = set()
         self._fatal: BaseException | None = None
@@ -436,13 +419,7 @@ class Gateway:
         client = self._client
         if client is None:
             return False
-        # aiomqtt has no "abort": shut the paho client's socket down; the reader then sees the loss.
-        sock = client._client.socket()
-        if sock is None:
-            return False
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        return True
+        return client.abort()
 
     # --- devices ---------------------------------------------------------------------------------
 
@@ -612,41 +589,41 @@ class Gateway:
     async def _run(self) -> None:
         assert self._closing is not None
         attempt = 0
+        outage_since: float | None = None
         while not self._closing.is_set():
             hold = self._hold_until - time.monotonic()
             if hold > 0 and await self._sleep(hold):
                 break
-            dispatcher = type(
-                "_GatewayDispatch", (_DispatchQueue,), {"dispatch": staticmethod(self._dispatch)}
-            )
-            client = aiomqtt.Client(
+            client = Link(
                 self.host,
                 self.port,
+                client_id=self.gateway_id,
                 username=self.username,
                 password=self.password,
-                identifier=self.gateway_id,
-                protocol=aiomqtt.ProtocolVersion.V311,
                 clean_session=self.clean_session,
                 keepalive=self.keepalive,
-                timeout=self.response_timeout,
                 tls_context=self.ssl_context,
-                max_inflight_messages=self.max_inflight,
-                queue_type=dispatcher,
-                logger=log,
+                max_inflight=self.max_inflight,
+                on_message=self._dispatch,
             )
-            client.pending_calls_threshold = self.max_inflight + 1000
             session_started: float | None = None
             try:
-                async with client:
-                    session_started = time.monotonic()
-                    self._client = client
-                    self.stats.connects += 1
-                    if self._connected_once:
-                        self.stats.reconnects += 1
-                    self._connected_once = True
+                await client.connect(self.response_timeout)
+                session_started = time.monotonic()
+                self._client = client
+                self.stats.connects += 1
+                if self._connected_once:
+                    self.stats.reconnects += 1
+                self._connected_once = True
+                if outage_since is None:
                     log.info("gateway %s connected to %s:%s", self.gateway_id, self.host, self.port)
-                    await self._serve(client)
-            except MqttConnectError as exc:
+                else:
+                    log.debug(
+                        "gateway %s reconnected after %.1fs", self.gateway_id, time.monotonic() - outage_since
+                    )
+                outage_since = None
+                await self._serve(client)
+            except LinkRefused as exc:
                 code = _code_of(exc)
                 text = _REFUSAL_TEXT.get(code or -1, str(exc))
                 self._last_error = f"connection refused: {text}"
@@ -656,18 +633,22 @@ class Gateway:
                         f"{self.host}:{self.port} refused gateway {self.gateway_id!r}: {text}",
                     )
                     return
-                log.warning("gateway %s: %s", self.gateway_id, self._last_error)
-            except aiomqtt.MqttError as exc:
+            except LinkError as exc:
                 self._last_error = str(exc) or type(exc).__name__
-                if self._client is client:
-                    log.info("gateway %s lost its connection: %s", self.gateway_id, self._last_error)
-                else:
-                    log.info("gateway %s could not connect: %s", self.gateway_id, self._last_error)
             except Exception as exc:
                 self._last_error = repr(exc)
                 log.exception("gateway %s: unexpected failure, reconnecting", self.gateway_id)
             finally:
                 self._link_down()
+                await client.close()
+            if self._closing.is_set():
+                break
+            if outage_since is None:  # one line per outage; the retries are quiet (debug)
+                outage_since = time.monotonic()
+                what = "lost its connection" if session_started is not None else "could not connect"
+                log.warning("gateway %s %s (%s); reconnecting", self.gateway_id, what, self._last_error)
+            else:
+                log.debug("gateway %s: still offline (%s)", self.gateway_id, self._last_error)
             if self._closing.is_set():
                 break
             if session_started is not None and time.monotonic() - session_started >= STABLE_SECONDS:
@@ -686,7 +667,7 @@ class Gateway:
             return False
         return True
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: Link) -> None:
         """Run one connection: until it is lost (raises MqttError) or close() is called (returns)."""
         assert self._closing is not None
         loop = asyncio.get_running_loop()
@@ -736,10 +717,10 @@ class Gateway:
         self._session_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            if not isinstance(exc, aiomqtt.MqttError):
+            if not isinstance(exc, LinkError):
                 log.error("gateway %s: task failed: %r", self.gateway_id, exc, exc_info=exc)
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: Link) -> None:
         """Subscribe, re-sync, announce, then send the queue, heartbeats and expiries until cancelled."""
         assert self._linked is not None and self._ready is not None
         granted = await client.subscribe(
@@ -747,7 +728,7 @@ class Gateway:
         )
         refused = [rc for rc in granted if getattr(rc, "is_failure", rc == 0x80)]
         if refused:
-            raise aiomqtt.MqttError(f"subscription refused by the server ({refused})")
+            raise LinkError(f"subscription refused by the server ({refused})")
         self._linked.set()
         if self._devices:
             results = await asyncio.gather(
@@ -755,7 +736,7 @@ class Gateway:
                 return_exceptions=True,
             )
             for result in results:
-                if isinstance(result, aiomqtt.MqttError):
+                if isinstance(result, LinkError):
                     raise result
                 if isinstance(result, Exception):
                     log.error("gateway %s: re-sync failed: %r", self.gateway_id, result)
@@ -771,7 +752,7 @@ class Gateway:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def _send_sync(self, client: aiomqtt.Client, cid: str, device: _Device) -> int | None:
+    async def _send_sync(self, client: Link, cid: str, device: _Device) -> int | None:
         """Publish one sync and wait for its answer (None when none came in time)."""
         request_id = str(uuid.uuid4())
         self._sync_requests[request_id] = cid
@@ -781,7 +762,7 @@ class Gateway:
         payload = encode_sync(request_id, cid, device.product_id, time.time(), **device.fields)
         self.stats.syncs += 1
         try:
-            await client.publish(self._t_sync, payload, qos=1, timeout=PUBACK_WAIT)
+            await client.publish(self._t_sync, payload, qos=1)
             code = await asyncio.wait_for(fut, self.response_timeout)
         except TimeoutError:
             # The request stays in _sync_requests until its answer comes or the connection ends, so a
@@ -801,7 +782,7 @@ class Gateway:
             await self._publish_status(client, [cid])  # a new device: online at once
         return code
 
-    async def _publish_status(self, client: aiomqtt.Client, cids: Iterable[str] | None) -> None:
+    async def _publish_status(self, client: Link, cids: Iterable[str] | None) -> None:
         devices = self._devices
         items = [(cid, devices[cid].online) for cid in (devices if cids is None else cids) if cid in devices]
         for start in range(0, len(items), STATUS_CHUNK):
@@ -809,24 +790,23 @@ class Gateway:
             payload = encode_status(str(uuid.uuid4()), chunk, time.time())
             for cid, _ in chunk:
                 devices[cid].announced = True
-            await client.publish(self._t_status, payload, qos=1, timeout=PUBACK_WAIT)
+            await client.publish(self._t_status, payload, qos=1)
             self.stats.statuses += 1
 
-    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+    async def _heartbeat(self, client: Link) -> None:
         while True:
             await asyncio.sleep(self.status_interval)
             if self._devices:
                 await self._publish_status(client, None)
 
-    async def _sender(self, client: aiomqtt.Client) -> None:
+    async def _sender(self, client: Link) -> None:
         """Send queued reports while fewer than ``max_pending`` await their response.
 
-        Reports go straight to the paho client under aiomqtt (``client._client.publish``): paho keeps
+        Reports are handed to paho without awaiting each PUBACK (``publish_nowait``): paho keeps
         ``max_inflight`` of them on the wire and queues the rest, and the response window bounds that
-        queue. aiomqtt's awaitable ``publish`` would cost a task, an event and a timer per report.
+        queue. An awaited publish would cost a future and a wait per report.
         """
         assert self._outbox_ready is not None and self._pending_room is not None
-        paho = client._client
         outbox = self._outbox
         pending = self._pending
         stats = self.stats
@@ -851,9 +831,9 @@ class Gateway:
                 stats.sent += 1
                 if item.sent_before:
                     stats.resent += 1
-                rc = paho.publish(topic, item.payload, 1).rc
+                rc = client.publish_nowait(topic, item.payload, 1)[0]
                 if rc != ok:  # not connected any more: the report stays pending and is sent again
-                    raise aiomqtt.MqttCodeError(rc, "could not publish a report")
+                    raise LinkError(f"could not publish a report (rc {rc})")
             await asyncio.sleep(0)  # let the loop write, read and tick between batches
 
     async def _expire(self) -> None:
@@ -882,18 +862,13 @@ class Gateway:
 
     # --- incoming --------------------------------------------------------------------------------
 
-    async def _reader(self, client: aiomqtt.Client) -> None:
-        """Messages are dispatched as they arrive (``_DispatchQueue``); this only waits for the end."""
-        async for message in client.messages:  # only if a message was queued after all
-            self._dispatch(message)
+    async def _reader(self, client: Link) -> None:
+        """Messages are dispatched as they arrive (``_dispatch``); this only waits for the end."""
+        await client.wait_lost()
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        """Handle one incoming message (in the event loop thread, from aiomqtt's message callback)."""
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        """Handle one incoming message (in the event loop thread, from paho's message callback)."""
         try:
-            topic = message.topic.value
-            payload = message.payload
-            if not isinstance(payload, (bytes, bytearray)):
-                payload = str(payload).encode()
             if topic == self._t_report_response:
                 self._on_report_response(bytes(payload))
             elif topic == self._t_sync_response:
@@ -963,7 +938,7 @@ class Gateway:
             if not fut.done():
                 fut.set_result(code)
 
-    async def _on_command(self, client: aiomqtt.Client, payload: bytes) -> None:
+    async def _on_command(self, client: Link, payload: bytes) -> None:
         try:
             cmd = _COMMAND_DECODER.decode(payload)
         except (msgspec.DecodeError, RecursionError):
@@ -980,7 +955,6 @@ class Gateway:
             self._t_command_response,
             encode_command_response(request_id, cid, code, time.time(), msg=msg),
             qos=1,
-            timeout=PUBACK_WAIT,
         )
 
     async def _execute(self, cid: str, param: Any) -> int:

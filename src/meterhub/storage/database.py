@@ -265,7 +265,18 @@ def _apply_commands_update(conn: Connection, rows: list[dict[str, Any]]) -> None
 
 
 def _apply_gateways(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    _merged_upserts(conn, schema.gateways, "gateway_id", rows, frozenset())
+    """Upsert gateway rows; ``first_seen`` is only ever filled in, never moved."""
+    g = schema.gateways
+    first: dict[str, float] = {}
+    plain: list[dict[str, Any]] = []
+    for row in rows:
+        if "first_seen" in row:
+            row = dict(row)
+            first.setdefault(row["gateway_id"], row.pop("first_seen"))
+        plain.append(row)
+    _merged_upserts(conn, g, "gateway_id", plain, frozenset())
+    for gw, at in first.items():
+        conn.execute(update(g).where(g.c.gateway_id == gw, g.c.first_seen.is_(None)).values(first_seen=at))
 
 
 def _apply_alarm_raise(conn: Connection, rows: list[dict[str, Any]]) -> None:

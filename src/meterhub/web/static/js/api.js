@@ -271,3 +271,22 @@ export function openStream({ cid = null, dps = null } = {}, { onEvent, onResync 
     },
   };
 }
+
+/** Download a file from the API (a CSV export) with the session's token: fetch, then save the blob. */
+export async function download(path, filename) {
+  const headers = {};
+  if (session.token) headers.Authorization = `Bearer ${session.token}`;
+  const response = await fetch(path, { headers, cache: "no-store", credentials: "omit" });
+  if (!response.ok) {
+    if (response.status === 401) authLost("The session ended. Sign in again.");
+    throw new ApiError(response.status, `${response.status} ${response.statusText}`);
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = filename;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}

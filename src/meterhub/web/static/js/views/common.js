@@ -61,8 +61,14 @@ export function renderValue(dp, value) {
   if (value === null || value === undefined) return { text: "—", unit: "" };
   const type = dp?.type;
   if (type === "value" && typeof value === "number") {
+    // As many decimals as the reading has (at most the scale's: no "207.0000 V"), in the unit people
+    // use (A rather than 30000 mA); the reading in the document's unit and its raw form in the tooltip.
     const scaled = dp.scale ? value / 10 ** dp.scale : value;
-    return { text: fixed(scaled, decimalsFor(dp.scale)), unit: dp.display_unit || "", numeric: true };
+    const rawUnit = dp.display_unit || "";
+    const places = decimalsFor(dp.scale);
+    const title = `${num(scaled, places)}${rawUnit ? ` ${rawUnit}` : ""} (raw ${value}, scale ${dp.scale || 0})`;
+    if (rawUnit === "mA" && Math.abs(scaled) >= 1000) return { text: num(scaled / 1000, 3), unit: "A", numeric: true, title };
+    return { text: num(scaled, places), unit: rawUnit, numeric: true, title };
   }
   if (type === "bool") return { text: value ? "On" : "Off", unit: "" };
   if (type === "enum") {

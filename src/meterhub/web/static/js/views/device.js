@@ -2,13 +2,17 @@
 // of temperature (history API, downsampled), energy per day and per month, alarms, and the command
 // panel built from the product model.
 
-import { ApiError, api, isAdmin, model as getModel, openStream, qs } from "../api.js";
+import { ApiError, api, download, isAdmin, model as getModel, openStream, qs } from "../api.js";
 import { BarChart, COLORS, LineChart } from "../charts.js";
 import { fill, flash, h, setText, throttle } from "../dom.js";
 import { ago, decimalsFor, duration, energy, fixed, fullTime, num, power, time } from "../format.js";
 import { refreshAlarmBadge } from "../shell.js";
 import { ALARM_DPS, alarmRow } from "./alarms.js";
 import { errorBox, learnModel, presenceBadge, renderValue } from "./common.js";
+
+// Read-write in the document, but measurements: setting one overwrites what the meter measured.
+// Offered apart from the real settings (limits, switches), as calibration behind a confirmation.
+const CALIBRATION = new Set(["voltage_current", "leakage_current", "power_effective", "power_reactive", "power_factor", "supply_frequency", "electric_total", "electric_daily", "electric_month", "residual_electricity"]);
 
 const RANGES = {
   hour: { label: "1 hour", seconds: 3600, buckets: 60, refresh: 5000 },
@@ -299,7 +303,7 @@ export async function deviceView(main, { params, signal }) {
       h(
         "section",
         { class: "panel", "aria-labelledby": "dps-h" },
-        h("div", { class: "panel-head" }, h("h2", { id: "dps-h" }, "Data points"), h("span", { class: "hint" }, "Live: values update as the meter reports")),
+        h("div", { class: "panel-head" }, h("h2", { id: "dps-h" }, "Data points"), h("span", { class: "hint" }, "Live: values update as the meter reports"), csvButton(cid)),
         h(
           "div",
           { class: "table-wrap" },
@@ -548,6 +552,10 @@ export async function deviceView(main, { params, signal }) {
     };
 
     async function send(dp, row, raw, shown) {
+      if (CALIBRATION.has(dp.code) && !window.confirm(`Calibrate ${dp.name}: overwrite the meter's measured value with ${shown}?`)) {
+        setStatus(row, "pending", "Not sent: calibration cancelled.");
+        return;
+      }
       const old = waits.get(dp.id);
       if (old) clearTimeout(old.timer);
       waits.delete(dp.id);
@@ -670,12 +678,16 @@ export async function deviceView(main, { params, signal }) {
     }
 
     const switches = [...rows.values()].filter((r) => r.dp.type === "bool").map((r) => r.el);
-    const settings = [...rows.values()].filter((r) => r.dp.type !== "bool").map((r) => r.el);
+    const settings = [...rows.values()].filter((r) => r.dp.type !== "bool" && !CALIBRATION.has(r.dp.code)).map((r) => r.el);
+    const calibration = [...rows.values()].filter((r) => r.dp.type !== "bool" && CALIBRATION.has(r.dp.code)).map((r) => r.el);
     fill(
       fieldset,
       switches,
       settings.length
-        ? h("details", { class: "settings" }, h("summary", null, `Settings (${settings.length})`), settings)
+        ? h("details", { class: "settings", id: "settings-group" }, h("summary", null, `Settings (${settings.length})`), settings)
+        : null,
+      calibration.length
+        ? h("details", { class: "settings calibration", id: "calibration-group" }, h("summary", null, `Calibration (${calibration.length})`), h("p", { class: "small muted" }, "Measured values: setting one overwrites the meter's own reading. Each asks for confirmation."), calibration)
         : null,
     );
     const panel = h(
@@ -716,4 +728,21 @@ export async function deviceView(main, { params, signal }) {
 
 function sameValue(a, b) {
   return a === b || JSON.stringify(a) === JSON.stringify(b);
+}
+
+/** "Download CSV": the device's reports of the last 7 days (GET /devices/{cid}/history.csv). */
+function csvButton(cid) {
+  const button = h("button", { type: "button", class: "secondary", id: "history-csv", title: "Every report of the last 7 days, values in real units (raw in its own column)" }, "Download CSV");
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await download(`/api/v1/devices/${encodeURIComponent(cid)}/history.csv`, `${cid}-history.csv`);
+      button.textContent = "Download CSV";
+    } catch (err) {
+      button.textContent = `Download failed: ${err.message || err}`;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return button;
 }

@@ -184,13 +184,17 @@ export async function overviewView(main, { signal }) {
     tiles.month.set(mText, mUnit, monthName ? `${monthName} so far` : "no readings yet");
   }
 
-  const stamp = () => setText(document.getElementById("overview-updated"), `Updated ${time(Date.now() / 1000)}`);
+  const stamp = () => {
+    const el = document.getElementById("overview-updated"); // null once the view was left
+    if (el) setText(el, `Updated ${time(Date.now() / 1000)}`);
+  };
   const guard = (p) =>
     p.catch((err) => {
       if (err.name !== "AbortError") console.warn(err);
     });
+  const stampSoon = throttle(stamp, 1000); // the tiles changed live: "Updated" moves with them
   const reloadCounts = throttle(() => guard(loadCounts()).then(stamp), 1000);
-  const reloadAlarms = throttle(() => guard(loadAlarms()), 1500);
+  const reloadAlarms = throttle(() => guard(loadAlarms()).then(stamp), 1500);
   const reloadAll = () => {
     guard(Promise.all([loadCounts(), loadAlarms(), loadPower(), loadEnergy()])).then(stamp);
   };
@@ -209,6 +213,7 @@ export async function overviewView(main, { signal }) {
             powerByCid.set(ev.cid, ev.scaled);
             showPower();
             flash(tiles.power.querySelector(".tile-value"));
+            stampSoon();
           }
         } else if (kind === "report") {
           reloadAlarms();
