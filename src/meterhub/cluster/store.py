@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
+from meterhub.core.device_cache import read_devices
 from meterhub.storage import schema
 from meterhub.storage.database import upsert
 
@@ -200,26 +201,9 @@ def route_of(engine: Engine, cid: str, now: float, timeout: float) -> Route | No
 
 
 def load_devices(engine: Engine, gateway_id: str | None, cids: Sequence[str] = ()) -> list[Any]:
-    """Device rows of a gateway and/or with the given cids (what a node caches about them)."""
-    cols = (
-        d.c.cid,
-        d.c.gateway_id,
-        d.c.product_id,
-        d.c.model,
-        d.c.online,
-        d.c.last_seen,
-        d.c.device_name,
-        d.c.vendor_id,
-    )
-    rows: list[Any] = []
-    with engine.connect() as conn:
-        if gateway_id is not None:
-            rows += conn.execute(select(*cols).where(d.c.gateway_id == gateway_id)).all()
-        seen = {r.cid for r in rows}
-        wanted = [c for c in cids if c not in seen]
-        for chunk in _chunks(wanted):
-            rows += conn.execute(select(*cols).where(d.c.cid.in_(chunk))).all()
-    return rows
+    """Device rows of a gateway and/or with the given cids (what a node caches about them), each once."""
+    rows = read_devices(engine, [gateway_id] if gateway_id is not None else [], list(cids))
+    return list({r.cid: r for r in rows}.values())
 
 
 def release_drained(
