@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -312,3 +313,30 @@ def storage_held(engine: Any) -> Iterator[None]:
         names = ", ".join(t.name for t in schema.metadata.sorted_tables)
         conn.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
         yield
+
+
+#: The NATS server the cluster tests start for themselves (the Debian package ``nats-server``).
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    """A nats-server of the test module's own, on a free port (cluster tests)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        assert proc.poll() is None, "nats-server exited"
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        return False
+
+    wait_for(listening, timeout=10)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)

@@ -12,9 +12,7 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +38,6 @@ from mqttraw import RawClient, connect, puback, publish, subscribe
 from test_api import GatewaySim
 
 NODE_TIMEOUT = 3.0
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class Node:
@@ -154,28 +151,6 @@ class Cluster:
                 node.proc.kill()
                 node.proc.wait(5)
         self.engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        assert proc.poll() is None, "nats-server exited"
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        return False
-
-    wait_for(listening, timeout=10)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(scope="module")

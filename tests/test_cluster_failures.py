@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Client, RunningHub, drop_postgres, free_port, fresh_postgres_url, wait_for
-from test_cluster import NATS_SERVER, Cluster
+from conftest import NATS_SERVER, Client, RunningHub, drop_postgres, free_port, fresh_postgres_url, wait_for
+from test_cluster import Cluster
 
 
 class Nats:

@@ -37,7 +37,7 @@ from meterhub.sdk import Gateway
 from meterhub.storage import registry, schema
 from meterhub.storage.database import migrate
 from mqttraw import RawClient, connect, publish, subscribe
-from test_cluster import NATS_SERVER, _next_publish
+from test_cluster import _next_publish
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 NODE_TIMEOUT = 3.0
@@ -219,28 +219,6 @@ backend nodes
                 .group_by(r.c.gateway_id, r.c.request_id)
             ).all()
         return {(gw, rid): int(n) for gw, rid, n in rows}
-
-
-@pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        assert proc.poll() is None, "nats-server exited"
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        return False
-
-    wait_for(listening, timeout=10)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(scope="module")
