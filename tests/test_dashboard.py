@@ -8,6 +8,7 @@ Without it these tests fail, they are not skipped. Screenshots of each page go t
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -412,7 +413,7 @@ def test_phone_layout_has_no_sideways_scroll(dash: Dashboard) -> None:
 # --- alarms ---------------------------------------------------------------------------------------
 
 
-def test_meter_fault_appears_on_the_alarms_page(dash: Dashboard) -> None:
+def test_meter_fault_appears_on_the_alarms_page(dash: Dashboard, tmp_path: Path) -> None:
     gw, page = dash.gw, dash.page
     now = time.time()
     immediate = {"kind": "tune", "label": "*", "raise_after": 0, "clear_after": 0}  # no debouncing here
@@ -450,6 +451,26 @@ def test_meter_fault_appears_on_the_alarms_page(dash: Dashboard) -> None:
     page.click("label[for=alarm-state-past]")
     expect(rows).to_have_count(2)
     expect(overload).to_contain_text("Cleared")
+
+    # "Download CSV" saves the list as filtered (past alarms), with the session's token.
+    with page.expect_download() as info:
+        page.click("#alarms-csv")
+    assert info.value.suggested_filename == "alarms.csv"
+    saved = tmp_path / "alarms.csv"
+    info.value.save_as(saved)
+    with saved.open(newline="") as f:
+        exported = list(csv.DictReader(f))
+    assert sorted((r["cid"], r["label"], r["level"], r["state"]) for r in exported) == [
+        ("m7", "overload_alarm", "serious", "cleared, acknowledged"),
+        ("m7", "overvoltage", "serious", "cleared"),  # the meter's ov_vol merged into meterhub's
+    ]
+    assert all(r["cleared_at"] for r in exported)
+    page.select_option("#alarm-level", "urgent")  # a filter the export follows: no alarm of that level
+    expect(page.locator("#alarms-empty")).to_be_visible()
+    with page.expect_download() as info:
+        page.click("#alarms-csv")
+    info.value.save_as(saved)
+    assert saved.read_text().splitlines()[1:] == []
     dash.check_console()
 
 

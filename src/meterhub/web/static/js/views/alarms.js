@@ -1,6 +1,6 @@
 // Alarms: active and past, filtered by level (and device), acknowledged by admins.
 
-import { ApiError, api, everyModel, isAdmin, openStream, qs } from "../api.js";
+import { ApiError, api, download, everyModel, isAdmin, openStream, qs } from "../api.js";
 import { fill, h, table, throttle } from "../dom.js";
 import { fullTime, time } from "../format.js";
 import { refreshAlarmBadge } from "../shell.js";
@@ -83,6 +83,18 @@ export async function alarmsView(main, { query, signal }) {
   const cidInput = h("input", { id: "alarm-cid", type: "search", value: state.cid, placeholder: "device cid", autocomplete: "off" });
   const body = h("div", null, h("p", { class: "empty" }, "Loading…"));
   const err = errorBox();
+  const csv = h("button", { type: "button", class: "btn btn-secondary btn-small", id: "alarms-csv", title: "The alarms of this list (state, level, device filters), newest first" }, "Download CSV");
+  csv.addEventListener("click", async () => {
+    csv.disabled = true;
+    try {
+      await download(`/api/v1/alarms.csv${qs({ active: state.active, level: state.level, cid: state.cid })}`, "alarms.csv");
+      err.show("");
+    } catch (e) {
+      err.show(`CSV download failed: ${e.message || e}`);
+    } finally {
+      csv.disabled = false;
+    }
+  });
   fill(
     main,
     h(
@@ -101,6 +113,7 @@ export async function alarmsView(main, { query, signal }) {
         stateGroup,
         h("div", { class: "field" }, h("label", { for: "alarm-level" }, "Level"), level),
         h("div", { class: "field" }, h("label", { for: "alarm-cid" }, "Device"), cidInput),
+        csv,
       ),
       body,
     ),

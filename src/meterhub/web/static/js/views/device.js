@@ -732,7 +732,7 @@ function sameValue(a, b) {
 
 /** "Download CSV": the device's reports of the last 7 days (GET /devices/{cid}/history.csv). */
 function csvButton(cid) {
-  const button = h("button", { type: "button", class: "secondary", id: "history-csv", title: "Every report of the last 7 days, values in real units (raw in its own column)" }, "Download CSV");
+  const button = h("button", { type: "button", class: "btn btn-secondary btn-small", id: "history-csv", title: "Every report of the last 7 days, values in real units (raw in its own column)" }, "Download CSV");
   button.addEventListener("click", async () => {
     button.disabled = true;
     try {
