@@ -2,6 +2,7 @@
 
 import { ApiError, session, signIn, signOut, storedToken } from "./js/api.js";
 import { badge, fill, h } from "./js/dom.js";
+import { fitTables } from "./js/fit.js";
 import { initShell, refreshAlarmBadge, stopShell } from "./js/shell.js";
 import { alarmRulesView } from "./js/views/alarm_rules.js";
 import { alarmsView } from "./js/views/alarms.js";
@@ -211,6 +212,7 @@ document.getElementById("signout").addEventListener("click", () => {
 
 async function boot() {
   initShell();
+  fitTables(main);
   const token = storedToken();
   if (!token) {
     showLogin(null);
