@@ -290,17 +290,23 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
 
     # Every data point with its scaled value and unit.
     voltage = page.locator('#dp-table tr[data-dp="5"] td.value')
-    expect(voltage).to_have_text("230.4")  # no trailing zeros: "230.4000" said nothing more
+    expect(voltage).to_have_text("230.4")  # the digits a reader needs: "230.4000" said nothing more
     expect(voltage).to_have_attribute("title", "230.4 V (raw 2304000, scale 4)")
     current = page.locator('#dp-table tr[data-dp="7"]')
-    expect(current.locator("td.value")).to_have_text("22.6")  # 22,600 mA reads better as 22.6 A
+    expect(current.locator("td.value")).to_have_text("22.60")  # 22,600 mA reads better as 22.60 A
     expect(current.locator("td.unit")).to_have_text("A")
     expect(current.locator("td.value")).to_have_attribute("title", "22,600 mA (raw 226000000, scale 4)")
     expect(page.locator('#dp-table tr[data-dp="5"] td.unit')).to_have_text("V")
-    expect(page.locator('#dp-table tr[data-dp="10"] td.value')).to_have_text("38.62")
+    expect(page.locator('#dp-table tr[data-dp="10"] td.value')).to_have_text("38.6")
+    expect(page.locator('#dp-table tr[data-dp="10"] td.value')).to_have_attribute(
+        "title", "38.62 °C (raw 3862, scale 2)"
+    )
     expect(page.locator('#dp-table tr[data-dp="10"] td.unit')).to_have_text("°C")
     expect(page.locator('#dp-table tr[data-dp="44"] td.unit')).to_have_text("kWh")
-    expect(page.locator('#dp-table tr[data-dp="30"] td.value')).to_have_text("230.2 V · 6.050 A · 1,351 W")
+    expect(page.locator('#dp-table tr[data-dp="30"] td.value')).to_have_text("230.2 V · 6.05 A · 1,351 W")
+    expect(page.locator('#dp-table tr[data-dp="44"] td.value')).to_have_text(re.compile(r"^1\d,\d{3}\.\d\d$"))
+    expect(page.locator('#dp-table tr[data-dp="3"] td.value')).to_have_text("5,041")  # W: no decimals
+    expect(page.locator('#dp-table tr[data-dp="40"] td.value')).to_have_text("0.97")  # no unit: <= 2
     expect(page.locator('#dp-table tr[data-dp="20"] td.value')).to_have_text("general")
     expect(page.locator('.tile[data-dp="3"] .tile-value')).to_have_text("5.04 kW")
     expect(page.locator('.tile[data-dp="7"] .tile-value')).to_have_text("22.60 A")
@@ -322,7 +328,8 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     # Live: a new voltage shows up without a reload.
     page.evaluate("window.__sameDocument = true")
     gw.report("m1", [(5, 2_312_345, time.time())])
-    expect(voltage).to_have_text("231.2345")
+    expect(voltage).to_have_text("231.2")
+    expect(voltage).to_have_attribute("title", "231.2345 V (raw 2312345, scale 4)")
     expect(page.locator('.tile[data-dp="5"] .tile-value')).to_have_text("231.2 V")
     assert page.evaluate("window.__sameDocument") is True
     expect(page.locator("#live")).to_have_attribute("data-state", "on")
@@ -350,6 +357,7 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     page.click("#settings-group > summary")
     over = page.locator("#cmd-voltage_over")
     row = page.locator('.control-row[data-code="voltage_over"]')
+    expect(row.locator(".current")).to_have_text("now 253.0 V")  # 2,530,000 at scale 4
     over.fill("-5")
     row.locator("button[type=submit]").click()
     status = page.locator("#cmd-status-12")
@@ -366,6 +374,7 @@ def test_device_page_is_live_and_sends_commands(dash: Dashboard) -> None:
     assert gw.next_command()["param"] == {"id": "12", "value": 2_535_000}
     expect(status).to_contain_text("the meter reports 253.5 V")
     expect(page.locator('#dp-table tr[data-dp="12"] td.value')).to_have_text("253.5")
+    expect(row.locator(".current")).to_have_text("now 253.5 V")
 
     # The meter goes offline (live), and the server's refusal (409, 2001) is shown clearly.
     gw.status([("m1", False)])
@@ -508,7 +517,7 @@ def test_overview_gateways_and_tokens(dash: Dashboard) -> None:
     ).json()
     month = energy["total_kwh"]
     expect(page.locator("#tile-energy-month-value")).to_have_text(
-        f"{month:,.1f} kWh" if month >= 100 else f"{month:.2f} kWh"
+        f"{month:,.2f} kWh"  # kWh with 2 decimals below 10 MWh
     )
     expect(page.locator("#tile-energy-today-value")).not_to_have_text("—")
     # Live: a new power reading changes the total.
@@ -617,6 +626,69 @@ def test_stream_endpoint_and_page_headers(dash: Dashboard) -> None:
         }
         assert events[2][1]["value"] == ["overload_alarm"] and events[2][1]["type"] == "fault"
     wait_for(lambda: dash.broker_count() == 0, timeout=5)
+
+
+FORMAT_CASES = [
+    # (function, arguments, expected): format.js, the one place that decides digits and units
+    ("quantityText", [207, "V"], "207.0 V"),
+    ("quantityText", [30000, "mA"], "30.00 A"),  # mA from 1000 on: A
+    ("quantityText", [30, "mA"], "30 mA"),
+    ("quantityText", [5040.6, "W"], "5,041 W"),
+    ("quantityText", [5040.6, "W", {"compact": True}], "5.04 kW"),  # tiles and summaries
+    ("quantityText", [2_500_000, "W", {"compact": True}], "2.50 MW"),
+    ("quantityText", [12503.3482, "kWh"], "12,503.35 kWh"),
+    ("quantityText", [12503.3482, "kWh", {"compact": True}], "12.50 MWh"),
+    ("quantityText", [9999, "kWh", {"compact": True}], "9,999.00 kWh"),
+    ("quantityText", [38.62, "°C"], "38.6 °C"),
+    ("quantityText", [0.97, ""], "0.97"),  # no unit: up to 2 decimals, no trailing zeros
+    ("quantityText", [50, ""], "50"),
+    ("quantityText", [6.05, "A", {"decimals": 3}], "6.050 A"),  # a chart's own digits
+    ("quantityText", [None, "V"], "— V"),
+    (
+        "dpQuantity",
+        [{"scale": 4, "step": 1, "display_unit": "V"}, 2_070_000],
+        ["207.0", "V", "207 V (raw 2070000, scale 4)"],
+    ),
+    (
+        "dpQuantity",
+        [{"scale": 4, "step": 1, "display_unit": "mA"}, 300_000_000],
+        ["30.00", "A", "30,000 mA (raw 300000000, scale 4)"],
+    ),
+    (
+        "dpQuantity",
+        [{"scale": 4, "step": 1, "display_unit": "mA"}, 300_000],
+        ["30", "mA", "30 mA (raw 300000, scale 4)"],
+    ),
+    (
+        "dpQuantity",
+        [{"scale": 1, "step": 10, "display_unit": "V"}, 2070],
+        ["207", "V", "207 V (raw 2070, scale 1)"],
+    ),
+    ("dpQuantity", [{"scale": 0, "step": 1, "display_unit": None}, 12], ["12", "", "12 (raw 12, scale 0)"]),
+    (
+        "dpQuantity",
+        [{"scale": 4, "step": 1, "display_unit": "W"}, 50_406_000, {"compact": True}],
+        ["5.04", "kW", "5,040.6 W (raw 50406000, scale 4)"],
+    ),
+]
+
+
+def test_one_formatting_function_for_values(dash: Dashboard) -> None:
+    """format.js in Chromium: the digits the resolution and unit justify, friendlier units, raw in
+    the title (the dashboard's pages all format values through it)."""
+    page = dash.page
+    page.goto(dash.base + "/")
+    got = page.evaluate(
+        """async (cases) => {
+          const m = await import("/static/js/format.js");
+          return cases.map(([fn, args]) => {
+            const r = m[fn](...args);
+            return typeof r === "string" ? r : [r.text, r.unit, r.title];
+          });
+        }""",
+        [[fn, args] for fn, args, _ in FORMAT_CASES],
+    )
+    assert got == [expected for _, _, expected in FORMAT_CASES]
 
 
 def test_a_slow_client_loses_its_oldest_events_not_the_listener() -> None:

@@ -2,7 +2,7 @@
 // Each chart sits in a box of fixed height (reserved in CSS) and follows its width.
 
 import { h, setText } from "./dom.js";
-import { fixed, num } from "./format.js";
+import { num, quantityText } from "./format.js";
 
 export const COLORS = {
   a: "#d55e00", // phase A (Okabe-Ito vermillion)
@@ -118,7 +118,7 @@ export class LineChart extends BaseChart {
           points: { show: () => sparse[i], size: 5, fill: s.color },
           value: (u, v, si, idx) => {
             const x = idx == null ? lastValue(u.data[si])[0] : v;
-            return x == null ? "—" : `${fixed(x, this.decimals)} ${this.unit}`;
+            return x == null ? "—" : quantityText(x, this.unit, { decimals: this.decimals });
           },
         })),
       ],
@@ -185,7 +185,7 @@ export class BarChart extends BaseChart {
           points: { show: false },
           value: (u, v, si, idx) => {
             const x = idx == null ? lastValue(u.data[si])[0] : v;
-            return x == null ? "no data" : `${fixed(x, 2)} ${this.unit}`;
+            return x == null ? "no data" : quantityText(x, this.unit);
           },
         },
       ],

@@ -29,20 +29,77 @@ export function decimalsFor(scale) {
   return Math.max(0, Math.min(Number(scale) || 0, 4));
 }
 
+// --- quantities: the one place that decides digits and units for people ----------------------------
+
+/** Fraction digits worth showing per unit (a meter's 0.0001 V resolution is noise to a reader). */
+const UNIT_DECIMALS = { V: 1, A: 2, mA: 0, W: 0, kW: 2, MW: 2, Wh: 0, kWh: 2, MWh: 2, kVA: 2, kvar: 2, "°C": 1, Hz: 2, s: 1, min: 1, "%": 1 };
+/** Bigger units, used from the given size on: [from unit, factor, to unit, from size]. */
+const UP = [
+  ["mA", 1000, "A", 1000, false], // always: 30000 mA reads 30.00 A
+  ["W", 1000, "kW", 1000, true], // only where space is short (tiles, summaries): 5.04 kW
+  ["kW", 1000, "MW", 1000, true],
+  ["kWh", 1000, "MWh", 10000, true],
+];
+
+function isNumber(x) {
+  return x !== null && x !== undefined && x !== "" && Number.isFinite(Number(x));
+}
+
+/**
+ * A number in a unit for people: {text, unit}. The unit may change to a bigger one (mA -> A always,
+ * W -> kW and kWh -> MWh with `compact`); the digits follow the shown unit (UNIT_DECIMALS), at most
+ * `maxDecimals` (the data point's resolution). Without a known unit: up to 2 decimals, no trailing zeros.
+ */
+export function quantity(x, unit = "", { compact = false, maxDecimals = 4, decimals } = {}) {
+  if (!isNumber(x)) return { text: "—", unit: unit || "" };
+  let value = Number(x);
+  let u = unit || "";
+  let resolution = maxDecimals;
+  for (const [from, factor, to, size, onlyCompact] of UP) {
+    if (u === from && Math.abs(value) >= size && (compact || !onlyCompact)) {
+      value /= factor;
+      u = to;
+      resolution += Math.log10(factor);
+    }
+  }
+  if (decimals !== undefined) return { text: fixed(value, decimals), unit: u };
+  const wanted = UNIT_DECIMALS[u];
+  if (wanted === undefined) return { text: num(value, Math.min(2, resolution)), unit: u };
+  return { text: fixed(value, Math.max(0, Math.min(wanted, resolution))), unit: u };
+}
+
+/** "5.04 kW": a quantity as one string. */
+export function quantityText(x, unit, opts) {
+  const q = quantity(x, unit, opts);
+  return q.unit ? `${q.text} ${q.unit}` : q.text;
+}
+
+/**
+ * A value data point's raw integer for people: {text, unit, title}. Scaled by the data point's scale,
+ * digits by its resolution and unit, the reading in the document's unit and the raw form in `title`.
+ */
+export function dpQuantity(dp, raw, opts = {}) {
+  const scale = Number(dp?.scale) || 0;
+  const step = Number(dp?.step) || 1;
+  const scaled = scale ? raw / 10 ** scale : raw;
+  // Decimals the data point can carry at all: its scale, less what a coarser step rules out.
+  const resolution = Math.max(0, scale - Math.floor(Math.log10(step) + 1e-9));
+  const rawUnit = dp?.display_unit || "";
+  const q = quantity(scaled, rawUnit, { ...opts, maxDecimals: resolution });
+  const title = `${num(scaled, decimalsFor(scale))}${rawUnit ? ` ${rawUnit}` : ""} (raw ${raw}, scale ${scale})`;
+  return { ...q, title };
+}
+
 /** Watts as [text, unit]: W below 1 kW, kW below 1 MW, then MW. */
 export function power(watts) {
-  if (watts === null || watts === undefined || !Number.isFinite(watts)) return ["—", "W"];
-  const a = Math.abs(watts);
-  if (a >= 1e6) return [fixed(watts / 1e6, 2), "MW"];
-  if (a >= 1e3) return [fixed(watts / 1e3, 2), "kW"];
-  return [fixed(watts, 0), "W"];
+  const q = quantity(watts, "W", { compact: true });
+  return [q.text, q.unit];
 }
 
 /** kWh as [text, unit]: kWh below 10 MWh, then MWh. */
 export function energy(kwh) {
-  if (kwh === null || kwh === undefined || !Number.isFinite(kwh)) return ["—", "kWh"];
-  if (Math.abs(kwh) >= 10000) return [fixed(kwh / 1000, 2), "MWh"];
-  return [fixed(kwh, Math.abs(kwh) >= 100 ? 1 : 2), "kWh"];
+  const q = quantity(kwh, "kWh", { compact: true });
+  return [q.text, q.unit];
 }
 
 // 24-hour clock everywhere: compact in tables and chart axes, unambiguous for operators.

@@ -1,7 +1,7 @@
 // Pieces shared by the views: alarm labels and levels, presence badges, value rendering.
 
 import { badge, h } from "../dom.js";
-import { ago, decimalsFor, fixed, fullTime, humanize, num, time } from "../format.js";
+import { ago, dpQuantity, fullTime, humanize, num, quantityText, time } from "../format.js";
 
 export const LEVELS = ["urgent", "serious", "general"];
 
@@ -61,14 +61,9 @@ export function renderValue(dp, value) {
   if (value === null || value === undefined) return { text: "—", unit: "" };
   const type = dp?.type;
   if (type === "value" && typeof value === "number") {
-    // As many decimals as the reading has (at most the scale's: no "207.0000 V"), in the unit people
-    // use (A rather than 30000 mA); the reading in the document's unit and its raw form in the tooltip.
-    const scaled = dp.scale ? value / 10 ** dp.scale : value;
-    const rawUnit = dp.display_unit || "";
-    const places = decimalsFor(dp.scale);
-    const title = `${num(scaled, places)}${rawUnit ? ` ${rawUnit}` : ""} (raw ${value}, scale ${dp.scale || 0})`;
-    if (rawUnit === "mA" && Math.abs(scaled) >= 1000) return { text: num(scaled / 1000, 3), unit: "A", numeric: true, title };
-    return { text: num(scaled, places), unit: rawUnit, numeric: true, title };
+    // The digits the data point's resolution and unit justify ("207.0 V", not "207.0000 V"), in the
+    // unit people use (A rather than 30000 mA); the reading in the document's unit and raw in the title.
+    return { ...dpQuantity(dp, value), numeric: true };
   }
   if (type === "bool") return { text: value ? "On" : "Off", unit: "" };
   if (type === "enum") {
@@ -85,8 +80,8 @@ export function renderValue(dp, value) {
     return { text: names.join(", "), unit: "", fault: true };
   }
   if (dp?.layout === "phase" && value && typeof value === "object") {
-    const parts = [`${fixed(value.voltage, 1)} V`, `${fixed(value.current, 3)} A`, `${fixed(value.power, 0)} W`];
-    if (value.electricity !== null && value.electricity !== undefined) parts.push(`${fixed(value.electricity, 2)} kWh`);
+    const parts = [quantityText(value.voltage, "V"), quantityText(value.current, "A"), quantityText(value.power, "W")];
+    if (value.electricity !== null && value.electricity !== undefined) parts.push(quantityText(value.electricity, "kWh"));
     return { text: parts.join(" · "), unit: "" };
   }
   if (value && typeof value === "object") {

@@ -5,7 +5,7 @@
 import { ApiError, api, download, isAdmin, model as getModel, openStream, qs } from "../api.js";
 import { BarChart, COLORS, LineChart } from "../charts.js";
 import { fill, flash, h, setText, throttle } from "../dom.js";
-import { ago, decimalsFor, duration, energy, fixed, fullTime, num, power, time } from "../format.js";
+import { ago, dpQuantity, duration, energy, fullTime, num, quantityText, time } from "../format.js";
 import { refreshAlarmBadge } from "../shell.js";
 import { ALARM_DPS, alarmRow } from "./alarms.js";
 import { errorBox, learnModel, presenceBadge, renderValue } from "./common.js";
@@ -150,11 +150,11 @@ export async function deviceView(main, { params, signal }) {
 
   // --- key figures ---
   const tileDefs = [
-    { dp: 3, label: "Power", kind: "power" },
-    { dp: 5, label: "Voltage", decimals: 1 },
-    { dp: 7, label: "Current", decimals: 2, milli: true },
-    { dp: TEMP_DP, label: "Temperature", decimals: 1 },
-    { dp: latest.has(44) || !latest.has(50) ? 44 : 50, label: "Energy total", kind: "energy" },
+    { dp: 3, label: "Power" },
+    { dp: 5, label: "Voltage" },
+    { dp: 7, label: "Current" },
+    { dp: TEMP_DP, label: "Temperature" },
+    { dp: latest.has(44) || !latest.has(50) ? 44 : 50, label: "Energy total" },
     { dp: 1, label: "Switch", kind: "switch" },
   ].filter((t) => dpById.has(t.dp));
   const tiles = new Map();
@@ -172,18 +172,11 @@ export async function deviceView(main, { params, signal }) {
     let text = "—";
     let unit = "";
     if (v && v.value !== null && v.value !== undefined) {
-      if (t.kind === "power" && typeof v.value === "number") [text, unit] = power(v.value / 10 ** (dp.scale || 0));
-      else if (t.kind === "energy" && typeof v.value === "number") [text, unit] = energy(v.value / 10 ** (dp.scale || 0));
-      else if (t.decimals !== undefined && dp.type === "value" && typeof v.value === "number") {
-        let x = v.value / 10 ** (dp.scale || 0);
-        unit = dp.display_unit || "";
-        if (t.milli && unit === "mA") [x, unit] = [x / 1000, "A"];
-        text = fixed(x, t.decimals);
-      } else {
-        const r = renderValue(dp, v.value);
-        text = r.text;
-        unit = r.unit;
-      }
+      // Tiles are narrow: the compact unit (5.04 kW, 12.50 MWh), the exact reading in the title.
+      const r = dp.type === "value" && typeof v.value === "number" ? dpQuantity(dp, v.value, { compact: true }) : renderValue(dp, v.value);
+      text = r.text;
+      unit = r.unit;
+      t.value.title = r.title || "";
     }
     fill(t.value, text, unit ? [" ", h("span", { class: "unit" }, unit)] : null);
     if (t.kind === "switch") t.el.className = `tile ${v ? (v.value ? "ok" : "") : ""}`;
@@ -405,7 +398,7 @@ export async function deviceView(main, { params, signal }) {
     fill(
       energyNotes,
       source,
-      events.length ? ` Meter events this month: ${events.map((e) => `${e.kind} on ${time(e.t)} (${fixed(e.before_kwh, 2)} → ${fixed(e.after_kwh, 2)} kWh)`).join("; ")}.` : "",
+      events.length ? ` Meter events this month: ${events.map((e) => `${e.kind} on ${time(e.t)} (${quantityText(e.before_kwh, "kWh")} → ${quantityText(e.after_kwh, "kWh")})`).join("; ")}.` : "",
     );
   }
 
@@ -635,8 +628,9 @@ export async function deviceView(main, { params, signal }) {
         const unit = dp.display_unit || "";
         row.show = () => {
           const v = latest.get(dp.id);
-          const now = v && typeof v.value === "number" ? fixed(v.value / factor, decimalsFor(dp.scale)) : "";
-          setText(current, now ? `now ${now}${unit ? ` ${unit}` : ""}` : "");
+          const now = v && typeof v.value === "number" ? dpQuantity(dp, v.value) : null;
+          setText(current, now ? `now ${now.text}${now.unit ? ` ${now.unit}` : ""}` : "");
+          current.title = now ? now.title : "";
           input.placeholder = v && typeof v.value === "number" ? String(v.value / factor) : "";
         };
         const submit = (e) => {

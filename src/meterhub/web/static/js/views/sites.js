@@ -3,11 +3,11 @@
 
 import { ApiError, api, isAdmin, qs, session } from "../api.js";
 import { fill, h, table } from "../dom.js";
-import { ago, energy as energyParts, fullTime, power as powerParts } from "../format.js";
+import { ago, fullTime, quantityText } from "../format.js";
 import { errorBox, presenceBadge } from "./common.js";
 
-const power = (w) => powerParts(w).join(" ");
-const energy = (kwh) => energyParts(kwh).join(" ");
+const power = (w) => quantityText(w, "W", { compact: true });
+const energy = (kwh) => quantityText(kwh, "kWh", { compact: true });
 
 function thisMonth(tz) {
   const parts = new Intl.DateTimeFormat("en-CA", { timeZone: tz, year: "numeric", month: "2-digit" }).formatToParts(new Date());
@@ -84,7 +84,7 @@ function bars(days) {
     days.map((d) => {
       const fillEl = h("div", { class: "bar-fill" });
       fillEl.style.height = `${Math.round(((d.kwh || 0) / max) * 100)}%`; // CSSOM: allowed by the CSP
-      return h("div", { class: "bar", title: `${d.day}: ${d.kwh == null ? "no data" : `${d.kwh} kWh`}` }, fillEl, h("div", { class: "bar-label" }, d.day.slice(8, 10)));
+      return h("div", { class: "bar", title: `${d.day}: ${d.kwh == null ? "no data" : quantityText(d.kwh, "kWh")}` }, fillEl, h("div", { class: "bar-label" }, d.day.slice(8, 10)));
     }),
   );
 }
@@ -169,7 +169,7 @@ export async function siteView(main, { params, query, signal }) {
 function readingText(p) {
   if (!p) return "no reading";
   const mark = p.source === "interpolated" ? " (interpolated)" : p.source === "reading" ? "" : " (held)";
-  return `${p.kwh} kWh${mark}`;
+  return `${quantityText(p.kwh, "kWh")}${mark}`;
 }
 
 async function prepaidPanel(cid, signal) {
