@@ -31,11 +31,22 @@ TARIFF = {
 }
 
 
-def populate(engine: Engine, cids: Sequence[str], timezone: str, now: float | None = None) -> dict[str, Any]:
-    """Create the demo site from ``cids`` (the first four meters); returns what a newcomer needs."""
+def populate(
+    engine: Engine,
+    cids: Sequence[str],
+    timezone: str,
+    now: float | None = None,
+    since: float | None = None,
+) -> dict[str, Any]:
+    """Create the demo site from ``cids`` (the first four meters); returns what a newcomer needs.
+    Meters and tenants are in their units from the month's start, or from the local day of ``since``
+    when earlier (the backfilled history: last month's bill has its last days)."""
     now = time.time() if now is None else now
     tz = ZoneInfo(timezone)
     month = dt.datetime.fromtimestamp(now, tz).strftime("%Y-%m")
+    month_start = f"{month}-01"
+    if since is not None:
+        month_start = min(month_start, dt.datetime.fromtimestamp(since, tz).strftime("%Y-%m-%d"))
     try:
         site = sites.find_site(engine, SITE)
         return {"site": site, "month": month, "created": False, "prepaid": _prepaid_cid(engine, site["id"])}
@@ -47,7 +58,6 @@ def populate(engine: Engine, cids: Sequence[str], timezone: str, now: float | No
         engine, site["id"], "Day/night", [{"effective_from": "2020-01-01", **TARIFF}], ACTOR
     )
     sites.update_site(engine, site["id"], {"tariff_id": tariff["id"]}, ACTOR)
-    month_start = f"{month}-01"
     chosen = list(cids)[: len(TENANTS)]
     prepaid_cid = None
     for k, cid in enumerate(chosen):
@@ -83,10 +93,24 @@ def _prepaid_cid(engine: Engine, site_id: int) -> str | None:
 
 
 async def announce(hub: Any, fleet: Any, base: str, token: str, echo: Any) -> None:
-    """``run_fleet``'s ``on_ready`` for ``meterhub demo``: build the site, print where to look."""
+    """``run_fleet``'s ``on_ready`` for ``meterhub demo``: a week of simulated history (first start
+    only), the site, and where to look."""
     import asyncio
 
-    info = await asyncio.to_thread(populate, hub.engine, list(fleet.meters), hub.settings.timezone)
+    from meterhub.tools.backfill import backfill
+
+    done = await backfill(hub, fleet)
+    if done.created:
+        echo(
+            f"  backfilled a week of simulated history in {done.seconds:.1f} s: {done.reports} reports, "
+            f"{done.alarms} past alarms (marked simulated: request_id sim-backfill:..., details.simulated)"
+        )
+    else:
+        echo("  simulated history: backfilled at the first start (kept)")
+    since = done.since if done.created else None
+    info = await asyncio.to_thread(
+        populate, hub.engine, list(fleet.meters), hub.settings.timezone, None, since
+    )
     sid, month = info["site"]["id"], info["month"]
     auth = f"-H 'Authorization: Bearer {token}'"
     echo(f"  demo site {SITE!r} (4 units, tenants, a day/night tariff); this month's bills:")
