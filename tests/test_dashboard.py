@@ -520,6 +520,20 @@ def test_overview_gateways_and_tokens(dash: Dashboard) -> None:
         f"{month:,.2f} kWh"  # kWh with 2 decimals below 10 MWh
     )
     expect(page.locator("#tile-energy-today-value")).not_to_have_text("—")
+    # The fleet over time (GET /fleet/power, /fleet/energy) and the silent meters (GET /fleet/silent).
+    expect(page.locator("#chart-fleet-power .u-legend")).to_contain_text("3.75 kW")  # newest 15 min
+    expect(page.locator("#fleet-power-hint")).to_have_text("last 24 hours · 2 meters")
+    expect(page.locator("#chart-fleet-energy .uplot")).to_be_visible()
+    expect(page.locator("#fleet-energy-hint")).to_contain_text(
+        re.compile(r"kWh in the last 48 hours, from 1 of 3 meters")
+    )
+    page.click("label[for=fleet-energy-day]")
+    expect(page.locator("#fleet-energy-hint")).to_contain_text("in the last 14 days, from 1 of 3 meters")
+    spare = page.locator('#ov-silent tr[data-silent="m3"]')
+    expect(spare).to_contain_text("Spare feeder")
+    expect(spare).to_contain_text("Offline")
+    expect(spare).to_contain_text("never")
+    expect(page.locator("#ov-silent tbody tr")).to_have_count(1)  # m1 and m2 report as usual
     # Live: a new power reading changes the total.
     gw.report("m1", [(3, 25_000_000, time.time())])
     expect(page.locator("#tile-power-value")).to_have_text("4.75 kW")

@@ -32,6 +32,7 @@ from meterhub.api.routers import (
     devices,
     energy,
     export,
+    fleet,
     prepaid,
     registry,
     sites,
@@ -80,7 +81,7 @@ def create_app(hub: Any, *, extra_routers: list[APIRouter] | None = None) -> Fas
     app.include_router(system.metrics_router, dependencies=[Depends(authorize)], responses=AUTHED)
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=AUTHED)
     routers = (registry, devices, commands, energy, alarms, alarm_config, users, conformance, sites, billing)
-    for module in (*routers, prepaid, export):
+    for module in (*routers, prepaid, export, fleet):
         api.include_router(module.router)
     app.include_router(api)
     for extra in extra_routers or []:

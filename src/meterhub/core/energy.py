@@ -140,6 +140,18 @@ def _next_month(day: dt.date) -> dt.date:
     return dt.date(day.year + (day.month == 12), day.month % 12 + 1, 1)
 
 
+def hour_buckets(start: float, hours: int, tz: ZoneInfo) -> list[Bucket]:
+    """``hours`` consecutive hours from ``start`` (a full hour), keyed "2026-11-21T14" in zone ``tz``."""
+    return [
+        Bucket(
+            dt.datetime.fromtimestamp(start + k * 3600, tz).strftime("%Y-%m-%dT%H"),
+            start + k * 3600,
+            start + (k + 1) * 3600,
+        )
+        for k in range(hours)
+    ]
+
+
 def buckets_for(period: str, first: dt.date, last: dt.date, tz: ZoneInfo) -> list[Bucket]:
     """The days (``period="day"``) or months from ``first`` to ``last`` inclusive, in zone ``tz``."""
     if period not in ("day", "month"):
@@ -347,8 +359,12 @@ def device_energy(
         att = attribute(readings, bounds, baseline=baseline, lookahead=lookahead, spread=spread)
     else:
         att = Attribution([None] * len(buckets), [0] * len(buckets))
-    own_dp = DAILY_DP if period == "day" else MONTHLY_DP
-    own = _last_per_bucket(_readings(conn, cid, own_dp, start, end), bounds)
+    own_dp = {"day": DAILY_DP, "month": MONTHLY_DP}.get(period)  # hours: the meter keeps no register
+    own = (
+        _last_per_bucket(_readings(conn, cid, own_dp, start, end), bounds)
+        if own_dp
+        else [None] * len(buckets)
+    )
     return DeviceEnergy(
         cid=cid,
         source=source,

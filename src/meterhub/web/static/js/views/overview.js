@@ -1,9 +1,11 @@
 // Fleet overview: gateways, devices online, active alarms by level, total power now, energy today and
-// this month. Numbers follow the fleet stream (presence, gateway and power reports) and a slow poll.
+// this month; the fleet's power over the last 24 hours and its energy per hour or day; the meters that
+// went silent. Numbers follow the fleet stream (presence, gateway and power reports) and a slow poll.
 
 import { api, everyModel, openStream, pool, qs } from "../api.js";
+import { BarChart, COLORS, LineChart } from "../charts.js";
 import { fill, flash, h, setText, table, throttle } from "../dom.js";
-import { energy, fullTime, power, time } from "../format.js";
+import { ago, energy, fullTime, power, quantityText, time } from "../format.js";
 import { refreshAlarmBadge } from "../shell.js";
 import { LEVELS, alarmName, connectionBadge, learnModel, levelBadge, timeCell } from "./common.js";
 
@@ -24,6 +26,14 @@ function tile(label, { id, accent, twoLines = false } = {}) {
   return el;
 }
 
+/** Seconds -> "45 s", "12 min", "3 h 5 min", "2 d 4 h". */
+function span(s) {
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+}
+
 /** "2026-11-01" -> "November 2026" (a calendar date, read without time zone shifts). */
 function monthTitle(key) {
   const [y, m] = key.split("-").map(Number);
@@ -42,6 +52,23 @@ export async function overviewView(main, { signal }) {
     month: tile("Energy this month", { id: "tile-energy-month" }),
   };
   const alarmsBox = h("div", null, h("p", { class: "empty" }, "Loading…"));
+  const silentBox = h("div", null, h("p", { class: "empty" }, "Loading…"));
+  const powerBox = h("div", { class: "chart-box", id: "chart-fleet-power" });
+  const energyBox = h("div", { class: "chart-box bars", id: "chart-fleet-energy" });
+  const powerHint = h("span", { class: "hint", id: "fleet-power-hint" }, "last 24 hours");
+  const energyHint = h("span", { class: "hint", id: "fleet-energy-hint" });
+  let energyPeriod = "hour";
+  const periodGroup = h(
+    "div",
+    { class: "segmented", role: "radiogroup", "aria-label": "Energy per" },
+    [
+      ["hour", "Hour"],
+      ["day", "Day"],
+    ].map(([value, label]) => [
+      h("input", { type: "radio", name: "fleet-energy-period", id: `fleet-energy-${value}`, value, checked: value === energyPeriod }),
+      h("label", { for: `fleet-energy-${value}` }, label),
+    ]),
+  );
   const gatewaysBox = h("div", null, h("p", { class: "empty" }, "Loading…"));
   fill(
     main,
@@ -49,10 +76,17 @@ export async function overviewView(main, { signal }) {
     h("div", { class: "tiles" }, Object.values(tiles)),
     h(
       "div",
-      { class: "grid grid-2" },
+      { class: "grid grid-2 section" },
+      h("section", { class: "panel chart-panel", "aria-labelledby": "ov-power" }, h("div", { class: "chart-title" }, h("h2", { id: "ov-power" }, "Fleet power (kW)"), powerHint), powerBox),
+      h("section", { class: "panel chart-panel", "aria-labelledby": "ov-energy" }, h("div", { class: "chart-title" }, h("h2", { id: "ov-energy" }, "Fleet energy (kWh)"), periodGroup), energyBox, h("p", { class: "small muted energy-notes" }, energyHint)),
+    ),
+    h(
+      "div",
+      { class: "grid grid-2 section" },
       h("section", { class: "panel", "aria-labelledby": "ov-alarms" }, h("div", { class: "panel-head" }, h("h2", { id: "ov-alarms" }, "Active alarms"), h("a", { href: "#/alarms" }, "All alarms")), alarmsBox),
       h("section", { class: "panel", "aria-labelledby": "ov-gws" }, h("div", { class: "panel-head" }, h("h2", { id: "ov-gws" }, "Gateways"), h("a", { href: "#/gateways" }, "All gateways")), gatewaysBox),
     ),
+    h("section", { class: "panel section", id: "ov-silent", "aria-labelledby": "ov-silent-h" }, h("div", { class: "panel-head" }, h("h2", { id: "ov-silent-h" }, "Silent meters"), h("span", { class: "hint" }, "Online but not reporting for 3× their usual interval, or offline")), silentBox),
   );
   everyModel().then((models) => models.forEach(learnModel)).catch(() => {});
 
@@ -184,6 +218,68 @@ export async function overviewView(main, { signal }) {
     tiles.month.set(mText, mUnit, monthName ? `${monthName} so far` : "no readings yet");
   }
 
+  let powerChart = null;
+  let energyChart = null;
+  async function loadFleetPower() {
+    const r = await api(`/api/v1/fleet/power${qs({ hours: 24, buckets: 96 })}`, { signal });
+    if (!powerChart) powerChart = new LineChart(powerBox, { series: [{ label: "Fleet", color: COLORS.energy }], unit: "kW", decimals: 2, label: "Fleet power over the last 24 hours" });
+    powerChart.setData(
+      r.buckets.map((b) => b.start + r.interval / 2),
+      [r.buckets.map((b) => (b.power_w === null ? null : b.power_w / 1000))],
+    );
+    const newest = [...r.buckets].reverse().find((b) => b.power_w !== null);
+    setText(powerHint, newest ? `last 24 hours · ${newest.devices} meter${newest.devices === 1 ? "" : "s"}` : "last 24 hours");
+  }
+
+  async function loadFleetEnergy() {
+    const period = energyPeriod;
+    const r = await api(`/api/v1/fleet/energy${qs({ period })}`, { signal });
+    if (period !== energyPeriod) return; // switched meanwhile
+    if (!energyChart) energyChart = new BarChart(energyBox, { unit: "kWh", color: COLORS.energyMonth, label: "Fleet energy over time" });
+    const hourFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", hourCycle: "h23", timeZone: r.timezone });
+    const dayFmt = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "short", timeZone: r.timezone });
+    const longFmt = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "short", hour: period === "hour" ? "2-digit" : undefined, minute: period === "hour" ? "2-digit" : undefined, hourCycle: "h23", timeZone: r.timezone });
+    energyChart.setData(
+      r.buckets.map((b) => (period === "hour" ? hourFmt : dayFmt).format(new Date(b.start * 1000))),
+      r.buckets.map((b) => longFmt.format(new Date(b.start * 1000))),
+      r.buckets.map((b) => b.consumption_kwh),
+    );
+    const what = period === "hour" ? "the last 48 hours" : "the last 14 days";
+    setText(energyHint, r.total_kwh === null ? `No readings in ${what}.` : `${quantityText(r.total_kwh, "kWh", { compact: true })} in ${what}, from ${r.devices_with_data} of ${r.devices} meters.`);
+  }
+
+  async function loadSilent() {
+    const r = await api("/api/v1/fleet/silent?limit=20", { signal });
+    if (!r.items.length) {
+      fill(silentBox, h("p", { class: "empty", id: "silent-empty" }, "No silent meters: every online meter reports as usual."));
+      return;
+    }
+    const rows = r.items.map((m) =>
+      h(
+        "tr",
+        { "data-silent": m.cid },
+        h("td", null, h("a", { href: `#/devices/${encodeURIComponent(m.cid)}` }, m.name || m.cid), m.name ? h("span", { class: "sub" }, m.cid) : null),
+        h("td", null, h("a", { href: `#/gateways/${encodeURIComponent(m.gateway_id)}` }, m.gateway_id)),
+        h("td", null, m.online ? h("span", { class: "badge warn" }, "Online, silent") : h("span", { class: "badge off" }, "Offline")),
+        h("td", { class: "time", title: fullTime(m.last_report) }, m.last_report ? ago(m.last_report) : "never"),
+        h("td", { class: "num silent-for", title: m.usual_interval ? `usually every ${quantityText(m.usual_interval, "s")}` : "" }, span(m.silent_for)),
+      ),
+    );
+    fill(silentBox, table(["Meter", "Gateway", "State", "Last report", h("th", { class: "num", scope: "col" }, "Silent for")], rows, { caption: "Silent meters" }), r.total > r.items.length ? h("p", { class: "small muted" }, `and ${r.total - r.items.length} more`) : null);
+  }
+
+  for (const input of periodGroup.querySelectorAll("input")) {
+    input.addEventListener("change", () => {
+      energyPeriod = input.value;
+      if (energyChart) {
+        energyChart.destroy();
+        energyChart = null;
+        fill(energyBox);
+      }
+      guard(loadFleetEnergy());
+    });
+  }
+
   const stamp = () => {
     const el = document.getElementById("overview-updated"); // null once the view was left
     if (el) setText(el, `Updated ${time(Date.now() / 1000)}`);
@@ -195,14 +291,18 @@ export async function overviewView(main, { signal }) {
   const stampSoon = throttle(stamp, 1000); // the tiles changed live: "Updated" moves with them
   const reloadCounts = throttle(() => guard(loadCounts()).then(stamp), 1000);
   const reloadAlarms = throttle(() => guard(loadAlarms()).then(stamp), 1500);
+  const reloadSilent = throttle(() => guard(loadSilent()).then(stamp), 2000);
   const reloadAll = () => {
-    guard(Promise.all([loadCounts(), loadAlarms(), loadPower(), loadEnergy()])).then(stamp);
+    guard(Promise.all([loadCounts(), loadAlarms(), loadPower(), loadEnergy(), loadSilent(), loadFleetPower(), loadFleetEnergy()])).then(stamp);
   };
 
   await Promise.all([loadCounts(), loadAlarms()]);
   stamp();
   guard(loadPower());
   guard(loadEnergy());
+  guard(loadSilent());
+  guard(loadFleetPower());
+  guard(loadFleetEnergy());
 
   const stream = openStream(
     { dps: [POWER_DP, ...FAULT_DPS] },
@@ -225,6 +325,7 @@ export async function overviewView(main, { signal }) {
             guard(latestPower(ev.cid).then(showPower));
           }
           reloadCounts();
+          reloadSilent();
         } else if (kind === "gateway" || kind === "sync") {
           reloadCounts();
         }
@@ -242,11 +343,16 @@ export async function overviewView(main, { signal }) {
     setInterval(() => guard(loadAlarms()), 15000),
     setInterval(() => guard(loadCounts()).then(stamp), 30000),
     setInterval(() => guard(loadEnergy()), 60000),
+    setInterval(() => guard(loadSilent()).then(stamp), 15000),
+    setInterval(() => guard(Promise.all([loadFleetPower(), loadFleetEnergy()])).then(stamp), 60000),
   ];
   return () => {
     stream.close();
     timers.forEach(clearInterval);
+    if (powerChart) powerChart.destroy();
+    if (energyChart) energyChart.destroy();
     reloadCounts.cancel();
     reloadAlarms.cancel();
+    reloadSilent.cancel();
   };
 }
