@@ -777,3 +777,34 @@ def test_measured_values_are_calibration_apart_from_settings_and_confirmed(dash:
     assert gw.next_command()["param"] == {"id": "5", "value": 2_310_000}
     assert "overwrite the meter's measured value" in messages[0]
     dash.check_console()
+
+
+def test_backfilled_demo_history_fills_the_pages(dash: Dashboard) -> None:
+    """The demo's backfill (tools/backfill.py) on a real hub: a week of charts and energy bars for a
+    meter at once, and the past alarms marked simulated, with their measured value in real units."""
+    from meterhub.tools.backfill import backfill
+    from meterhub.tools.simulator import Fleet
+
+    gw, page = dash.gw, dash.page
+    gw.sync("sim-gw-001-m001", device_name="Flat 1 meter")
+    fleet = Fleet("127.0.0.1", dash.hub.port, "unused", gateways=1, meters=2, seed=3)  # never started
+    done = dash.hub.call(backfill(dash.hub.hub, fleet))
+    assert (done.created, done.reports, done.alarms) == (True, 2 * 672 * 9, 6)
+    dash.sign_in(dash.read_token)
+    expect(page.locator("#topbar")).to_be_visible()
+    dash.go("/alarms")
+    page.click("label[for=alarm-state-past]")
+    rows = page.locator("table.alarm-table tbody tr")
+    expect(rows).to_have_count(6)
+    expect(page.locator("table.alarm-table .badge", has_text="simulated")).to_have_count(6)
+    sag = rows.filter(has_text="Undervoltage").first
+    expect(sag).to_contain_text(re.compile(r"Voltage current 20\d\.\d V < limit 207\.0 V"))
+    expect(sag).to_contain_text("Cleared")
+
+    dash.go("/devices/sim-gw-001-m001")
+    page.click("label[for=range-week]")
+    expect(page.locator("#chart-voltage .chart-overlay")).to_be_hidden()
+    expect(page.locator("#chart-voltage .u-legend")).to_contain_text(re.compile(r"Phase A\s*2\d\d\.\d V"))
+    expect(page.locator("#chart-energy-day .chart-overlay")).to_be_hidden()
+    expect(page.locator("#energy-month-total")).to_contain_text("kWh")
+    dash.check_console()

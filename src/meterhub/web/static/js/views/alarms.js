@@ -47,7 +47,7 @@ export function alarmRow(a, { showDevice = true, onAck }) {
     "tr",
     { "data-alarm": a.id, class: a.active ? "alarm-active" : "alarm-past" },
     h("td", null, levelBadge(a.level)),
-    h("td", null, h("strong", null, alarmName(a)), a.count > 1 ? h("span", { class: "badge warn", title: "Times the condition came back while open" }, ` ×${a.count}`) : null, h("span", { class: "sub" }, detail || `${a.kind} · ${a.label}`)),
+    h("td", null, h("strong", null, alarmName(a)), a.count > 1 ? h("span", { class: "badge warn", title: "Times the condition came back while open" }, ` ×${a.count}`) : null, a.details?.simulated ? [" ", h("span", { class: "badge plain", title: "Written by the demo's backfill: simulated history" }, "simulated")] : null, h("span", { class: "sub" }, detail || `${a.kind} · ${a.label}`)),
     showDevice ? h("td", null, h("a", { href: `#/devices/${encodeURIComponent(a.cid)}` }, a.cid)) : null,
     h("td", null, a.active ? h("span", { class: "badge bad" }, "Active") : h("span", { class: "badge off" }, "Cleared")),
     h("td", { class: "time", title: fullTime(a.raised_at) }, time(a.raised_at)),

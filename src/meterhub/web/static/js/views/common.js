@@ -1,7 +1,7 @@
 // Pieces shared by the views: alarm labels and levels, presence badges, value rendering.
 
 import { badge, h } from "../dom.js";
-import { ago, dpQuantity, fullTime, humanize, num, quantityText, time } from "../format.js";
+import { ago, dpQuantity, fullTime, humanize, quantityText, time } from "../format.js";
 
 export const LEVELS = ["urgent", "serious", "general"];
 
@@ -15,9 +15,12 @@ const THRESHOLD_NAMES = {
 
 /** label -> description from the fault data points of the models (filled by loadAlarmLabels). */
 const faultDescriptions = new Map();
+/** data point code -> display unit, from the models (for the measured value in alarm details). */
+const unitsByCode = new Map();
 
 export function learnModel(model) {
   for (const dp of model.data_points || []) {
+    if (dp.type === "value" && dp.display_unit && !unitsByCode.has(dp.code)) unitsByCode.set(dp.code, dp.display_unit);
     if (dp.type === "fault") {
       for (const l of dp.labels || []) if (l.description) faultDescriptions.set(l.label, l.description);
     }
@@ -34,7 +37,8 @@ export function alarmDetail(alarm) {
   const d = alarm.details;
   if (!d || typeof d !== "object") return null;
   if (d.measure && d.limit !== undefined) {
-    return `${humanize(d.measure)} ${num(d.value, 3)} ${d.rule || ""} limit ${num(d.limit, 3)}`;
+    const unit = unitsByCode.get(d.measure) || "";
+    return `${humanize(d.measure)} ${quantityText(d.value, unit)} ${d.rule || ""} limit ${quantityText(d.limit, unit)}`;
   }
   return null;
 }
