@@ -2,10 +2,11 @@
 charts, energy bars, bills and the alarms history mean something at once (``meterhub demo``).
 
 Marked as simulated (docs/decisions.md): every report has a ``request_id`` starting with
-:data:`PREFIX` and every alarm ``details.simulated = true``. Written through the storage writer
-(the path of live reports and alarms) in batches; idempotent: when the demo's gateways already have
-backfilled reports, nothing is written. The history ends where each live simulated meter starts (its
-energy register continues the backfilled one), so no meter seems to be reset.
+:data:`PREFIX` and every alarm ``details.simulated = true``. Written through the storage writer (the
+path of live reports and alarms) in batches. Idempotent: a gateway that already has backfilled
+reports gets nothing more (a later start with more ``--gateways`` backfills only the new ones). The
+history ends where each live simulated meter starts (its energy register continues the backfilled
+one), and on later starts each meter continues its stored register, so no meter seems to be reset.
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ class Backfill:
     since: float = 0.0
 
 
-def already_backfilled(engine: Engine, gateway_ids: Iterable[str]) -> bool:
-    """True when any of these gateways has a backfilled report (blocking)."""
+def backfilled_gateways(engine: Engine, gateway_ids: Iterable[str]) -> set[str]:
+    """Those of these gateways that have backfilled reports (blocking)."""
     r = schema.reports
+    found = set()
     with engine.connect() as conn:
         for gw in gateway_ids:
             q = select(r.c.id).where(and_(r.c.gateway_id == gw, r.c.request_id.like(PREFIX + "%"))).limit(1)
             if conn.execute(q).first() is not None:
-                return True
-    return False
+                found.add(gw)
+    return found
 
 
 def stored_registers(engine: Engine, cids: Iterable[str]) -> dict[str, float]:
@@ -171,21 +173,25 @@ async def backfill(hub: Any, fleet: Any, *, days: float = DAYS, now: float | Non
 
     began = time.monotonic()
     gateways = {sim.gw.gateway_id: sim.meters for sim in fleet.gateways}
-    if await asyncio.to_thread(already_backfilled, hub.engine, list(gateways)):
+    done = await asyncio.to_thread(backfilled_gateways, hub.engine, list(gateways))
+    if done:
         # A later start: each live meter continues its stored register (no reset in the energy data).
-        stored = await asyncio.to_thread(stored_registers, hub.engine, list(fleet.meters))
-        for cid, kwh in stored.items():
+        kept = [m.cid for gw in done for m in gateways[gw]]
+        for cid, kwh in (await asyncio.to_thread(stored_registers, hub.engine, kept)).items():
             fleet.meters[cid].energy = kwh
+    todo = {gw: meters for gw, meters in gateways.items() if gw not in done}
+    if not todo:
         return Backfill(created=False)
     now = time.time() if now is None else now
     end = now - now % STEP
     start = end - days * 86400
     rng = random.Random(f"backfill/{start}")
-    cids = [m.cid for meters in gateways.values() for m in meters]
-    alarm_ops, sags = past_alarms(hub.alarms, cids, start, end, rng)
+    cids = [m.cid for meters in todo.values() for m in meters]
+    # The past alarms once, at the first start (a later start with more gateways backfills only those).
+    alarm_ops, sags = past_alarms(hub.alarms, cids, start, end, rng) if not done else ([], {})
     reports = 0
     pending: list[tuple[str, Any]] = []
-    for gw, meters in gateways.items():
+    for gw, meters in todo.items():
         for meter in meters:
             ops, _ = meter_history(gw, meter, start, end, rng, sags.get(meter.cid, ()))
             reports += sum(1 for op in ops if op[0] == "report")
