@@ -124,5 +124,13 @@ def test_no_page_cuts_off_or_hides_content_sideways(dash: Dashboard, width: int)
         if found:
             problems[route] = found
     assert problems == {}, problems
+    # The alarms page as the window changes: stacked rows on a phone, columns on a laptop, and back.
+    dash.go("/alarms")
+    wrap = page.locator("table.alarm-table").locator("xpath=..")
+    expect(wrap).to_have_class("table-wrap stacked" if width == 390 else "table-wrap")
+    page.set_viewport_size({"width": 1280 if width == 390 else 390, "height": 900})
+    expect(wrap).to_have_class("table-wrap" if width == 390 else "table-wrap stacked")
+    expect(page.locator("table.alarm-table td[data-label=State]").first).to_contain_text("Active")
+    assert page.evaluate(OVERFLOW_JS) == []
     assert (ARTIFACTS / f"layout-unit-{width}.png").exists()
     dash.check_console()

@@ -43,14 +43,22 @@ function fit(wrap) {
     });
   };
   // Width changes of the box (window resized, panel reflowed); row changes (live updates, paging).
-  new ResizeObserver((entries) => {
+  const rows = new MutationObserver(schedule);
+  const box = new ResizeObserver((entries) => {
+    if (!wrap.isConnected) {
+      // replaced (a view reloads its tables): let both observers go with it
+      box.disconnect();
+      rows.disconnect();
+      return;
+    }
     const w = Math.round(entries[entries.length - 1].contentRect.width);
     if (w !== width) {
       width = w;
       schedule();
     }
-  }).observe(wrap);
-  new MutationObserver(schedule).observe(wrap, { childList: true, subtree: true, characterData: true });
+  });
+  box.observe(wrap);
+  rows.observe(wrap, { childList: true, subtree: true, characterData: true });
   refit(wrap);
 }
 
