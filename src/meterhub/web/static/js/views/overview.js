@@ -249,7 +249,14 @@ export async function overviewView(main, { signal }) {
   }
 
   async function loadSilent() {
-    const r = await api("/api/v1/fleet/silent?limit=20", { signal });
+    let r;
+    try {
+      r = await api("/api/v1/fleet/silent?limit=20", { signal });
+    } catch (err) {
+      if (err.name === "AbortError" || err.status !== 422) throw err;
+      fill(silentBox, h("p", { class: "empty" }, err.message)); // too large a fleet for this list
+      return;
+    }
     if (!r.items.length) {
       fill(silentBox, h("p", { class: "empty", id: "silent-empty" }, "No silent meters: every online meter reports as usual."));
       return;
