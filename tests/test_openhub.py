@@ -164,6 +164,43 @@ def test_link_receives_encrypted_reports_and_presence(world: World, link_type: s
     c.loop_stop()
 
 
+def test_a_report_the_database_refuses_is_never_an_event(world: World) -> None:
+    """Applications hear of a report only once it is stored: one the database refuses (here a
+    constraint on its request_id, the database's own refusal) is answered 500 and reaches no link."""
+    from sqlalchemy import text
+
+    with world.hub.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_poison BEFORE INSERT ON reports "
+                    "WHEN NEW.request_id LIKE 'poison-%' BEGIN SELECT RAISE(ABORT, 'poison'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text("ALTER TABLE reports ADD CONSTRAINT poison CHECK (request_id NOT LIKE 'poison-%')")
+            )
+    c, got, cfg = subscriber(world, world.alice)
+    world.online("meter-a")
+    assert next_event(got, cfg)["data"]["bizCode"] == "online"
+    refused = {
+        "t": int(time.time()),
+        "request_id": "poison-1",
+        "param": {"cid": "meter-a", "id": "5", "value": 1111},
+    }
+    world.gw.publish("gateway_id/gw-oh/properties/report", json.dumps(refused))
+    answer = json.loads(world.gw.get().payload)
+    assert (answer["request_id"], answer["param"]["code"]) == ("poison-1", 500), answer
+    world.report("meter-a", "5", 2222)
+    event = next_event(got, cfg)
+    assert event["protocol"] == 4 and event["data"]["status"][0]["value"] == 2222
+    time.sleep(0.3)
+    assert got.empty()
+    c.disconnect()
+    c.loop_stop()
+
+
 def test_users_only_see_their_own_devices(world: World) -> None:
     ca, got_a, cfg_a = subscriber(world, world.alice)
     cb, got_b, cfg_b = subscriber(world, world.bob)

@@ -122,16 +122,24 @@ class ReportsMixin:
             self._set_presence(dev, True, "report", now, ops)
         fut = self.writer.write(ops)
         self._reports.put(key, content, fut)
-        fut.add_done_callback(partial(self._report_committed, gw, key, content, req.cid))
-        if self.listeners:
-            self._emit(
-                "report",
-                {"cid": req.cid, "dp": dp, "value": value, "num": num, "t": t, "product_id": dev.product_id},
-            )
+        # Listeners (open hub, live streams, alarms, other nodes) hear of the report once it is stored:
+        # never of one answered with an error because the commit failed.
+        event = (
+            {"cid": req.cid, "dp": dp, "value": value, "num": num, "t": t, "product_id": dev.product_id}
+            if self.listeners
+            else None
+        )
+        fut.add_done_callback(partial(self._report_committed, gw, key, content, req.cid, event))
         return fut
 
     def _report_committed(
-        self, gw: str, key: tuple[str, str], content: int, cid: str, fut: asyncio.Future[Any]
+        self,
+        gw: str,
+        key: tuple[str, str],
+        content: int,
+        cid: str,
+        event: dict[str, Any] | None,
+        fut: asyncio.Future[Any],
     ) -> None:
         if fut.cancelled() or fut.exception() is not None:
             code = ErrorCode.SYSTEM
@@ -147,6 +155,8 @@ class ReportsMixin:
             code = ErrorCode.SUCCESS
             self._reports.settle(key, content, code)
         self._reply(gw, _REPORT, key[1], cid, code)
+        if event is not None and code == ErrorCode.SUCCESS:
+            self._emit("report", event)
 
     def _refuse_report(self, key: tuple[str, str], content: int, cid: str, code: int, detail: str) -> None:
         """Answer a report with an error code now; a redelivery of it gets the same answer."""
