@@ -624,6 +624,8 @@ class MQTTServer:
         self.connections: set[MQTTConnection] = set()
         self.stats: Counter[str] = Counter()
         self.client_records: dict[str, ClientRecord] = {}
+        #: Client ids whose record changed since meterhub.core.conformance_store last took them.
+        self.records_dirty: set[str] = set()
         # Persistent sessions: how many per owner (vendor), and the offline ones oldest first.
         self.persistent_count: Counter[str] = Counter()
         self.persistent_total = 0
@@ -942,6 +944,7 @@ class MQTTServer:
         return session
 
     def client_record(self, client_id: str) -> ClientRecord:
+        self.records_dirty.add(client_id)
         records = self.client_records
         record = records.get(client_id)
         if record is None:
@@ -1030,6 +1033,7 @@ class MQTTServer:
                 stats["closed.keepalive"] += 1
                 if conn.record is not None:
                     conn.record.keepalive_expired += 1
+                    self.records_dirty.add(conn._cid())
                 _repeats.info("keepalive", "keep-alive expired", client_id=conn._cid(), peer=conn.peer)
                 conn.abort("keepalive-timeout")
             elif (
