@@ -21,6 +21,7 @@ PostgreSQL ``database_url``) several nodes share the database:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import dataclasses
@@ -141,6 +142,9 @@ class ClusterNode:
             )
             self._subs.append(
                 await bus.subscribe(f"mh.node.{self.node_id}.session", self._on_hand_over, concurrent=True)
+            )
+            self._subs.append(
+                await bus.subscribe(f"mh.node.{self.node_id}.deliver", self._on_deliver, concurrent=True)
             )
             self.relay = EventRelay(
                 self.node_id,
@@ -555,20 +559,51 @@ class ClusterNode:
     # --- persistent MQTT sessions (meterhub.mqtt.session_store) -----------------------------------
 
     def use_session_store(self, store: Any) -> None:
-        """With other nodes: a session stored as held by another node is asked from it first."""
+        """With other nodes: a session stored as held by another node is asked from it first, and
+        messages for a session handed to another node are forwarded there."""
         if not self.solo:
             store.hand_over = self._ask_hand_over
+            if self.southbound is not None:
+                self.southbound.forward = self._forward
 
     async def _ask_hand_over(self, node: str, client_id: str) -> None:
         """Ask ``node`` to close ``client_id``'s connection and store its session; returns once
         it has (the caller bounds the wait)."""
         assert self.bus is not None
         self.stats["sessions.hand_over_asked"] += 1
-        await self.bus.request(f"mh.node.{node}.session", _encode({"cid": client_id}), 5.0)
+        request = _encode({"cid": client_id, "to": self.node_id})
+        await self.bus.request(f"mh.node.{node}.session", request, 5.0)
 
     async def _on_hand_over(self, data: bytes) -> bytes:
-        await self.southbound.hand_over(_decode(data)["cid"])
+        msg = _decode(data)
+        await self.southbound.hand_over(msg["cid"], msg.get("to"))
         return b"{}"
+
+    def _forward(self, node: str, client_id: str, topic: str, payload: bytes, qos: int, hops: int) -> None:
+        """A QoS>0 message for a session this node handed to ``node``: send it there (in order per
+        client: one request at a time per client id would cost a round trip each; NATS keeps the
+        order of one publisher's messages to one subscriber)."""
+        self.stats["sessions.forwarded"] += 1
+        body = {"cid": client_id, "topic": topic, "payload": base64.b64encode(payload).decode(), "qos": qos}
+        self._spawn(self._send_forward(node, _encode({**body, "hops": hops})))
+
+    async def _send_forward(self, node: str, data: bytes) -> None:
+        assert self.bus is not None
+        try:
+            reply = await self.bus.request(f"mh.node.{node}.deliver", data, 5.0)
+        except BusError:
+            self.stats["sessions.forward_failed"] += 1
+            log.warning("message for a handed-over session not delivered: node did not answer", node=node)
+            return
+        if not _decode(reply).get("ok"):
+            self.stats["sessions.forward_refused"] += 1
+
+    async def _on_deliver(self, data: bytes) -> bytes:
+        msg = _decode(data)
+        ok = self.southbound.deliver_forwarded(
+            msg["cid"], msg["topic"], base64.b64decode(msg["payload"]), int(msg["qos"]), int(msg["hops"])
+        )
+        return _encode({"ok": ok})
 
     # --- status ------------------------------------------------------------------------------------
 
