@@ -216,8 +216,10 @@ class HubCollector(Collector):
             yield g
         alarms = getattr(self.hub, "alarms", None)
         if alarms is not None:
-            g = GaugeMetricFamily("meterhub_alarms_active", "Alarms raised and not cleared.")
-            g.add_metric([], alarms.active_count())
+            g = GaugeMetricFamily(
+                "meterhub_alarms_active", "Alarms raised and not cleared (stored, every node's)."
+            )
+            g.add_metric([], alarms.active_total)
             yield g
 
     def _storage(self) -> Iterator[Metric]:
