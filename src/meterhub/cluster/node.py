@@ -30,6 +30,7 @@ import socket
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -83,6 +84,7 @@ class ClusterNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.beat_ok_at: float | None = None  # last heartbeat stored (None: not registered yet)
+        self._control_pool = ThreadPoolExecutor(1, thread_name_prefix="meterhub-cluster")
 
     @property
     def solo(self) -> bool:
@@ -184,6 +186,7 @@ class ClusterNode:
                 await asyncio.to_thread(store.stop_node, self.engine, self.node_id, time.time())
         if self.bus is not None:
             await self.bus.close()
+        self._control_pool.shutdown(wait=False)
 
     def readiness(self) -> dict[str, Any]:
         """For ``GET /ready``: registered (a heartbeat stored within ``node_timeout``, so the other
@@ -216,15 +219,16 @@ class ClusterNode:
             return 0
         return sum(len(v) for v in fanout.links.values())
 
+    async def _control(self, fn: Any, *args: Any) -> Any:
+        """Run a heartbeat's database work on the node's own thread: in the default pool it queued
+        behind thousands of gateway claims in a reconnect storm, the heartbeat came seconds late
+        (with the time it was queued at), and nodes declared each other dead (bench/cluster.py)."""
+        return await asyncio.get_running_loop().run_in_executor(self._control_pool, fn, *args)
+
     async def _beat(self) -> None:
         hub = self.hub
-        state = await asyncio.to_thread(
-            store.heartbeat,
-            self.engine,
-            self.node_id,
-            time.time(),
-            {"links": self.links(), "mqtt_port": hub.mqtt_port, "http_port": hub.http_port},
-        )
+        info = {"links": self.links(), "mqtt_port": hub.mqtt_port, "http_port": hub.http_port}
+        state = await self._control(lambda: store.heartbeat(self.engine, self.node_id, time.time(), info))
         self.beat_ok_at = time.time()
         if self.solo:
             return
@@ -234,16 +238,15 @@ class ClusterNode:
             for gw in list(self.held):
                 self._release(gw)
         elif self.held:
-            for gw in await asyncio.to_thread(store.not_owned, self.engine, self.node_id, list(self.held)):
+            for gw in await self._control(store.not_owned, self.engine, self.node_id, list(self.held)):
                 if gw in self.held and not self.claiming[gw]:
                     self.stats["takeover.by_reconcile"] += 1
                     self._release(gw)
         await self._sweep()
 
     async def _sweep(self) -> None:
-        swept = await asyncio.to_thread(
-            store.sweep_dead, self.engine, self.node_id, time.time(), self.settings.node_timeout
-        )
+        timeout = self.settings.node_timeout
+        swept = await self._control(lambda: store.sweep_dead(self.engine, self.node_id, time.time(), timeout))
         if swept is None or not swept.nodes:
             return
         log.warning(
