@@ -554,10 +554,12 @@ class MQTTConnection(asyncio.Protocol):
                 stored = await server.load_stored(packet.client_id)
             if code == CONNACK_ACCEPTED and not server.admit(result.principal, packet.clean_session):  # type: ignore[arg-type]
                 code, result.reason = CONNACK_UNAVAILABLE, "too many persistent sessions"
-            if code == CONNACK_ACCEPTED and not packet.clean_session:
+            if code == CONNACK_ACCEPTED and not packet.clean_session and self.state != "closed":
                 stored = await server.claim_stored(result.principal, stored)  # type: ignore[arg-type]
         if self.state == "closed" or code != CONNACK_ACCEPTED:
             server.resuming.pop(packet.client_id, None)  # messages forwarded meanwhile: nobody to take them
+            if server.store is not None:  # a claim made for this CONNECT is not taken up here
+                server.store.claimed.discard(packet.client_id)
         if self.state == "closed":
             return
         server.stats[f"connack.{code}"] += 1
