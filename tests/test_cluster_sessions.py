@@ -1,6 +1,7 @@
-"""Persistent sessions between two nodes (in-process hubs on one PostgreSQL database and a NATS
-server of the module's own): the holder row is written before the CONNACK, and a message for a
-session that moved is delivered on the node holding it, never into the old node's stale copy."""
+"""State that follows a gateway between two nodes (in-process hubs on one PostgreSQL database and a
+NATS server of the module's own): persistent sessions (the holder row is written before the CONNACK;
+a message for a session that moved is delivered on the node holding it, never into the old node's
+stale copy) and alarm state read on demand."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from conftest import RunningHub, wait_for
+from conftest import Client, RunningHub, wait_for
 from meterhub.core.auth import gateway_password
 from meterhub.storage import registry, schema
 from mqttraw import RawClient, connect, puback, subscribe
@@ -102,3 +103,43 @@ def test_a_message_for_a_session_that_moved_is_delivered_on_the_new_node(
     assert b.run(lambda: b.hub.mqtt.publish(gw, topic, b"back-on-a", 1))
     assert next_publish(back) == (topic, b"back-on-a")
     back.close()
+
+
+def test_an_alarm_raised_on_one_node_is_cleared_when_its_device_reports_on_the_other(
+    nodes: tuple[RunningHub, RunningHub],
+) -> None:
+    """b has none of the device's alarm state in memory (evicted, say) when the report comes: it
+    reads it from the database first, so the alarm a raised is cleared, not raised again."""
+    from test_api import GatewaySim
+
+    a, b = nodes
+    user = registry.add_vendor(a.engine, "alarming").username
+    gw, m = "gw-alarm", "m-alarm"
+    first = Client(a.port, gw, user, gateway_password(gw, user))
+    assert first.connect()[0] == 0
+    first.subscribe(f"gateway_id/{gw}/#", 1)
+    on_a = GatewaySim(first)
+    on_a.sync(m)
+    on_a.report(m, "19", "fire_alarm")
+    t = schema.alarms
+
+    def stored() -> list[tuple[str, bool]]:
+        with a.engine.connect() as conn:
+            rows = conn.execute(select(t.c.label, t.c.cleared_at).where(t.c.cid == m).order_by(t.c.id)).all()
+        return [(r.label, r.cleared_at is not None) for r in rows]
+
+    wait_for(lambda: stored() == [("fire_alarm", False)])
+    first.c.loop_stop()  # the gateway moves to b (a closes its old connection at b's claim)
+    moved = Client(b.port, gw, user, gateway_password(gw, user))
+    assert moved.connect()[0] == 0
+    moved.subscribe(f"gateway_id/{gw}/#", 1)
+    wait_for(lambda: b.run(lambda: gw in b.hub.cluster.held))
+    monitor = b.hub.alarms
+    b.run(lambda: monitor.devices.clear())  # nothing of m in b's memory
+    loaded = b.run(lambda: monitor.loaded)
+    GatewaySim(moved).report(m, "19", 0)
+    wait_for(lambda: stored() == [("fire_alarm", True)])
+    assert b.run(lambda: monitor.loaded) == loaded + 1
+    assert b.run(lambda: monitor.raised) == 0  # cleared, never raised again on b
+    moved.close()
+    first.c.disconnect()
