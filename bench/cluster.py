@@ -116,6 +116,7 @@ class Rig:
         self.nodes: dict[str, tuple[subprocess.Popen[Any], int, int]] = {}
         self.haproxy: subprocess.Popen[Any] | None = None
         self.lb_port = 0
+        self.maxconn = 8000  # HAProxy's (MH_MAXCONN): raised for a storm of more gateways
 
     def start_node(self, name: str) -> tuple[subprocess.Popen[Any], int, int]:
         mqtt, http = common.free_port(), common.free_port()
@@ -131,7 +132,7 @@ class Rig:
         """The shipped configuration, in front of the running nodes (node1..3 in start order)."""
         self.stop_haproxy()
         self.lb_port = common.free_port()
-        env = dict(os.environ, MH_BIND=HOST, MH_MQTT_PORT=str(self.lb_port), MH_MAXCONN="8000")
+        env = dict(os.environ, MH_BIND=HOST, MH_MQTT_PORT=str(self.lb_port), MH_MAXCONN=str(self.maxconn))
         env.update(MH_API_PORT=str(common.free_port()), MH_STATS_PORT=str(common.free_port()))
         env["MH_PROXY_PROTOCOL"] = "false"
         live = list(self.nodes.values())
@@ -275,6 +276,7 @@ class Gateway:
 
     def __init__(self, gw: str, username: str, port: int) -> None:
         self.gw, self.frame, self.port = gw, _connect_frame(gw, username), port
+        self.ports: list[int] = []  # when set: each reconnect to one of these, at random
         self.connected = asyncio.Event()
         self.stopping = False
 
@@ -282,7 +284,8 @@ class Gateway:
         while not self.stopping:
             writer = None
             try:
-                reader, writer = await asyncio.open_connection(HOST, self.port)
+                port = random.choice(self.ports) if self.ports else self.port
+                reader, writer = await asyncio.open_connection(HOST, port)
                 writer.write(self.frame)
                 ack = await asyncio.wait_for(reader.readexactly(4), 30)
                 if ack[3] == 0:
@@ -299,8 +302,9 @@ class Gateway:
 
 
 async def _rehome(
-    rig: Rig, gateways: int, first_port: int, lb_port: int, victim: str | None
+    rig: Rig, gateways: int, first_port: int, lb_port: int | list[int], victim: str | None
 ) -> dict[str, Any]:
+    """``lb_port``: where gateways reconnect (HAProxy's port, or the surviving nodes' ports)."""
     ids = [f"rh-{uuid.uuid4().hex[:8]}" for _ in range(gateways)]
     gws = [Gateway(g, rig.username, first_port) for g in ids]
     tasks = []
@@ -311,9 +315,14 @@ async def _rehome(
             tasks.append(asyncio.ensure_future(g.run()))
             await asyncio.wait_for(g.connected.wait(), 60)
 
+    t_start = time.monotonic()
     await asyncio.gather(*(start(g) for g in gws))
+    t_connected = time.monotonic() - t_start
     for g in gws:
-        g.port = lb_port  # every reconnect goes through the balancer
+        if isinstance(lb_port, list):
+            g.ports = lb_port  # straight to the survivors
+        else:
+            g.port = lb_port  # every reconnect goes through the balancer
     deadline = time.monotonic() + 30
     while True:
         owners = rig.owners(ids)
@@ -331,7 +340,8 @@ async def _rehome(
     while time.monotonic() - t_kill < 120:
         owners = await asyncio.to_thread(rig.owners, ids)
         now = time.monotonic()
-        if rehomed_at is None and owners.get(victim, 0) == 0 and sum(owners.values()) == gateways:
+        held = sum(v for k, v in owners.items() if k is not None)  # freed by the sweep (NULL): not yet
+        if rehomed_at is None and owners.get(victim, 0) == 0 and held == gateways:
             rehomed_at = now - t_kill
         if rehomed_at is not None:
             break
@@ -346,6 +356,8 @@ async def _rehome(
         "gateways": gateways,
         "moved": moved,
         "rehomed_s": rehomed_at,
+        "claims_per_s": round(moved / rehomed_at) if rehomed_at else None,
+        "first_connect_s": round(t_connected, 1),
         "per_node_after": owners,
     }
 
@@ -360,13 +372,18 @@ def rehome_phase(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def storm_phase(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+    rig.maxconn = max(rig.maxconn, args.storm_gateways + 500)  # 2 descriptors per connection
     rig.stop_haproxy()
     rig.stop_nodes()
     for i in (1, 2, 3):
         rig.start_node(f"s{i}")
-    rig.start_haproxy()
     _, mqtt, _ = rig.nodes["s1"]
-    res = asyncio.run(_rehome(rig, args.storm_gateways, mqtt, rig.lb_port, "s1"))
+    if args.storm_direct:  # no balancer: HAProxy needs 2 descriptors per connection
+        survivors: int | list[int] = [rig.nodes[n][1] for n in ("s2", "s3")]
+    else:
+        rig.start_haproxy()
+        survivors = rig.lb_port
+    res = asyncio.run(_rehome(rig, args.storm_gateways, mqtt, survivors, "s1"))
     print(f"  storm: {res}")
     return res
 
@@ -382,12 +399,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rehome-gateways", type=int, default=300)
     ap.add_argument("--storm-gateways", type=int, default=2000)
     ap.add_argument("--nodes", type=int, default=3, choices=(2, 3), help="most nodes behind HAProxy")
+    ap.add_argument("--storm-only", action="store_true", help="only the storm phase (no load, no rehome)")
+    ap.add_argument(
+        "--storm-direct", action="store_true", help="storm: reconnect to the survivors, not via HAProxy"
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.gateways, args.meters, args.rate, args.warmup, args.duration = 4, 2, 50.0, 0.5, 1.5
         args.rehome_gateways, args.storm_gateways, args.nodes = 20, 0, 2
-    common.raise_nofile()
-    print(f"cluster bench: {vars(args)}")
+    nofile = common.raise_nofile()
+    print(f"cluster bench: {vars(args)}, open files limit {nofile}")
+    if args.storm_only:
+        rig = Rig()
+        try:
+            storm = storm_phase(rig, args)
+        finally:
+            rig.close()
+        print(f"\nstorm: {storm}")
+        return 0 if storm["rehomed_s"] is not None else 1
     rows = [embedded_phase(args)]
     rig = Rig()
     try:

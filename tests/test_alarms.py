@@ -139,9 +139,13 @@ def test_active_alarms_survive_a_restart(tmp_path: Path, clients: Any) -> None:
     second = RunningHub(make_settings(tmp_path / "data")).start()
     try:
         monitor = second.hub.alarms
-        assert second.run(monitor.active_count) == 1
-        assert second.run(lambda: [a.label for a in monitor.active_for("r1")]) == ["fire_alarm"]
-        (alarm,) = second.run(lambda: monitor.active_for("r1"))
+        # nothing is loaded at start (memory for the devices reporting here, not the fleet) ...
+        assert second.run(lambda: len(monitor.devices)) == 0
+        assert second.run(lambda: monitor.active_total) == 1  # the metric counts the stored ones
+        # ... a device's state is read when it is needed
+        (alarm,) = second.call(monitor.active_of("r1"))
+        assert alarm.label == "fire_alarm"
+        second.run(lambda: monitor.devices.clear())  # and on its first report (below)
         c = clients(second.port, "gw-api", api.vendor.username)
         assert c.connect()[0] == 0
         c.subscribe("gateway_id/gw-api/#", 1)
@@ -149,7 +153,29 @@ def test_active_alarms_survive_a_restart(tmp_path: Path, clients: Any) -> None:
 
         gw2 = GatewaySim(c)
         gw2.report("r1", "19", 0)
-        wait_for(lambda: second.run(monitor.active_count) == 0)
+        wait_for(lambda: second.run(lambda: monitor.active_total) == 0)
+        assert second.run(lambda: (monitor.loaded, monitor.cleared)) == (2, 1)
         assert second.run(lambda: monitor.next_id) == alarm.id + 1
     finally:
         second.stop()
+
+
+def test_the_alarm_cache_is_bounded_and_keeps_devices_with_alarms(api: Api) -> None:
+    """At most ``device_cache_max`` devices' alarm state in memory; a device whose alarm is on is
+    not evicted (its debouncing lives in memory), the others are, and come back from the database."""
+    monitor = api.hub.hub.alarms
+    api.hub.run(lambda: setattr(monitor, "max_devices", 2))
+    gw = api.gateway()
+    for cid in ("b1", "b2", "b3", "b4"):
+        gw.sync(cid)
+    gw.report("b1", "19", "fire_alarm")
+    wait_for(lambda: len(alarms(api, active=True)) == 1)
+    for cid in ("b2", "b3", "b4"):
+        gw.report(cid, "19", 0)
+    wait_for(lambda: api.hub.run(lambda: monitor.loaded) == 4)
+    kept = api.hub.run(lambda: list(monitor.devices))
+    assert len(kept) == 2 and "b1" in kept and kept[-1] == "b4", kept
+    assert api.hub.run(lambda: monitor.evicted) == 2
+    gw.report("b2", "19", "fire_alarm")  # evicted: read again, then evaluated
+    wait_for(lambda: len(alarms(api, active=True)) == 2)
+    assert {a["cid"] for a in alarms(api, active=True)} == {"b1", "b2"}

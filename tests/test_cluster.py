@@ -75,6 +75,7 @@ class Cluster:
             "METERHUB_PRESENCE_TIMEOUT": "600",
             "METERHUB_ALARM_RAISE_AFTER": "0",  # alarms at once: these tests are about ids and takeover
             "METERHUB_ALARM_CLEAR_AFTER": "0",
+            "METERHUB_CONFORMANCE_FLUSH_INTERVAL": "0.5",
         }
         proc = subprocess.Popen(
             [
@@ -652,8 +653,8 @@ def test_a_persistent_session_queued_on_one_node_is_delivered_on_the_other(
             conn.rollback()
             return row is not None and tuple(row) == ("b", True) and row
 
-        # b records that it holds the session 50 ms + one commit after the CONNECT (docs/cluster.md)
-        before = wait_for(held_by_b, timeout=5)
+        before = held_by_b()  # recorded before b's CONNACK
+        assert before, "b's CONNACK came before it recorded that it holds the session"
     back_on_a = RawClient(a.mqtt_port)
     back_on_a.send(connect(gw, user, password, clean=False))
     assert back_on_a.read_packet() == (0x20, b"\x01\x00")
@@ -692,3 +693,63 @@ def test_a_persistent_session_queued_on_one_node_is_delivered_on_the_other(
     with cluster.engine.connect() as conn:
         assert conn.execute(select(t.c.client_id).where(t.c.client_id == gw)).first() is None
     clean_on_b.close()
+
+
+def test_the_conformance_record_follows_the_gateway_to_another_node(
+    cluster: Cluster, two: tuple[Node, Node], clients: list[Client]
+) -> None:
+    """Issue item 5: violations recorded on node a are on the report card read through node b (the
+    stored record), and after the gateway moves to b what b sees adds to what a saw."""
+    a, b = two
+    gw = _uid("gw")
+    user = cluster.vendor.username
+
+    def bad_report(client: Client) -> None:  # QoS 0, for a device never synced: two violations
+        body = {
+            "t": int(time.time()),
+            "request_id": _uid("r"),
+            "param": {"cid": "nope", "id": "1", "value": 1},
+        }
+        client.publish(f"gateway_id/{gw}/properties/report", json.dumps(body), 0)
+
+    on_a = cluster.gateway(a, gw, clients)
+    bad_report(on_a.client)
+    assert on_a.answers.get(timeout=5)["param"]["code"] == 2003
+
+    def card(node: Node) -> dict[str, Any]:
+        with cluster.api(node) as api:
+            r = api.get(f"/api/v1/gateways/{gw}/conformance")
+        assert r.status_code in (200, 404), r.text
+        return r.json() if r.status_code == 200 else {}
+
+    def finding(c: dict[str, Any], rule: str) -> dict[str, Any]:
+        return next((f for f in c.get("findings", ()) if f["rule"] == rule), {})
+
+    seen = wait_for(
+        lambda: finding(c := card(b), "sync-before-report").get("verdict") == "fail" and c, timeout=5
+    )
+    assert seen["connected"] is True and seen["client_address"].startswith("127.0.0.1:")
+    assert finding(seen, "qos-1")["observed"].startswith("QoS 0: 1,")
+    assert finding(seen, "subscribes-downlink")["verdict"] == "pass"  # the filters a stored
+
+    on_a.client.c.loop_stop()  # the gateway moves to b (a closes its connection at b's claim)
+    moved = Client(b.mqtt_port, gw, user, gateway_password(gw, user))
+    clients.append(moved)
+    assert moved.connect()[0] == 0
+    moved.subscribe(f"gateway_id/{gw}/#", 1)
+    sim = GatewaySim(moved)
+    bad_report(sim.client)
+    assert sim.answers.get(timeout=5)["param"]["code"] == 2003
+    both = "2 of 2 reports were for devices never synced (answered 2003)"
+    for node in (b, a):  # the same card through either node: what a and b saw, added up
+        c = wait_for(
+            lambda n=node: (c := card(n)) and finding(c, "sync-before-report")["observed"] == both and c
+        )
+        assert c["connected"] is True
+        assert finding(c, "reconnect-politely")["observed"].startswith("2 connects")
+    from click.testing import CliRunner
+
+    from meterhub.cli import main
+
+    out = CliRunner().invoke(main, ["conformance", gw, "--url", a.base, "--token", cluster.token])
+    assert out.exit_code == 1 and f"gateway {gw} (connected)" in out.output, out.output

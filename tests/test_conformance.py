@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import mqttraw
-from conftest import RunningHub, wait_for
+from conftest import RunningHub, drop_postgres, wait_for
 from meterhub.api.security import create_token
 from meterhub.core.auth import gateway_password
 from meterhub.core.conformance import report_card
@@ -34,8 +34,18 @@ def envelope(param: Any) -> str:
     return json.dumps({"t": int(time.time()), "request_id": str(uuid.uuid4()), "param": param})
 
 
+def card_of(hub: RunningHub, gw: str) -> dict[str, Any]:
+    return hub.call(report_card(hub.hub, gw))
+
+
+def stored(hub: RunningHub, gw: str) -> dict[str, Any]:
+    """The gateway's stored conformance record (this node's latest flushed first)."""
+    record, _ = hub.call(hub.hub.conformance.read(gw))
+    return record or {}
+
+
 def verdicts(hub: RunningHub, gw: str) -> dict[str, str]:
-    card = hub.run(lambda: report_card(hub.hub, gw))
+    card = card_of(hub, gw)
     return {f["rule"]: f["verdict"] for f in card["findings"]}
 
 
@@ -83,7 +93,7 @@ def test_each_misbehaviour_is_flagged(hub: RunningHub, vendor: registry.Vendor, 
     c.publish("gateway_id/gw-bad/properties/report", envelope({"cid": "m", "id": "5", "value": -1}), qos=0)
     c.publish("gateway_id/gw-other/properties/report", b"{}")
     c.publish("gateway_id/gw-bad/whatever", b"{}")
-    wait_for(lambda: hub.run(lambda: sum(hub.hub.handler.record("gw-bad").codes["report"].values())) == 2)
+    wait_for(lambda: sum(stored(hub, "gw-bad").get("codes", {}).get("report", {}).values()) == 2)
     v = verdicts(hub, "gw-bad")
     assert v["sync-before-report"] == "fail"
     assert v["qos-1"] == "fail"
@@ -93,7 +103,7 @@ def test_each_misbehaviour_is_flagged(hub: RunningHub, vendor: registry.Vendor, 
     assert v["status-every-minute"] == "unknown"
     assert v["answers-commands"] == "unknown"
     assert v["keep-alive"] == "warn"  # 0 disables dead-connection detection
-    card = hub.run(lambda: report_card(hub.hub, "gw-bad"))
+    card = card_of(hub, "gw-bad")
     valid = next(f for f in card["findings"] if f["rule"] == "valid-messages")
     assert "1101" in valid["observed"] and "params range invalid" in valid["observed"]
     assert card["verdict"] == "fail"
@@ -119,7 +129,7 @@ def test_a_reused_request_id_is_its_own_rule(hub: RunningHub, vendor: registry.V
     v = verdicts(hub, "gw-counter")
     assert v["request-id-unique"] == "pass"
     assert [send("1", 2310000), send("2", 2310001)] == [0, 0]  # the counter restarted
-    card = hub.run(lambda: report_card(hub.hub, "gw-counter"))
+    card = card_of(hub, "gw-counter")
     finding = next(f for f in card["findings"] if f["rule"] == "request-id-unique")
     assert finding["verdict"] == "warn"
     assert finding["observed"].startswith("2 of 5 reports reused a recent request_id")
@@ -133,7 +143,7 @@ def test_status_gaps_and_unanswered_commands(hub: RunningHub, vendor: registry.V
     assert result.status == "timeout"
     time.sleep(1.7)  # longer than 1.5 x the expected 1 s interval
     c.publish("gateway_id/gw-slow/devices/status", envelope([{"cid": "gw-slow-m1", "status": True}]))
-    wait_for(lambda: hub.run(lambda: len(hub.hub.handler.record("gw-slow").status_times)) == 2)
+    wait_for(lambda: len(stored(hub, "gw-slow").get("status_times", ())) == 2)
     v = verdicts(hub, "gw-slow")
     assert v["status-every-minute"] == "fail"
     assert v["answers-commands"] == "fail"
@@ -200,3 +210,56 @@ def test_cli_exits_non_zero_when_a_rule_fails_also_with_json(
     assert as_json.exit_code == 1
     card = json.loads(as_json.output)
     assert card["gateway_id"] == "gw-ci" and card["verdict"] == "fail"
+
+
+def test_the_record_is_stored_bounded_and_survives_a_restart(tmp_path: Any, clients) -> None:
+    """The report card is built from the stored record: after a restart of the embedded server
+    (SQLite; PostgreSQL in the PG pass) the violations seen before are still on it, and what the
+    restarted server sees adds to them. A flush is one batch, never one write per message."""
+    from test_session_store import Hubs
+
+    hubs = Hubs(tmp_path)
+    try:
+        hub = hubs.start(http_port=0, conformance_status_interval=1.0, conformance_flush_interval=60.0)
+        v = registry.add_vendor(hub.engine, "restart")
+        c = clients(hub.port, "gw-rs", v.username)
+        assert c.connect()[0] == 0
+        c.subscribe("gateway_id/gw-rs/properties/report/response")
+        for _ in range(3):  # QoS 0, for a device never synced: two violations, 3 times
+            c.publish(
+                "gateway_id/gw-rs/properties/report", envelope({"cid": "nope", "id": "1", "value": 1}), qos=0
+            )
+        wait_for(lambda: hub.run(lambda: sum(hub.hub.handler.record("gw-rs").codes["report"].values())) == 3)
+        flushed = hub.stats["conformance.flushed"]
+        assert card_of(hub, "gw-rs")["verdict"] == "fail"  # the card flushes this node's delta first
+        assert hub.stats["conformance.flushed"] == flushed + 1  # one row for all of it
+        c.close()
+        hubs.stop(hub)
+
+        again = hubs.start(http_port=0)
+        card = card_of(again, "gw-rs")
+        assert card is not None and card["connected"] is False
+        found = {f["rule"]: f for f in card["findings"]}
+        assert found["sync-before-report"]["observed"] == (
+            "3 of 3 reports were for devices never synced (answered 2003)"
+        )
+        assert found["qos-1"]["verdict"] == "fail" and "QoS 0: 3" in found["qos-1"]["observed"]
+        c2 = clients(again.port, "gw-rs", v.username)
+        assert c2.connect()[0] == 0
+        c2.publish("gateway_id/gw-rs/devices/sync", envelope({"cid": "m", "product_id": "p"}))
+        card = card_of(again, "gw-rs")
+        found = {f["rule"]: f for f in card["findings"]}
+        assert card["connected"] is True
+        assert "QoS 0: 3, QoS 1: 1" in found["qos-1"]["observed"]  # before and after the restart
+        assert found["reconnect-politely"]["observed"].startswith("2 connects")
+        # Bounded: a record keeps the newest 64 connects, however many there were.
+        for _ in range(70):
+            again.run(lambda: again.hub.mqtt.client_record("gw-rs").connects.append((time.time(), 5)))
+        record = stored(again, "gw-rs")
+        assert len(record["connects"]) == 64 and record["connects"][-1][1] == 5
+        assert card_of(again, "never-seen") is None
+    finally:
+        for h in list(hubs.running):
+            hubs.stop(h)
+        if "database_url" in hubs.overrides:
+            drop_postgres(hubs.overrides["database_url"])

@@ -95,6 +95,7 @@ class Hub:
         self.http_routers: list[Any] = []
         self.lock = ServerLock.for_url(settings.resolved_database_url)
         self.cluster: Any = None
+        self.conformance: Any = None  # meterhub.core.conformance_store.ConformanceStore
         self.draining = False
 
     async def start(self) -> None:
@@ -149,6 +150,7 @@ class Hub:
             await self.handler.start(self.mqtt)
             await self.cluster.start(self)
         writer.on_pressure = self.mqtt.set_intake_paused
+        self.conformance = self._conformance_store(writer)
         self.mqtt.store = self._session_store(writer, limits)
         self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)
         self.mqtt_port = await self.mqtt.listen(
@@ -196,6 +198,18 @@ class Hub:
         if self.cluster is not None:
             await self.cluster.finish_drain(self.settings.drain_grace)
 
+    def _conformance_store(self, writer: GroupCommitWriter) -> Any:
+        """Gateways' conformance records in the database (meterhub.core.conformance_store)."""
+        from meterhub.core.conformance_store import ConformanceStore
+
+        service = self.handler if self.handler_name != "echo" else None
+        store = ConformanceStore(
+            self.engine, writer, service, self.mqtt, self.settings.conformance_flush_interval
+        )
+        store.stats = self.mqtt.stats if self.mqtt is not None else None
+        store.start()
+        return store
+
     def _session_store(self, writer: GroupCommitWriter, limits: Limits) -> Any:
         """Persistent MQTT sessions in the database (meterhub.mqtt.session_store)."""
         from meterhub.mqtt.session_store import SessionStore
@@ -217,6 +231,8 @@ class Hub:
             await self.openhub.stop()
         if self.mqtt is not None:
             await self.mqtt.close()
+        if self.conformance is not None:
+            await self.conformance.close()
         if self.handler is not None and hasattr(self.handler, "stop"):
             await self.handler.stop()
         if self.cluster is not None:

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     conformance_status_interval: float = Field(
         60.0, description="Longest expected gap between a gateway's devices/status messages (report card)."
     )
+    conformance_flush_interval: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between two batched writes of gateways' conformance records.",
+    )
     timezone: str = Field(
         "UTC", description="IANA time zone for days and months in energy reports, e.g. Europe/Berlin."
     )

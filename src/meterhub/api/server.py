@@ -73,6 +73,15 @@ class ApiServer:
             monitor.models = list(handler.models)
             monitor.raise_after = hub.settings.alarm_raise_after
             monitor.clear_after = hub.settings.alarm_clear_after
+            monitor.max_devices = hub.settings.device_cache_max
+            cluster = getattr(hub, "cluster", None)
+            if cluster is not None and not cluster.solo:  # no-data sweeps: each node its own gateways'
+
+                def holds(cid: str, devices: Any = handler.devices, held: Any = cluster.held) -> bool:
+                    dev = devices.get(cid)
+                    return dev is not None and dev.gateway_id in held
+
+                monitor.holds = holds
             await asyncio.to_thread(monitor.load, watched)
             handler.listeners.append(monitor)
             hub.alarms = monitor
@@ -131,6 +140,7 @@ class ApiServer:
             try:
                 if n % 5 == 0:
                     await asyncio.to_thread(monitor.reload_rules)
+                    await asyncio.to_thread(monitor.count_active)
                 monitor.sweep_no_data()
             except Exception:
                 log.exception("alarm sweep failed")

@@ -21,6 +21,7 @@ PostgreSQL ``database_url``) several nodes share the database:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import dataclasses
@@ -29,6 +30,7 @@ import socket
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -82,6 +84,7 @@ class ClusterNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.beat_ok_at: float | None = None  # last heartbeat stored (None: not registered yet)
+        self._control_pool = ThreadPoolExecutor(1, thread_name_prefix="meterhub-cluster")
 
     @property
     def solo(self) -> bool:
@@ -142,6 +145,9 @@ class ClusterNode:
             self._subs.append(
                 await bus.subscribe(f"mh.node.{self.node_id}.session", self._on_hand_over, concurrent=True)
             )
+            self._subs.append(
+                await bus.subscribe(f"mh.node.{self.node_id}.deliver", self._on_deliver, concurrent=True)
+            )
             self.relay = EventRelay(
                 self.node_id,
                 bus,
@@ -180,6 +186,7 @@ class ClusterNode:
                 await asyncio.to_thread(store.stop_node, self.engine, self.node_id, time.time())
         if self.bus is not None:
             await self.bus.close()
+        self._control_pool.shutdown(wait=False)
 
     def readiness(self) -> dict[str, Any]:
         """For ``GET /ready``: registered (a heartbeat stored within ``node_timeout``, so the other
@@ -212,15 +219,16 @@ class ClusterNode:
             return 0
         return sum(len(v) for v in fanout.links.values())
 
+    async def _control(self, fn: Any, *args: Any) -> Any:
+        """Run a heartbeat's database work on the node's own thread: in the default pool it queued
+        behind thousands of gateway claims in a reconnect storm, the heartbeat came seconds late
+        (with the time it was queued at), and nodes declared each other dead (bench/cluster.py)."""
+        return await asyncio.get_running_loop().run_in_executor(self._control_pool, fn, *args)
+
     async def _beat(self) -> None:
         hub = self.hub
-        state = await asyncio.to_thread(
-            store.heartbeat,
-            self.engine,
-            self.node_id,
-            time.time(),
-            {"links": self.links(), "mqtt_port": hub.mqtt_port, "http_port": hub.http_port},
-        )
+        info = {"links": self.links(), "mqtt_port": hub.mqtt_port, "http_port": hub.http_port}
+        state = await self._control(lambda: store.heartbeat(self.engine, self.node_id, time.time(), info))
         self.beat_ok_at = time.time()
         if self.solo:
             return
@@ -230,16 +238,15 @@ class ClusterNode:
             for gw in list(self.held):
                 self._release(gw)
         elif self.held:
-            for gw in await asyncio.to_thread(store.not_owned, self.engine, self.node_id, list(self.held)):
+            for gw in await self._control(store.not_owned, self.engine, self.node_id, list(self.held)):
                 if gw in self.held and not self.claiming[gw]:
                     self.stats["takeover.by_reconcile"] += 1
                     self._release(gw)
         await self._sweep()
 
     async def _sweep(self) -> None:
-        swept = await asyncio.to_thread(
-            store.sweep_dead, self.engine, self.node_id, time.time(), self.settings.node_timeout
-        )
+        timeout = self.settings.node_timeout
+        swept = await self._control(lambda: store.sweep_dead(self.engine, self.node_id, time.time(), timeout))
         if swept is None or not swept.nodes:
             return
         log.warning(
@@ -555,20 +562,51 @@ class ClusterNode:
     # --- persistent MQTT sessions (meterhub.mqtt.session_store) -----------------------------------
 
     def use_session_store(self, store: Any) -> None:
-        """With other nodes: a session stored as held by another node is asked from it first."""
+        """With other nodes: a session stored as held by another node is asked from it first, and
+        messages for a session handed to another node are forwarded there."""
         if not self.solo:
             store.hand_over = self._ask_hand_over
+            if self.southbound is not None:
+                self.southbound.forward = self._forward
 
     async def _ask_hand_over(self, node: str, client_id: str) -> None:
         """Ask ``node`` to close ``client_id``'s connection and store its session; returns once
         it has (the caller bounds the wait)."""
         assert self.bus is not None
         self.stats["sessions.hand_over_asked"] += 1
-        await self.bus.request(f"mh.node.{node}.session", _encode({"cid": client_id}), 5.0)
+        request = _encode({"cid": client_id, "to": self.node_id})
+        await self.bus.request(f"mh.node.{node}.session", request, 5.0)
 
     async def _on_hand_over(self, data: bytes) -> bytes:
-        await self.southbound.hand_over(_decode(data)["cid"])
+        msg = _decode(data)
+        await self.southbound.hand_over(msg["cid"], msg.get("to"))
         return b"{}"
+
+    def _forward(self, node: str, client_id: str, topic: str, payload: bytes, qos: int, hops: int) -> None:
+        """A QoS>0 message for a session this node handed to ``node``: send it there (in order per
+        client: one request at a time per client id would cost a round trip each; NATS keeps the
+        order of one publisher's messages to one subscriber)."""
+        self.stats["sessions.forwarded"] += 1
+        body = {"cid": client_id, "topic": topic, "payload": base64.b64encode(payload).decode(), "qos": qos}
+        self._spawn(self._send_forward(node, _encode({**body, "hops": hops})))
+
+    async def _send_forward(self, node: str, data: bytes) -> None:
+        assert self.bus is not None
+        try:
+            reply = await self.bus.request(f"mh.node.{node}.deliver", data, 5.0)
+        except BusError:
+            self.stats["sessions.forward_failed"] += 1
+            log.warning("message for a handed-over session not delivered: node did not answer", node=node)
+            return
+        if not _decode(reply).get("ok"):
+            self.stats["sessions.forward_refused"] += 1
+
+    async def _on_deliver(self, data: bytes) -> bytes:
+        msg = _decode(data)
+        ok = self.southbound.deliver_forwarded(
+            msg["cid"], msg["topic"], base64.b64decode(msg["payload"]), int(msg["qos"]), int(msg["hops"])
+        )
+        return _encode({"ok": ok})
 
     # --- status ------------------------------------------------------------------------------------
 

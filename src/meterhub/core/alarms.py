@@ -36,8 +36,12 @@ waits to clear is not raised again: its ``count`` goes up.
 
 Times are the reports' measurement times ``t``; ``raised_at`` is when the condition began, ``cleared_at``
 when it ended. Reports older than the newest one already seen for the same data point (buffered by a
-gateway) do not change alarms. The monitor is a listener on ``ProtocolService.listeners``, keeps
-active alarms in memory (loaded at start), and writes through the group-commit writer (op kinds
+gateway) do not change alarms. The monitor is a listener on ``ProtocolService.listeners``, keeps the
+state of the devices it evaluates in a bounded cache (their active alarms and the latest values of
+the watched data points, read from the database on a device's first report: that report and the
+ones after it wait for the read, one batched query for every device missed meanwhile; at most
+``max_devices``, those inserted longest ago evicted first unless a condition of theirs is on or being
+debounced), and writes through the group-commit writer (op kinds
 ``alarm_raise``, ``alarm_clear``, ``alarm_update``, and ``notify`` for the notification outbox of
 :mod:`meterhub.core.notify`, in the same commit as the change it tells of).
 """
@@ -45,7 +49,9 @@ active alarms in memory (loaded at start), and writes through the group-commit w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +76,10 @@ LEVELS = ("general", "serious", "urgent")
 DEFAULT_RAISE_AFTER = 10.0
 DEFAULT_CLEAR_AFTER = 30.0
 DEFAULT_HYSTERESIS = 0.02  # of the limit, for the built-in thresholds
+#: Reports kept per device while its state is read (the oldest dropped beyond, counted).
+WAIT_MAX = 256
+#: Devices one read asks for.
+LOAD_BATCH = 1000
 
 
 def level_rank(level: str | None) -> int:
@@ -179,7 +189,21 @@ class AlarmMonitor:
         self.engine = engine
         self.writer = writer
         self.clock = clock
-        self.devices: dict[str, _DeviceAlarms] = {}
+        #: The devices' state in memory, bounded (see the module docstring), oldest first.
+        self.devices: OrderedDict[str, _DeviceAlarms] = OrderedDict()
+        self.max_devices = 200_000  # settings.device_cache_max
+        #: Devices being read: what waits for the read (report events; futures of ensure()).
+        self._waiting: dict[str, list[Any]] = {}
+        self._to_load: list[str] = []
+        self._loader: asyncio.Task[None] | None = None
+        #: Cluster: whether this node holds the device's gateway (the no-data sweep covers those
+        #: only, so each device is swept by one node); None: every device in memory (one node).
+        self.holds: Callable[[str], bool] | None = None
+        #: Active alarms stored (every node's), refreshed by :meth:`count_active`.
+        self.active_total = 0
+        self.loaded = 0
+        self.evicted = 0
+        self.dropped = 0
         self.next_id = 1
         # Cluster mode: ids from blocks reserved in the database (meterhub.cluster.ids), so that two
         # nodes never give out the same one; None: this process is the table's only writer.
@@ -206,8 +230,16 @@ class AlarmMonitor:
         self._watch_rule_codes()
         with self.engine.connect() as conn:
             self.next_id = (conn.execute(select(func.max(a.c.id))).scalar() or 0) + 1
-        self.devices.update(self.read_devices(None))
-        log.info("alarms loaded", active=self.active_count(), next_id=self.next_id, rules=len(self.rules))
+        self.count_active()
+        log.info("alarms ready", active=self.active_total, next_id=self.next_id, rules=len(self.rules))
+
+    def count_active(self) -> int:
+        """Count the stored active alarms (blocking; every few seconds, for the metric)."""
+        a = schema.alarms
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(a).where(a.c.cleared_at.is_(None))).scalar()
+        self.active_total = int(total or 0)
+        return self.active_total
 
     def _watch_rule_codes(self) -> None:
         codes = self.rules.codes()
@@ -275,18 +307,100 @@ class AlarmMonitor:
                     if cond.timer is not None:
                         cond.timer.cancel()
         self.devices.update(state)
+        self._evict()
 
     def _device(self, cid: str) -> _DeviceAlarms:
         dev = self.devices.get(cid)
         if dev is None:
             dev = self.devices[cid] = _DeviceAlarms()
+            self._evict()
         return dev
+
+    def _evict(self) -> None:
+        """Forget the devices inserted longest ago beyond ``max_devices``, except those with a
+        condition on or being debounced (their state is not only in the database)."""
+        devices = self.devices
+        over = len(devices) - self.max_devices
+        if over <= 0:
+            return
+        for cid in list(itertools.islice(devices, min(len(devices), over * 4 + 16))):
+            if over <= 0:
+                break
+            if devices[cid].conditions or cid in self._waiting:
+                continue
+            del devices[cid]
+            self.evicted += 1
+            over -= 1
+
+    # --- loading on demand -----------------------------------------------------------------------
+
+    async def ensure(self, cid: str) -> None:
+        """Have the device's state in memory (read it from the database if need be)."""
+        if cid in self.devices and cid not in self._waiting:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._wait(cid, fut)
+        await fut
+
+    def _wait(self, cid: str, item: Any) -> None:
+        waiting = self._waiting.get(cid)
+        if waiting is None:
+            waiting = self._waiting[cid] = []
+            self._to_load.append(cid)
+            if self._loader is None or self._loader.done():
+                self._loader = asyncio.get_running_loop().create_task(self._load_waiting())
+        if len(waiting) >= WAIT_MAX:
+            for i, old in enumerate(waiting):
+                if not isinstance(old, asyncio.Future):
+                    del waiting[i]
+                    self.dropped += 1
+                    break
+        waiting.append(item)
+
+    async def _load_waiting(self) -> None:
+        """Read the devices waiting, a batch at a time, then evaluate what waited for them in order."""
+        while self._to_load:
+            batch, self._to_load = self._to_load[:LOAD_BATCH], self._to_load[LOAD_BATCH:]
+            try:
+                state = await asyncio.to_thread(self.read_devices, batch)
+            except Exception as exc:
+                log.error(
+                    "alarm state not read: reports not evaluated", devices=len(batch), error=str(exc)[:200]
+                )
+                state = None
+            for cid in batch:
+                items = self._waiting.pop(cid, [])
+                if state is not None and cid not in self.devices:
+                    self.devices[cid] = state.get(cid) or _DeviceAlarms()
+                    self.loaded += 1
+                for item in items:
+                    if isinstance(item, asyncio.Future):
+                        if not item.done():
+                            if state is None:
+                                item.set_exception(RuntimeError("alarm state not read"))
+                            else:
+                                item.set_result(None)
+                    elif state is not None:
+                        self._evaluate(item)
+                    else:
+                        self.dropped += 1
+            self._evict()
 
     # --- the listener ----------------------------------------------------------------------------
 
     def __call__(self, kind: str, event: dict[str, Any]) -> None:
         if kind != "report":
             return
+        dp = event["dp"]
+        if dp.type != FAULT and dp.code not in WATCHED_CODES and dp.code not in self.rules.codes():
+            return
+        cid = event["cid"]
+        if cid not in self.devices or cid in self._waiting:
+            self._wait(cid, event)  # evaluated once its state is read
+            return
+        self._evaluate(event)
+
+    def _evaluate(self, event: dict[str, Any]) -> None:
         dp = event["dp"]
         if dp.type == FAULT:
             dev = self._device(event["cid"])
@@ -411,9 +525,12 @@ class AlarmMonitor:
         every few seconds in the event loop)."""
         now = self.clock() if now is None else now
         ops: list[Any] = []
+        holds = self.holds
         for rule in self.rules.no_data():
             key = (RULE, rule.label)
             for cid, dev in self.devices.items():
+                if holds is not None and not holds(cid):
+                    continue  # another node holds its gateway: swept there
                 if not self.rules.matches(rule, dev.product_id, self._site(cid)):
                     continue
                 seen = dev.values.get(rule.code or "")
@@ -590,6 +707,7 @@ class AlarmMonitor:
         alarm = Alarm(alarm_id, cid, kind, label, level, t, details=details, last_raised_at=t)
         dev.active[(kind, label)] = alarm
         self.raised += 1
+        self.active_total += 1
         ops.append(("alarm_raise", alarm.as_dict()))
         log.info("alarm raised", cid=cid, kind=kind, label=label, level=level, id=alarm.id)
 
@@ -598,6 +716,7 @@ class AlarmMonitor:
         alarm.cleared_at = cleared_at
         dev.active.pop((alarm.kind, alarm.label), None)
         self.cleared += 1
+        self.active_total = max(0, self.active_total - 1)
         ops.append(("alarm_clear", {"id": alarm.id, "cleared_at": cleared_at}))
         log.info("alarm cleared", cid=alarm.cid, kind=alarm.kind, label=alarm.label, id=alarm.id)
 
@@ -635,7 +754,13 @@ class AlarmMonitor:
     # --- queries and operator actions ------------------------------------------------------------
 
     def active_count(self) -> int:
+        """Active alarms of the devices in memory (:attr:`active_total`: all stored ones)."""
         return sum(len(d.active) for d in self.devices.values())
+
+    async def active_of(self, cid: str) -> list[Alarm]:
+        """The device's active alarms (its state read first if it is not in memory)."""
+        await self.ensure(cid)
+        return self.active_for(cid)
 
     def active_for(self, cid: str) -> list[Alarm]:
         dev = self.devices.get(cid)

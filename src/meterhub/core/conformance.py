@@ -1,9 +1,10 @@
 """The conformance report card: does a gateway speak the edge protocol the way the document says?
 
 Built from what meterhub observed while the gateway was connected (bounded records kept by the MQTT
-server and the protocol service; nothing extra happens per message). Each finding names the rule, what the
-document expects, what the gateway did, and a verdict: ``pass``, ``warn``, ``fail``, or ``unknown`` (not
-enough observed yet, e.g. no command was ever sent).
+server and the protocol service, added to the gateway's stored record by
+:mod:`meterhub.core.conformance_store`; nothing extra happens per message). Each finding names
+the rule, what the document expects, what the gateway did, and a verdict: ``pass``, ``warn``,
+``fail``, or ``unknown`` (not enough observed yet, e.g. no command was ever sent).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from meterhub.mqtt.topics import matches
 from meterhub.protocol.errors import MESSAGES
 
 PASS, WARN, FAIL, UNKNOWN = "pass", "warn", "fail", "unknown"
@@ -32,38 +34,83 @@ def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "0%"
 
 
-def report_card(hub: Any, gateway_id: str, *, status_interval: float | None = None) -> dict[str, Any] | None:
-    """The report card of ``gateway_id``, or None if meterhub never saw it."""
+async def report_card(
+    hub: Any, gateway_id: str, *, status_interval: float | None = None
+) -> dict[str, Any] | None:
+    """The report card of ``gateway_id``, or None if no node ever stored a record of it.
+
+    Built from the stored record (:mod:`meterhub.core.conformance_store`: what every node observed,
+    this node's latest flushed first), so it is the same on any node and after a restart; whether
+    the gateway is connected, its address and subscriptions come from this node when it holds the
+    gateway, else from the database."""
     mqtt = hub.mqtt
-    service = hub.handler
-    client = mqtt.client_records.get(gateway_id) if mqtt is not None else None
-    gw = service.gateway_records.get(gateway_id) if service is not None else None
-    if client is None and gw is None:
+    store = getattr(hub, "conformance", None)
+    if store is None:
         return None
+    stored, row = await store.read(gateway_id)
+    if stored is None:
+        return None
+    client = client_view(stored) if stored.get("client_seen") else None
+    gw = gateway_view(stored) if stored.get("gateway_seen") else None
+    here = mqtt is not None and mqtt.is_connected(gateway_id)
+    connected = here or bool(row is not None and row.connected)
     interval = status_interval or hub.settings.conformance_status_interval
     findings = [
         _sync_before_report(gw),
-        _status_heartbeat(gw, interval, mqtt.is_connected(gateway_id)),
+        _status_heartbeat(gw, interval, connected),
         _qos(client),
         _valid_values(gw),
         _request_ids(gw),
         _commands(gw),
-        _subscriptions(mqtt, gateway_id),
+        _subscriptions(mqtt, gateway_id, stored.get("subscriptions") if connected and not here else None),
         _topics(client, gw),
         _keepalive(client),
         _reconnects(client),
     ]
     summary = {v: sum(1 for f in findings if f.verdict == v) for v in (PASS, WARN, FAIL, UNKNOWN)}
     overall = FAIL if summary[FAIL] else WARN if summary[WARN] else PASS
+    address = _address(mqtt, gateway_id)
+    if address is None and connected and row is not None:
+        address = row.client_address
     return {
         "gateway_id": gateway_id,
         "generated_at": time.time(),
-        "connected": mqtt.is_connected(gateway_id),
-        "client_address": _address(mqtt, gateway_id),
+        "connected": connected,
+        "client_address": address,
         "verdict": overall,
         "summary": summary,
         "findings": [asdict(f) for f in findings],
     }
+
+
+def gateway_view(stored: dict[str, Any]) -> Any:
+    """A :class:`~meterhub.core.service.GatewayRecord` holding a stored record's protocol part."""
+    from meterhub.core.service import GatewayRecord
+
+    rec = GatewayRecord()
+    for kind in ("sync", "report"):
+        rec.codes[kind].update({int(c): n for c, n in stored["codes"][kind].items()})
+    rec.request_id_reused = stored["request_id_reused"]
+    rec.status_rejected = stored["status_rejected"]
+    rec.unknown_topic = stored["unknown_topic"]
+    rec.status_times.extend(stored["status_times"])
+    rec.commands.update(stored["commands"])
+    rec.command_latencies.extend(stored["command_latencies"])
+    return rec
+
+
+def client_view(stored: dict[str, Any]) -> Any:
+    """A :class:`~meterhub.mqtt.session.ClientRecord` holding a stored record's wire part."""
+    from meterhub.mqtt.session import ClientRecord
+
+    rec = ClientRecord()
+    rec.connects.extend((float(t), int(code)) for t, code in stored["connects"])
+    rec.keepalive = stored["keepalive"] or 0
+    rec.clean_session = bool(stored["clean_session"]) if stored["clean_session"] is not None else True
+    rec.qos = list(stored["qos"])
+    rec.acl_rejected = stored["acl_rejected"]
+    rec.keepalive_expired = stored["keepalive_expired"]
+    return rec
 
 
 def _address(mqtt: Any, gateway_id: str) -> str | None:
@@ -206,22 +253,28 @@ def _commands(gw: Any) -> Finding:
     return Finding(rule, title, PASS, expected, observed)
 
 
-def _subscriptions(mqtt: Any, gateway_id: str) -> Finding:
+def _subscriptions(mqtt: Any, gateway_id: str, stored: list[str] | None = None) -> Finding:
+    """From the session on this node, else (the gateway held by another node) the filters that
+    node stored at its last flush."""
     rule, title = "subscribes-downlink", "Downlink topics are subscribed"
     expected = (
         "After connecting, subscribe to gateway_id/{gateway_id}/commands and the /response topics, "
         "'otherwise the device will not be able to receive the command or response'."
     )
     session = mqtt.sessions.get(gateway_id) if mqtt is not None else None
-    if session is None:
+    if session is not None:
+        filters_of = list(session.subscriptions)
+    elif stored is not None:
+        filters_of = list(stored)
+    else:
         return Finding(rule, title, UNKNOWN, expected, "no session (not connected)")
     needed = {
         f"gateway_id/{gateway_id}/commands": "commands",
         f"gateway_id/{gateway_id}/devices/sync/response": "devices/sync/response",
         f"gateway_id/{gateway_id}/properties/report/response": "properties/report/response",
     }
-    missing = [name for topic, name in needed.items() if session.granted_qos(topic) is None]
-    filters = ", ".join(sorted(session.subscriptions)) or "none"
+    missing = [name for topic, name in needed.items() if not any(matches(f, topic) for f in filters_of)]
+    filters = ", ".join(sorted(filters_of)) or "none"
     if "commands" in missing:
         return Finding(
             rule, title, FAIL, expected, f"subscribed to: {filters}; missing: {', '.join(missing)}"

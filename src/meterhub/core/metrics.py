@@ -15,7 +15,7 @@ Metrics (all prefixed ``meterhub_``):
   ``mqtt_session_queue_messages`` (queued for offline or slow clients), ``mqtt_inflight_messages``.
 - Protocol: ``protocol_responses_total{kind,code}`` (answers sent, e.g. kind="report", code="0"),
   ``protocol_events_total{event}`` (the service's other counters), gauges ``devices{state}``,
-  ``pending_commands``, ``alarms_active``.
+  ``pending_commands``, ``alarms_active``, ``alarm_cache_devices``, ``alarm_cache_total{event}``.
 - Storage: ``storage_batches_total``, ``storage_operations_total``, ``storage_failures_total``,
   ``storage_rows_refused_total`` (groups whose data the database refused, answered 500),
   ``storage_commit_seconds_total``, gauges ``storage_last_batch_size``, ``storage_last_commit_seconds``,
@@ -216,9 +216,22 @@ class HubCollector(Collector):
             yield g
         alarms = getattr(self.hub, "alarms", None)
         if alarms is not None:
-            g = GaugeMetricFamily("meterhub_alarms_active", "Alarms raised and not cleared.")
-            g.add_metric([], alarms.active_count())
+            g = GaugeMetricFamily(
+                "meterhub_alarms_active", "Alarms raised and not cleared (stored, every node's)."
+            )
+            g.add_metric([], alarms.active_total)
             yield g
+            g = GaugeMetricFamily("meterhub_alarm_cache_devices", "Devices whose alarm state is in memory.")
+            g.add_metric([], len(alarms.devices))
+            yield g
+            c = CounterMetricFamily(
+                "meterhub_alarm_cache",
+                "Alarm state: devices read on demand, evicted, reports dropped while waiting for a read.",
+                labels=["event"],
+            )
+            for event in ("loaded", "evicted", "dropped"):
+                c.add_metric([event], getattr(alarms, event))
+            yield c
 
     def _storage(self) -> Iterator[Metric]:
         writer = getattr(self.hub, "writer", None)

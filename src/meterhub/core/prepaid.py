@@ -513,6 +513,7 @@ class PrepaidService:
         # the alarm monitor's state lives in the event loop: raised / cleared here, written by its writer
         from meterhub.core.alarms import THRESHOLD, THRESHOLD_LEVEL
 
+        await monitor.ensure(row["cid"])  # its stored alarms first (the monitor loads on demand)
         if low:
             details = {"balance": str(balance), "low_threshold": str(threshold), "mode": row["mode"]}
             monitor.raise_now(row["cid"], THRESHOLD, LOW_LABEL, THRESHOLD_LEVEL, now, details)

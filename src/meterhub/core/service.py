@@ -125,6 +125,8 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
         self.southbound: Southbound | None = None
         self.stats: Counter[str] = Counter()
         self.gateway_records: dict[str, GatewayRecord] = {}
+        #: Gateways whose record changed since meterhub.core.conformance_store last took them.
+        self.conformance_dirty: set[str] = set()
         self._stat_keys = {
             (k, c): f"{k.name.lower()}.code.{int(c)}" for k in (_SYNC, _REPORT) for c in ErrorCode
         }
@@ -287,7 +289,9 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
     # --- replies ---------------------------------------------------------------------------------
 
     def record(self, gw: str) -> GatewayRecord:
-        """The gateway's conformance record (created on first use; at most 100,000 kept)."""
+        """The gateway's conformance record since the last flush to the database (created on first
+        use; at most 100,000 kept)."""
+        self.conformance_dirty.add(gw)
         records = self.gateway_records
         rec = records.get(gw)
         if rec is None:

@@ -30,8 +30,8 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from meterhub.logs import RateLimitedLog, get_logger
@@ -86,6 +86,8 @@ _FORBIDDEN_ID_CHARS = frozenset("/+#")
 
 #: File descriptors kept back from MQTT sockets: the database, the HTTP API, WebSocket clients, logs.
 FD_RESERVE = 256
+#: Client ids remembered as handed over to another node (meterhub.cluster), oldest forgotten first.
+MOVED_MAX = 100_000
 
 
 def fit_to_fd_limit(limits: Limits) -> int:
@@ -552,6 +554,12 @@ class MQTTConnection(asyncio.Protocol):
                 stored = await server.load_stored(packet.client_id)
             if code == CONNACK_ACCEPTED and not server.admit(result.principal, packet.clean_session):  # type: ignore[arg-type]
                 code, result.reason = CONNACK_UNAVAILABLE, "too many persistent sessions"
+            if code == CONNACK_ACCEPTED and not packet.clean_session and self.state != "closed":
+                stored = await server.claim_stored(result.principal, stored)  # type: ignore[arg-type]
+        if self.state == "closed" or code != CONNACK_ACCEPTED:
+            server.resuming.pop(packet.client_id, None)  # messages forwarded meanwhile: nobody to take them
+            if server.store is not None:  # a claim made for this CONNECT is not taken up here
+                server.store.claimed.discard(packet.client_id)
         if self.state == "closed":
             return
         server.stats[f"connack.{code}"] += 1
@@ -624,6 +632,8 @@ class MQTTServer:
         self.connections: set[MQTTConnection] = set()
         self.stats: Counter[str] = Counter()
         self.client_records: dict[str, ClientRecord] = {}
+        #: Client ids whose record changed since meterhub.core.conformance_store last took them.
+        self.records_dirty: set[str] = set()
         # Persistent sessions: how many per owner (vendor), and the offline ones oldest first.
         self.persistent_count: Counter[str] = Counter()
         self.persistent_total = 0
@@ -632,6 +642,14 @@ class MQTTServer:
         self.limited_log = RateLimitedLog(log)  # this server's refusals (sessions share it)
         #: Where persistent sessions are stored (meterhub.mqtt.session_store); None: memory only.
         self.store: SessionStore | None = None
+        #: Cluster: client id -> the node this one handed its persistent session to (bounded, oldest
+        #: forgotten): a QoS>0 message for it here goes there (``forward``), not into a stale copy.
+        self.moved: OrderedDict[str, str] = OrderedDict()
+        #: Cluster: client ids whose session is being read and claimed for a CONNECT here -> messages
+        #: forwarded to it meanwhile, delivered once it is attached.
+        self.resuming: dict[str, list[tuple[str, bytes, int]]] = {}
+        #: ``forward(node, client_id, topic, payload, qos, hops)``: set by meterhub.cluster.
+        self.forward: Callable[[str, str, str, bytes, int, int], None] | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.intake_paused = False
@@ -838,6 +856,8 @@ class MQTTServer:
         store = self.store
         if store is None or (client_id in self.sessions and store.hand_over is None):
             return None
+        if store.hand_over is not None and len(self.resuming) < self.limits.max_connections:
+            self.resuming.setdefault(client_id, [])
         try:
             return await store.load(client_id)
         except Exception as exc:
@@ -847,9 +867,44 @@ class MQTTServer:
             )
             return None
 
-    async def hand_over(self, client_id: str, wait: float = 1.0) -> None:
-        """Another node takes ``client_id``'s persistent session: close its connection here (no
-        will), store the session and forget it from memory (the stored copy is the other node's)."""
+    async def claim_stored(
+        self, principal: Principal, stored: tuple[str, dict[str, Any], int] | None
+    ) -> tuple[str, dict[str, Any], int] | None:
+        """Cluster: before the CONNACK of a persistent session, record in the store that this node
+        holds it (:meth:`SessionStore.claim`). When another node claimed the row since it was read,
+        read it again (asking that node to hand it over) and retry, at most 3 times. Returns the
+        stored session to attach (as :meth:`load_stored`)."""
+        store = self.store
+        if store is None or store.hand_over is None:
+            return stored  # one node: nobody else to claim it
+        cid = principal.client_id
+        owner = owner_of(principal)
+        for _ in range(3):
+            session = self.sessions.get(cid)
+            if stored is not None:
+                state = stored[1]
+            elif session is not None and not session.clean and session.owner == owner:
+                state = session.to_dict()
+            else:
+                state = Session(cid, principal, False).to_dict()
+            try:
+                if await store.claim(cid, owner, state, stored[2] if stored is not None else None):
+                    return stored
+            except Exception as exc:
+                self.stats["sessions.claim_failed"] += 1
+                _repeats.warning(
+                    "session_claim_failed", "session claim not stored", client_id=cid, error=str(exc)[:200]
+                )
+                return stored
+            self.stats["sessions.claim_raced"] += 1
+            stored = await self.load_stored(cid)
+        self.stats["sessions.claim_failed"] += 1
+        return stored
+
+    async def hand_over(self, client_id: str, to_node: str | None = None, wait: float = 1.0) -> None:
+        """Another node (``to_node``) takes ``client_id``'s persistent session: close its connection
+        here (no will), store the session and forget it from memory (the stored copy is the other
+        node's); QoS>0 messages for it that come here afterwards are forwarded to ``to_node``."""
         conn = self.connected.get(client_id)
         if conn is not None:
             conn.will = None
@@ -862,16 +917,45 @@ class MQTTServer:
             session.detach(time.monotonic())  # not closed yet: its state is what it owes now
             if not session.clean:
                 self.went_offline(session)
+        written = None
         if (
             session is not None
             and not session.clean
             and session.connection is None
             and self.store is not None
         ):
-            self.store.save(session)
-            await self.store.flush()
-            self.stats["sessions.handed_over"] += 1
+            # Stored as it is now and forgotten in the same step: a message arriving from here on
+            # is forwarded, so none goes into a copy nobody will read.
+            written = self.store.write_now(session)
             self.forget(session, keep_stored=True)
+            self.stats["sessions.handed_over"] += 1
+        if to_node is not None and to_node != getattr(self.store, "node_id", None):
+            self.moved.pop(client_id, None)
+            self.moved[client_id] = to_node
+            while len(self.moved) > MOVED_MAX:
+                self.moved.popitem(last=False)
+        if written is not None:
+            await written
+
+    def deliver_forwarded(self, client_id: str, topic: str, payload: bytes, qos: int, hops: int) -> bool:
+        """A message another node forwarded for ``client_id`` (it handed the session to this node):
+        into the session here, held until a CONNECT being resumed here has attached it, or on to
+        the node this one handed it to in turn. False when nobody here can take it."""
+        if client_id in self.sessions:
+            return self.publish(client_id, topic, payload, qos)
+        waiting = self.resuming.get(client_id)
+        if waiting is not None:
+            if len(waiting) < self.limits.max_queued:
+                waiting.append((topic, payload, qos))
+                return True
+            self.stats["sessions.forward_dropped_queue_full"] += 1
+            return False
+        node = self.moved.get(client_id)
+        if node is not None and self.forward is not None and hops < 3:
+            self.forward(node, client_id, topic, payload, qos, hops + 1)
+            return True
+        self.stats["sessions.forward_lost"] += 1
+        return False
 
     def attach(
         self,
@@ -939,9 +1023,13 @@ class MQTTServer:
         session.attach(conn, principal, present)
         conn.session = session
         self.connected[cid] = conn
+        self.moved.pop(cid, None)  # held here again
+        for topic, payload, qos in self.resuming.pop(cid, ()):  # forwarded while it was resumed
+            session.send(topic, payload, qos)
         return session
 
     def client_record(self, client_id: str) -> ClientRecord:
+        self.records_dirty.add(client_id)
         records = self.client_records
         record = records.get(client_id)
         if record is None:
@@ -968,6 +1056,11 @@ class MQTTServer:
     def publish(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         session = self.sessions.get(client_id)
         if session is None:
+            node = self.moved.get(client_id) if qos else None
+            if node is not None and self.forward is not None:  # handed to that node: it takes it
+                self.stats["sessions.forwarded"] += 1
+                self.forward(node, client_id, topic, payload, qos, 0)
+                return True
             return False
         sent = session.send(topic, payload, qos)
         if session.out is not None:
@@ -1030,6 +1123,7 @@ class MQTTServer:
                 stats["closed.keepalive"] += 1
                 if conn.record is not None:
                     conn.record.keepalive_expired += 1
+                    self.records_dirty.add(conn._cid())
                 _repeats.info("keepalive", "keep-alive expired", client_id=conn._cid(), peer=conn.peer)
                 conn.abort("keepalive-timeout")
             elif (

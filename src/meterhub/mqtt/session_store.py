@@ -10,10 +10,14 @@ turn: never a synchronous database call on the event loop. What is stored is ``S
 at the moment of the flush, so several changes in the window cost one row. A write that fails is
 kept dirty and tried again at the next flush.
 
-In a cluster, a row says which node holds the session while it is connected. A node that loads a
-session held by another node first asks that node (:attr:`SessionStore.hand_over`, over the bus) to
-close the connection and store the session, waiting at most ``hand_over_timeout``; then it reads the
-row again. A node that does not answer (dead) leaves what it stored last.
+In a cluster, a row says which node holds the session (``node``, the last to write it). A node that
+loads a session another node wrote first asks that node (:attr:`SessionStore.hand_over`, over the
+bus) to close the connection if it has one, store its copy and forget it (it forwards what comes for
+the client afterwards to the asking node), waiting at most ``hand_over_timeout``; then it reads the
+row again. A node that does not answer (dead) leaves what it stored last. Before the CONNACK the
+node records that it holds the session (:meth:`SessionStore.claim`: one conditional UPDATE, which
+fails when another node claimed the row since it was read), so a CONNECT on a third node at any
+moment after the CONNACK asks this node for it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.storage import schema
@@ -71,6 +77,8 @@ class SessionStore:
         #: client id -> generation of this node's copy (see :meth:`took`); a delete of a client id
         #: this node has no copy of (a clean connect) applies whatever the stored generation.
         self.gens: dict[str, int] = {}
+        #: client ids claimed by :meth:`claim` whose generation :meth:`took` must not raise again.
+        self.claimed: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._flushing = False
         self._inflight: set[asyncio.Future[None]] = set()
@@ -92,8 +100,56 @@ class SessionStore:
 
     def took(self, client_id: str, stored_gen: int | None) -> None:
         """This node takes the session: one generation above the stored one (or its own copy's)."""
+        if client_id in self.claimed:  # claim() stored that generation already
+            self.claimed.discard(client_id)
+            return
         base = stored_gen if stored_gen is not None else self.gens.get(client_id, 0)
         self.gens[client_id] = base + 1
+
+    async def claim(self, client_id: str, owner: str, state: dict[str, Any], stored_gen: int | None) -> bool:
+        """Record that this node holds ``client_id``'s session now (connected), one generation above
+        ``stored_gen`` (None: no row was read), before the CONNACK. False when the row changed since
+        it was read (another node claimed it): read it again (and ask that node) and retry."""
+        gen = (stored_gen if stored_gen is not None else self.gens.get(client_id, 0)) + 1
+        ok = await asyncio.to_thread(self._claim, client_id, owner, state, stored_gen, gen, time.time())
+        if ok:
+            self.gens[client_id] = gen
+            self.claimed.add(client_id)
+        return ok
+
+    def _claim(
+        self, cid: str, owner: str, state: dict[str, Any], stored_gen: int | None, gen: int, now: float
+    ) -> bool:
+        t = schema.mqtt_sessions
+        held = {"node": self.node_id, "connected": True, "gen": gen, "updated_at": now}
+        with self.engine.begin() as conn:
+            if stored_gen is not None:
+                done = conn.execute(
+                    update(t).where(t.c.client_id == cid, t.c.gen == stored_gen).values(**held)
+                )
+                return done.rowcount == 1
+            row = {**held, "client_id": cid, "owner": owner, "state": _encode(state).decode()}
+            row["expires_at"] = now + self.expiry
+            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            stmt = insert(t).values(**row)
+            stmt = stmt.on_conflict_do_update(  # over an expired row only
+                index_elements=["client_id"],
+                set_={k: stmt.excluded[k] for k in row if k != "client_id"},
+                where=t.c.expires_at < now,
+            )
+            return conn.execute(stmt.returning(t.c.client_id)).first() is not None
+
+    def write_now(self, session: Any) -> asyncio.Future[None]:
+        """Submit ``session`` as it is at this moment (a hand-over: nothing queued after this call
+        is in the row); the future completes at the commit."""
+        cid = session.client_id
+        self.dirty.pop(cid, None)
+        fut = self.writer.write([("mqtt_session", self._row(cid, session, time.time()))])
+        batch = {cid: session}
+        self.saving.update(batch)
+        self._inflight.add(fut)
+        fut.add_done_callback(lambda f, b=batch: self._written(f, b))
+        return fut
 
     def _schedule(self) -> None:
         if self._timer is None and not self._flushing:
@@ -180,7 +236,8 @@ class SessionStore:
             if client_id in pending and pending[client_id] is None:
                 return None  # being deleted here
         row = await asyncio.to_thread(self._read, client_id)
-        if row is not None and row.connected and row.node != self.node_id and self.hand_over is not None:
+        if row is not None and row.node != self.node_id and self.hand_over is not None:
+            # connected there, or its offline copy there (it may queue into it): hand it over
             if self.stats is not None:
                 self.stats["sessions.hand_over_asked"] += 1
             try:

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from meterhub.logs import RateLimitedLog, get_logger
-from meterhub.storage import schema
+from meterhub.storage import conformance_rows, schema
 
 log = get_logger(__name__)
 #: Failed writes are logged once per kind and interval, with a count (a full disk fails every batch).
@@ -338,6 +338,7 @@ APPLY_ORDER: dict[str, Callable[[Connection, list[Any]], None]] = {
     "notify": _apply_notify,
     "token_used": _apply_token_used,
     "mqtt_session": _apply_mqtt_sessions,
+    "conformance": conformance_rows.apply_deltas,
 }
 
 DoneCallback = Callable[[BaseException | None], None]

@@ -499,3 +499,13 @@ mqtt_sessions = Table(
     Index("ix_mqtt_sessions_owner", "owner", "updated_at"),
     Index("ix_mqtt_sessions_expires_at", "expires_at"),
 )
+
+
+# A gateway's conformance record (meterhub.storage.conformance_rows): JSON text, the sum of what every
+# node observed of it (each adds its delta), bounded per gateway; one row per registered gateway.
+conformance_records = Table(
+    "conformance_records",
+    metadata,
+    Column("gateway_id", String(128), primary_key=True),
+    Column("record", Text),
+)

@@ -37,9 +37,10 @@ class ReportCardOut(BaseModel):
 async def conformance(
     hub: Hub, gateway_id: Annotated[str, Path(min_length=1, max_length=128)]
 ) -> dict[str, Any]:
-    """How well the gateway follows the edge protocol, from what meterhub observed since it started:
-    each finding says what the document expects, what the gateway did, and pass / warn / fail / unknown."""
-    card = report_card(hub, gateway_id)
+    """How well the gateway follows the edge protocol, from what meterhub observed (stored, on any
+    node of a cluster): each finding says what the document expects, what the gateway did, and
+    pass / warn / fail / unknown."""
+    card = await report_card(hub, gateway_id)
     if card is None:
-        raise ApiError(404, f"gateway {gateway_id!r} has not connected since the server started")
+        raise ApiError(404, f"gateway {gateway_id!r} has no conformance record (it never connected)")
     return card

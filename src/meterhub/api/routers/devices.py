@@ -115,7 +115,7 @@ async def get_device(hub: Hub, cid: CidParam) -> dict[str, Any]:
     online = state.online if state is not None else bool(row["online"])
     since = last["at"] if last and bool(last["online"]) == online else None
     monitor = getattr(hub, "alarms", None)
-    active = monitor.active_for(cid) if monitor is not None else []
+    active = await monitor.active_of(cid) if monitor is not None else []
     return {
         **{k: row[k] for k in DeviceDetail.model_fields if k in row and k not in ("last_seen",)},
         "last_seen": summary["last_seen"],
