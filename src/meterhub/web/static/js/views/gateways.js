@@ -101,7 +101,7 @@ export async function gatewaysView(main, { signal }) {
 
 function renderCard(card) {
   if (!card) {
-    return h("p", { class: "empty", id: "conformance-missing" }, "Conformance report: not available (the gateway has not connected since the server started, or this server has no report cards).");
+    return h("p", { class: "empty", id: "conformance-missing" }, "Conformance report: not available yet (nothing is recorded for this gateway: it has never connected).");
   }
   if (!Array.isArray(card.findings)) {
     return h("pre", { class: "small" }, JSON.stringify(card, null, 2));
