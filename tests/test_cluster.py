@@ -504,10 +504,18 @@ def test_alarms_raised_on_two_nodes_get_distinct_ids(
             sim.report(m, "19", 9)  # two fault labels: two alarms, code 0 = stored
             sim.report(m, "19", 0)  # cleared
     a_ = schema.alarms
-    with cluster.engine.connect() as conn:
-        rows = conn.execute(select(a_.c.id, a_.c.cid, a_.c.cleared_at)).all()
-    mine = [r for r in rows if r.cid in {m for _, m in sims.values()}]
-    assert len(mine) == 8 and all(r.cleared_at is not None for r in mine)
+    meters = {m for _, m in sims.values()}
+
+    def alarm_rows() -> list[Any]:
+        with cluster.engine.connect() as conn:
+            return list(conn.execute(select(a_.c.id, a_.c.cid, a_.c.cleared_at)).all())
+
+    def all_cleared() -> bool:  # alarms follow the stored report: the clear is written after its answer
+        mine = [r for r in alarm_rows() if r.cid in meters]
+        return len(mine) == 8 and all(r.cleared_at is not None for r in mine)
+
+    wait_for(all_cleared, timeout=10, interval=0.1)
+    rows = alarm_rows()
     assert len({r.id for r in rows}) == len(rows)
 
 
