@@ -340,3 +340,26 @@ def nats_url() -> Iterator[str]:
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
+
+
+def refuse_marked_reports(engine: Any, marker: str = "poison-") -> None:
+    """Make the database itself refuse every report whose request_id starts with ``marker`` (a real
+    database error the validator cannot foresee): a CHECK constraint on PostgreSQL, a trigger that
+    raises on SQLite (which cannot add constraints to a table)."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_marked BEFORE INSERT ON reports "
+                    f"WHEN NEW.request_id LIKE '{marker}%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "ALTER TABLE reports ADD CONSTRAINT refuse_marked "
+                    f"CHECK (request_id NOT LIKE '{marker}%')"
+                )
+            )

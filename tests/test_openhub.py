@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 import mqttraw
-from conftest import RunningHub, wait_for
+from conftest import RunningHub, refuse_marked_reports, wait_for
 from meterhub.config import load_settings
 from meterhub.model.loader import builtin_model
 from meterhub.openhub import crypto, http, store
@@ -167,20 +167,7 @@ def test_link_receives_encrypted_reports_and_presence(world: World, link_type: s
 def test_a_report_the_database_refuses_is_never_an_event(world: World) -> None:
     """Applications hear of a report only once it is stored: one the database refuses (here a
     constraint on its request_id, the database's own refusal) is answered 500 and reaches no link."""
-    from sqlalchemy import text
-
-    with world.hub.engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.execute(
-                text(
-                    "CREATE TRIGGER refuse_poison BEFORE INSERT ON reports "
-                    "WHEN NEW.request_id LIKE 'poison-%' BEGIN SELECT RAISE(ABORT, 'poison'); END"
-                )
-            )
-        else:
-            conn.execute(
-                text("ALTER TABLE reports ADD CONSTRAINT poison CHECK (request_id NOT LIKE 'poison-%')")
-            )
+    refuse_marked_reports(world.hub.engine)
     c, got, cfg = subscriber(world, world.alice)
     world.online("meter-a")
     assert next_event(got, cfg)["data"]["bizCode"] == "online"

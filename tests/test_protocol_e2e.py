@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from conftest import Client, RunningHub, storage_held, wait_for
+from conftest import Client, RunningHub, refuse_marked_reports, storage_held, wait_for
 from meterhub.storage import registry, schema
 
 GW = "gw-e2e"
@@ -412,7 +412,7 @@ def test_storage_outage_turns_new_gateways_away_until_it_is_over(
     connection whose reports would be lost; once the outage is over it gets in (test_storage_writer
     checks that this does not need a successful write first)."""
     writer = hub.hub.writer
-    writer.retry_after = 1.0
+    writer.retry_after = 3.0  # long enough for a loaded machine to connect within it
     gw = gateway_factory("gw-outage")
     gw.sync("m-out")
     with hub.engine.begin() as conn:  # the fault: a table the report path writes to is gone
@@ -432,27 +432,6 @@ def test_storage_outage_turns_new_gateways_away_until_it_is_over(
     assert gw.report("m-out", "5", 2310000)["param"]["code"] == 0
     assert writer.healthy is True
     assert rows(hub, "select value from latest_values where cid='m-out'") == [("2310000",)]
-
-
-def refuse_marked_reports(engine: Any, marker: str = "poison-") -> None:
-    """Make the database itself refuse every report whose request_id starts with ``marker`` (a real
-    database error the validator cannot foresee): a CHECK constraint on PostgreSQL, a trigger that
-    raises on SQLite (which cannot add constraints to a table)."""
-    with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.execute(
-                text(
-                    "CREATE TRIGGER refuse_marked BEFORE INSERT ON reports "
-                    f"WHEN NEW.request_id LIKE '{marker}%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
-                )
-            )
-        else:
-            conn.execute(
-                text(
-                    "ALTER TABLE reports ADD CONSTRAINT refuse_marked "
-                    f"CHECK (request_id NOT LIKE '{marker}%')"
-                )
-            )
 
 
 @contextlib.contextmanager
