@@ -91,9 +91,15 @@ class Api:
         self.base = f"http://127.0.0.1:{hub.hub.http_port}"
         self.admin_token, _ = create_token(hub.engine, "admin", "admin")
         self.read_token, _ = create_token(hub.engine, "reader", "read")
-        self.admin = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.admin_token}"})
-        self.read = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.read_token}"})
-        self.anon = httpx.Client(base_url=self.base)
+        # 30 s rather than httpx's 5 s: a loaded CI machine must not fail a test on a slow answer
+        auth = {"admin": self.admin_token, "read": self.read_token}
+        self.admin = httpx.Client(
+            base_url=self.base, timeout=30, headers={"Authorization": f"Bearer {auth['admin']}"}
+        )
+        self.read = httpx.Client(
+            base_url=self.base, timeout=30, headers={"Authorization": f"Bearer {auth['read']}"}
+        )
+        self.anon = httpx.Client(base_url=self.base, timeout=30)
         self.vendor = registry.add_vendor(hub.engine, "meters-inc")
 
     def gateway(self, gw: str = "gw-api") -> GatewaySim:
