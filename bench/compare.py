@@ -128,7 +128,11 @@ def run_round(k: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]], l
                 if load == "flat":
                     flat[name] = r["per_s"]
                 if r["bad"] or not r["drained"] or r["connect_failed"]:
-                    problems.append(f"round {k + 1} {name} {load}: bad {r['bad']}, drained {r['drained']}")
+                    text = f"round {k + 1} {name} {load}: bad {r['bad']}, drained {r['drained']}"
+                    if name == "pipeline":
+                        problems.append(text)
+                    else:  # a reference that falls behind is a finding, not a failure of meterhub
+                        print(f"NOTE: {text} (it fell behind the offered load)", file=sys.stderr)
                 results.append(r)
     finally:
         pipe = servers.pop("pipeline")
