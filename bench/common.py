@@ -270,8 +270,9 @@ max_queued_messages 1000
 """
 
 
-def start_mosquitto_echo(echo_procs: int = 1) -> Server:
-    """Our own mosquitto on a free loopback port (the system one on 1883 is left alone) + echo client(s)."""
+def start_mosquitto_echo(echo_procs: int = 1, protocol: bool = False) -> Server:
+    """Our own mosquitto on a free loopback port (the system one on 1883 is left alone) + echo client(s);
+    ``protocol``: the echo clients are the edge protocol's ideal responder (bench/mosquitto_echo.py)."""
     workdir = Path(tempfile.mkdtemp(prefix="mosquitto-bench-"))
     port = free_port()
     conf = workdir / "mosquitto.conf"
@@ -295,6 +296,7 @@ def start_mosquitto_echo(echo_procs: int = 1) -> Server:
                     "--shared" if echo_procs > 1 else "--no-shared",
                     "--ready-file",
                     str(ready),
+                    *(["--protocol"] if protocol else []),
                 ],
                 stdout=_log(workdir, f"echo-{i}"),
                 stderr=subprocess.STDOUT,

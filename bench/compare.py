@@ -6,14 +6,21 @@ The table of issue #14, measured in one run. Each round starts three fresh serve
   commit -> ``properties/report/response`` code 0 (bench/pipeline.py's ``GatewayDriver``; every phase
   reconnects and re-syncs its gateways first, outside the measured window);
 * ``echo``     - ``meterhub serve --handler echo`` (transport only, no validation, no storage);
-* ``relay``    - our own mosquitto on a free loopback port + ``bench/mosquitto_echo.py`` (the ideal
-  responder: answers every request, validates and stores nothing); both processes count as the server.
+* ``relay``    - our own mosquitto on a free loopback port + ``bench/mosquitto_echo.py --protocol`` (the
+  ideal responder: answers every sync and report code 0, validates and stores nothing); both processes
+  count as the server. It gets the same traffic as the pipeline (same driver, topics and payloads).
 
 Then, for every load, each server in turn (the order rotates every round, so slow moments of a shared
 machine do not always hit the same server): flat out (closed loop, ``--window`` in flight per gateway),
 1,000/s and 3,000/s offered (open loop), 50% and 80% of *that server's own* flat-out rate in the same
 round. Figures are medians over the rounds with the range (min-max); ratios are pipeline / relay of the
 medians. Server CPU is utime+stime of the server's processes (all threads) over the measured window.
+
+``--storm N`` adds, per round, a reconnect storm on the pipeline and the relay: N gateways connect at
+once (no connect concurrency limit) and each syncs ``--meters`` meters; the figure is the time until every
+sync is answered code 0, and the server's peak RSS (all its processes, sampled every 0.2 s). Twice per
+server: the first storm registers the devices, the second (same gateways after they all dropped) is the
+common case after an outage: syncs that change nothing.
 
 At the end of each round the pipeline server is stopped and its ``reports`` table must hold exactly one
 row per code-0 answer received (the durability check; a mismatch fails the run).
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +55,7 @@ def start(name: str) -> Server:
         return pipeline.start_pipeline_server()
     if name == "echo":
         return common.start_meterhub("echo")
-    return common.start_mosquitto_echo()
+    return common.start_mosquitto_echo(protocol=True)
 
 
 def phase(
@@ -65,7 +73,7 @@ def phase(
         "prefix": "gw",
     }
     driver: Callable[[int, dict[str, Any]], loadgen.Driver]
-    if name == "pipeline":
+    if name != "echo":  # the pipeline and the relay get the same edge-protocol traffic
         driver = pipeline.GatewayDriver
         params: dict[str, Any] = {"meters": args.meters, "window": args.window}
         params.update({"mode": "flat"} if rate is None else {"mode": "rate", "rate": rate})
@@ -109,7 +117,81 @@ def phase(
     return out
 
 
-def run_round(k: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+class StormDriver(pipeline.GatewayDriver):
+    """Connect + sync every meter (``prepare``), then nothing."""
+
+    async def run(self, conns: list[loadgen.Conn], t_start: float, t0: float, t1: float) -> dict[str, Any]:
+        return {}
+
+
+def storm(server: Server, name: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``args.storm`` gateways at once, each syncing ``args.meters`` meters: seconds until all are
+    answered, and the server's peak RSS meanwhile."""
+    per_proc = -(-args.storm // args.processes)
+    spec = loadgen.FleetSpec(
+        port=server.port,
+        connections=args.storm,
+        processes=args.processes,
+        driver=StormDriver,
+        params={"meters": args.meters, "mode": "flat"},
+        username=server.username,
+        md5_password=server.username is not None,
+        prefix="storm",
+        warmup=0.0,
+        duration=0.0,
+        connect_concurrency=per_proc,
+        connect_timeout=300.0,
+    )
+    fleet = loadgen.Fleet(spec)
+    rss_before = server.rss_all()
+    peak = [rss_before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            peak.append(server.rss_all())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu0 = server.cpu()
+    started = time.monotonic()
+    try:
+        fleet.start(timeout=900)
+        seconds = time.monotonic() - started
+        cpu = server.cpu() - cpu0
+        fleet.go(0.0)
+        fleet.results(60)
+    finally:
+        stop.set()
+        sampler.join()
+        fleet.close()
+    errors = [p["error"] for p in fleet.prepared if "error" in p]
+    synced = sum(p.get("synced", 0) for p in fleet.prepared)
+    out = {
+        "server": name,
+        "load": label,
+        "seconds": seconds,
+        "synced": synced,
+        "connected": fleet.connected,
+        "failed": fleet.failed + len(errors),
+        "errors": (fleet.failures + errors)[:3],
+        "rss_before_mb": rss_before / 2**20,
+        "rss_peak_mb": max(peak) / 2**20,
+        "cpu_s": cpu,
+    }
+    print(
+        f"  {name:8} {label:13} {seconds:6.1f} s, {synced:,} synced, {fleet.connected:,} connected, "
+        f"peak RSS {out['rss_peak_mb']:.0f} MB (before {out['rss_before_mb']:.0f}), server CPU {cpu:.1f} s"
+        + (f", FAILED {out['failed']}: {out['errors'][:1]}" if out["failed"] else ""),
+        file=sys.stderr,
+    )
+    time.sleep(2)  # let the server see every disconnect before the next phase
+    return out
+
+
+def run_round(
+    k: int, args: argparse.Namespace, storms: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
     order = list(SERVERS[k % 3 :] + SERVERS[: k % 3])
     servers = {name: start(name) for name in SERVERS}
     results: list[dict[str, Any]] = []
@@ -134,6 +216,13 @@ def run_round(k: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]], l
                     else:  # a reference that falls behind is a finding, not a failure of meterhub
                         print(f"NOTE: {text} (it fell behind the offered load)", file=sys.stderr)
                 results.append(r)
+        if args.storm:
+            for label in ("storm (new)", "storm (again)"):
+                for name in ("pipeline", "relay") if k % 2 == 0 else ("relay", "pipeline"):
+                    r = storm(servers[name], name, label, args)
+                    if r["failed"] or r["synced"] != args.storm * args.meters:
+                        problems.append(f"round {k + 1} {name} {label}: {r['synced']} synced, {r['errors']}")
+                    storms.append(r)
     finally:
         pipe = servers.pop("pipeline")
         pipe.stop(cleanup=False)
@@ -237,12 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated subset of {','.join(LOADS)}")
+    ap.add_argument("--storm", type=int, default=0, help="reconnect storm of N gateways (0: none)")
     ap.add_argument("--json", action="store_true", help="also write bench/results/compare-*.json")
     args = ap.parse_args(argv)
     if args.smoke:
         args.rounds, args.gateways, args.meters = 1, 10, 3
         args.warmup, args.duration = 0.3, 1.0
         args.loads = "flat,1000/s,50%"
+        args.storm = min(args.storm, 50)
     args.loads = [x for x in args.loads.split(",") if x]
     unknown = set(args.loads) - set(LOADS) - {x for x in args.loads if x.endswith(("%", "/s"))}
     if unknown:
@@ -251,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine_info()
     results: list[dict[str, Any]] = []
     problems: list[str] = []
+    storms: list[dict[str, Any]] = []
     started = time.monotonic()
     for k in range(args.rounds):
         print(f"== round {k + 1}/{args.rounds}", file=sys.stderr)
-        res, probs = run_round(k, args)
+        res, probs = run_round(k, args, storms)
         results += res
         problems += probs
     print(
@@ -267,10 +359,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.duration:g} s windows after {args.warmup:g} s warm-up. Median (min-max) over the rounds.\n"
     )
     print(summary(results, args.loads))
-    if args.json:
+    if storms:
         print(
-            f"\nJSON: {common.write_json('compare', {'machine': info, 'args': vars(args), 'runs': results})}"
+            f"\nReconnect storm: {args.storm:,} gateways x {args.meters} meters at once (median (min-max)):\n"
         )
+        rows = []
+        for label in ("storm (new)", "storm (again)"):
+            for name in ("pipeline", "relay"):
+                mine = [r for r in storms if r["server"] == name and r["load"] == label]
+                rows.append(
+                    [
+                        label,
+                        name,
+                        _med([r["seconds"] for r in mine]),
+                        _med([r["rss_peak_mb"] for r in mine]),
+                        _med([r["rss_before_mb"] for r in mine]),
+                        _med([r["cpu_s"] for r in mine]),
+                    ]
+                )
+        print(
+            table(["storm", "server", "all synced (s)", "peak RSS MB", "RSS before MB", "server CPU s"], rows)
+        )
+    if args.json:
+        data = {"machine": info, "args": vars(args), "runs": results, "storms": storms}
+        print(f"\nJSON: {common.write_json('compare', data)}")
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
     return 1 if problems else 0

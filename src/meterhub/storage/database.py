@@ -485,7 +485,8 @@ class GroupCommitWriter:
         commit's fixed cost (fsync, transaction, two thread hand-offs) would be paid per report at
         moderate rates. So if it came soon after the last commit ended (sooner than ``linger``: traffic
         is dense, more is on its way), the writer sleeps ``linger`` and takes everything that arrived
-        meanwhile; sparse traffic (a gap longer than ``linger``) is committed at once. A report's
+        meanwhile (half of it if nothing came in the first half); sparse traffic (a gap longer than
+        ``linger``) is committed at once. A report's
         answer waits at most ``linger`` more; answers still go out only after the commit."""
         stopping = False
         idle_since = time.monotonic()
@@ -497,7 +498,11 @@ class GroupCommitWriter:
                 except queue.Empty:
                     item = q.get()
                     if item is not None and self.linger > 0 and time.monotonic() - idle_since < self.linger:
-                        time.sleep(self.linger)
+                        # in two halves: if nothing came in the first, nothing more is on its way (a
+                        # closed-loop burst that arrived whole): commit now
+                        time.sleep(self.linger / 2)
+                        if q.qsize():
+                            time.sleep(self.linger / 2)
                 if item is None:
                     break
                 batch = [item]
