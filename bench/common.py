@@ -266,7 +266,7 @@ persistence false
 log_dest none
 set_tcp_nodelay true
 max_inflight_messages {inflight}
-max_queued_messages 1000
+max_queued_messages {queued}
 """
 
 
@@ -276,7 +276,8 @@ def start_mosquitto_echo(echo_procs: int = 1, protocol: bool = False) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="mosquitto-bench-"))
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(MOSQUITTO_CONF.format(port=port, inflight=200))
+    # the responder takes every gateway's requests: a storm queues ~100,000 for it (1,000 would drop)
+    conf.write_text(MOSQUITTO_CONF.format(port=port, inflight=200, queued=1_000_000 if protocol else 1000))
     broker = subprocess.Popen(
         [MOSQUITTO, "-c", str(conf)], stdout=_log(workdir, "mosquitto"), stderr=subprocess.STDOUT
     )
