@@ -486,8 +486,8 @@ class GroupCommitWriter:
         moderate rates. So if it came soon after the last commit ended (sooner than ``linger``: traffic
         is dense, more is on its way), the writer sleeps ``linger`` and takes everything that arrived
         meanwhile (half of it if nothing came in the first half); sparse traffic (a gap longer than
-        ``linger``) is committed at once. A report's
-        answer waits at most ``linger`` more; answers still go out only after the commit."""
+        ``linger``) is committed at once. A report's answer waits at most ``linger`` more; answers
+        still go out only after the commit."""
         stopping = False
         idle_since = time.monotonic()
         q = self._queue
