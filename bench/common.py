@@ -266,16 +266,18 @@ persistence false
 log_dest none
 set_tcp_nodelay true
 max_inflight_messages {inflight}
-max_queued_messages 1000
+max_queued_messages {queued}
 """
 
 
-def start_mosquitto_echo(echo_procs: int = 1) -> Server:
-    """Our own mosquitto on a free loopback port (the system one on 1883 is left alone) + echo client(s)."""
+def start_mosquitto_echo(echo_procs: int = 1, protocol: bool = False) -> Server:
+    """Our own mosquitto on a free loopback port (the system one on 1883 is left alone) + echo client(s);
+    ``protocol``: the echo clients are the edge protocol's ideal responder (bench/mosquitto_echo.py)."""
     workdir = Path(tempfile.mkdtemp(prefix="mosquitto-bench-"))
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(MOSQUITTO_CONF.format(port=port, inflight=200))
+    # the responder takes every gateway's requests: a storm queues ~100,000 for it (1,000 would drop)
+    conf.write_text(MOSQUITTO_CONF.format(port=port, inflight=200, queued=1_000_000 if protocol else 1000))
     broker = subprocess.Popen(
         [MOSQUITTO, "-c", str(conf)], stdout=_log(workdir, "mosquitto"), stderr=subprocess.STDOUT
     )
@@ -295,6 +297,7 @@ def start_mosquitto_echo(echo_procs: int = 1) -> Server:
                     "--shared" if echo_procs > 1 else "--no-shared",
                     "--ready-file",
                     str(ready),
+                    *(["--protocol"] if protocol else []),
                 ],
                 stdout=_log(workdir, f"echo-{i}"),
                 stderr=subprocess.STDOUT,

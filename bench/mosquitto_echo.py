@@ -7,6 +7,11 @@ subscribed to. It is as lean as the load generator's client (uvloop, raw asyncio
 application) rather than a slow client library. ``--shared`` uses a shared subscription
 (``$share/echo/...``) so several echo processes can split the work.
 
+``--protocol`` makes it the *ideal responder* of the edge protocol instead (bench/compare.py's relay):
+it subscribes to ``gateway_id/+/devices/sync`` and ``gateway_id/+/properties/report`` and answers each
+on ``<topic>/response`` with ``{"request_id": ..., "param": {"code": 0}}``, validating and storing
+nothing: what a bare relay costs for the same traffic as meterhub's pipeline.
+
 Runs until SIGTERM/SIGINT. Loopback only.
 """
 
@@ -19,7 +24,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from common import RawSubscriber
+
+
+class _Request(msgspec.Struct):
+    request_id: str | None = None
+
+
+_decode_request = msgspec.json.Decoder(_Request).decode
 
 
 class EchoClient(RawSubscriber):
@@ -32,12 +46,33 @@ class EchoClient(RawSubscriber):
         self.echoed += 1
 
 
+class ProtocolResponder(RawSubscriber):
+    """Answers every sync and report with code 0 on ``<topic>/response``."""
+
+    def __init__(self, client_id: str, filters: list[str]) -> None:
+        super().__init__(client_id, filters)
+        self.echoed = 0
+
+    def on_publish(self, packet: Any, now: float, out: list[bytes]) -> None:
+        rid = _decode_request(packet.payload).request_id
+        body = msgspec.json.encode({"request_id": rid, "param": {"code": 0}})
+        out.append(self.codec.encode_publish(packet.topic + "/response", body, 1, self.next_pid()))
+        self.echoed += 1
+
+
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    topic_filter = "$share/echo/gateway_id/+/req" if args.shared else "gateway_id/+/req"
-    _, client = await loop.create_connection(
-        lambda: EchoClient(args.client_id, topic_filter), "127.0.0.1", args.port
-    )
+    share = "$share/echo/" if args.shared else ""
+    client: Any
+    if args.protocol:
+        filters = [f"{share}gateway_id/+/devices/sync", f"{share}gateway_id/+/properties/report"]
+        _, client = await loop.create_connection(
+            lambda: ProtocolResponder(args.client_id, filters), "127.0.0.1", args.port
+        )
+    else:
+        _, client = await loop.create_connection(
+            lambda: EchoClient(args.client_id, f"{share}gateway_id/+/req"), "127.0.0.1", args.port
+        )
     await asyncio.wait_for(client.ready, 10)
     if args.ready_file:
         Path(args.ready_file).touch()
@@ -56,6 +91,7 @@ if __name__ == "__main__":
     ap.add_argument("--client-id", default="echo-0")
     ap.add_argument("--shared", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--ready-file", default=None)
+    ap.add_argument("--protocol", action="store_true", help="answer syncs and reports (code 0)")
     import uvloop
 
     uvloop.run(main(ap.parse_args()))

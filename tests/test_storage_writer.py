@@ -7,6 +7,7 @@ the writer folds them into a few executemany statements.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,67 @@ def test_migration_0004_gives_existing_reports_their_digest(tmp_path: Path) -> N
         eng.dispose()
         if TEST_DB == "postgresql":
             drop_postgres(url)
+
+
+def report_row(i: int, cid: str = "m-1") -> tuple[Any, ...]:
+    """A history row in the writer's column order (digest made unique by ``i``)."""
+    return ("gw-1", f"r-{i}", cid, "5", "2300000", 230.0, 1000.0 + i, 2000.0 + i, f"digest-{i}")
+
+
+def test_a_report_row_the_database_refuses_fails_alone_on_the_fast_path(engine: Engine) -> None:
+    """Reports, latest values and last-seen go to the driver directly on SQLite (storage.sqlite_fast);
+    a report row the database refuses there (a NULL request_id: NOT NULL) is still told from a failing
+    database: that group alone fails with RowRefused, the others (history + latest) are committed."""
+
+    async def main() -> None:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop())
+        groups: list[list[tuple[str, Any]]] = [
+            [("report", report_row(i)), ("latest", ("m-1", "5", "2300000", 230.0, 1000.0 + i, 2000.0))]
+            for i in range(6)
+        ]
+        groups.insert(2, [("report", ("gw-1", None, "m-1", "5", "1", 1.0, 1.0, 1.0, "d-bad"))])
+        futures = [writer.write(ops) for ops in groups]
+        writer.start()
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        finally:
+            writer.stop()
+        assert [i for i, r in enumerate(done) if r is not None] == [2]
+        assert isinstance(done[2], RowRefused)
+        assert (writer.healthy, writer.stats.rows_refused, writer.stats.batches_split) == (True, 1, 1)
+
+    asyncio.run(main())
+    assert sorted(r[0] for r in rows_of(engine, "SELECT request_id FROM reports")) == [
+        f"r-{i}" for i in range(6)
+    ]
+    assert rows_of(engine, "SELECT t FROM latest_values") == [(1005.0,)]
+
+
+def test_dense_writes_to_an_idle_writer_share_a_commit_sparse_ones_do_not_wait(engine: Engine) -> None:
+    """The commit policy (GroupCommitWriter._run): a group that reaches an idle writer soon after its
+    last commit (dense traffic) waits up to ``linger`` for company; one after a longer gap is committed
+    at once. Here linger is 0.3 s so that the machine's timing cannot blur the two cases."""
+
+    async def main() -> None:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop(), linger=0.3)
+        writer.start()
+        try:
+            await asyncio.sleep(0.4)  # idle for longer than linger: the next write is "sparse"
+            started = time.monotonic()
+            await asyncio.wait_for(writer.write([("report", report_row(0))]), 10)
+            sparse_seconds = time.monotonic() - started
+            assert writer.stats.batches == 1
+            # dense: soon after that commit (well within linger), ten writes 10 ms apart -> one commit
+            await asyncio.sleep(0.02)
+            futures = []
+            for i in range(1, 11):
+                futures.append(writer.write([("report", report_row(i))]))
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+            assert writer.stats.batches == 2, writer.stats.batches
+        finally:
+            writer.stop()
+        assert sparse_seconds < 0.25, sparse_seconds  # not held for the linger
+
+    asyncio.run(main())
+    assert one(engine, "SELECT count(*) FROM reports")[0] == 11

@@ -111,7 +111,11 @@ class Hub:
         await asyncio.to_thread(migrate, self.engine)
         loop = asyncio.get_running_loop()
         self.writer = GroupCommitWriter(
-            self.engine, loop, batch_max=settings.batch_max, high_water=settings.max_queued_writes
+            self.engine,
+            loop,
+            batch_max=settings.batch_max,
+            high_water=settings.max_queued_writes,
+            linger=settings.commit_linger,
         )
         self.writer.start()
         writer = self.writer

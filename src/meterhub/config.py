@@ -187,6 +187,13 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Seconds a report's answer stays in memory (the database decides after)."
     )
     batch_max: int = Field(2000, description="Most operations per storage commit.")
+    commit_linger: float = Field(
+        0.002,
+        ge=0,
+        le=0.05,
+        description="Seconds an idle writer lets a batch fill when traffic is dense (fewer commits per "
+        "report at moderate rates; each answer waits at most this much longer). 0 = commit at once.",
+    )
     max_queued_writes: int = Field(
         20_000,
         ge=1,

@@ -38,6 +38,7 @@ import msgspec
 from meterhub import __version__
 from meterhub.cluster import store
 from meterhub.cluster.bus import Bus, BusError, BusTimeout, connect_bus
+from meterhub.cluster.claims import ClaimBatcher
 from meterhub.cluster.events import EventRelay
 from meterhub.cluster.handler import ClusterHandler
 from meterhub.cluster.ids import IdBlocks
@@ -75,6 +76,7 @@ class ClusterNode:
         self.alarm_ids: IdBlocks | None = None  # alarm ids from reserved blocks (several nodes only)
         self.held: dict[str, int] = {}  # gateway -> session generation this node holds
         self.claiming: Counter[str] = Counter()  # gateways with a claim under way
+        self.claims = ClaimBatcher(engine, self.node_id)  # claims stored together, one commit per batch
         self.superseded: dict[str, int] = {}  # newer generations announced while we were claiming
         self.waiting: dict[str, list[Any]] = {}  # gateway -> messages waiting for its claim
         self.drained: set[str] = set()  # gateways closed by a drain, presence left to finish_drain
@@ -325,9 +327,7 @@ class ClusterNode:
 
     async def _claim(self, gw: str) -> None:
         try:
-            prev, gen = await asyncio.to_thread(
-                store.claim_gateway, self.engine, gw, self.node_id, time.time()
-            )
+            prev, gen = await self.claims.claim(gw)
         except Exception as exc:
             self.stats["claim.failed"] += 1
             log.error("gateway ownership not stored", gateway_id=gw, error=str(exc)[:200])

@@ -131,6 +131,18 @@ def list_nodes(engine: Engine) -> list[NodeInfo]:
 # --- gateway ownership ---------------------------------------------------------------------------
 
 
+def claim_gateways(
+    engine: Engine, gateway_ids: Sequence[str], node_id: str, now: float
+) -> list[tuple[str | None, int]]:
+    """:func:`claim_gateway` for each of ``gateway_ids`` in order, in one transaction (one commit for
+    a whole storm of CONNECTs: meterhub.cluster.claims)."""
+    out: list[tuple[str | None, int]] = []
+    with engine.begin() as conn:
+        for gateway_id in gateway_ids:
+            out.append(_claim_in(conn, gateway_id, node_id, now))
+    return out
+
+
 def claim_gateway(engine: Engine, gateway_id: str, node_id: str, now: float) -> tuple[str | None, int]:
     """Make this node the gateway's owner with the next session generation.
 
@@ -138,27 +150,31 @@ def claim_gateway(engine: Engine, gateway_id: str, node_id: str, now: float) -> 
     SQLite serialises writers), so two nodes claiming at once get different generations.
     """
     with engine.begin() as conn:
+        return _claim_in(conn, gateway_id, node_id, now)
+
+
+def _claim_in(conn: Connection, gateway_id: str, node_id: str, now: float) -> tuple[str | None, int]:
+    row = conn.execute(
+        select(g.c.owner_node, g.c.session_gen).where(g.c.gateway_id == gateway_id).with_for_update()
+    ).first()
+    if row is None:
+        # The gateway's first connection: the writer's upsert may not have created the row yet.
+        upsert(
+            conn,
+            g,
+            ["gateway_id"],
+            [{"gateway_id": gateway_id, "enabled": True, "allowed": False, "connected": True}],
+            ["gateway_id"],
+        )
         row = conn.execute(
             select(g.c.owner_node, g.c.session_gen).where(g.c.gateway_id == gateway_id).with_for_update()
-        ).first()
-        if row is None:
-            # The gateway's first connection: the writer's upsert may not have created the row yet.
-            upsert(
-                conn,
-                g,
-                ["gateway_id"],
-                [{"gateway_id": gateway_id, "enabled": True, "allowed": False, "connected": True}],
-                ["gateway_id"],
-            )
-            row = conn.execute(
-                select(g.c.owner_node, g.c.session_gen).where(g.c.gateway_id == gateway_id).with_for_update()
-            ).one()
-        gen = int(row.session_gen or 0) + 1
-        conn.execute(
-            update(g)
-            .where(g.c.gateway_id == gateway_id)
-            .values(owner_node=node_id, session_gen=gen, connected=True, last_connected_at=now)
-        )
+        ).one()
+    gen = int(row.session_gen or 0) + 1
+    conn.execute(
+        update(g)
+        .where(g.c.gateway_id == gateway_id)
+        .values(owner_node=node_id, session_gen=gen, connected=True, last_connected_at=now)
+    )
     return row.owner_node, gen
 
 
