@@ -220,7 +220,33 @@ class HubCollector(Collector):
             g.add_metric([], alarms.active_count())
             yield g
 
+    def _retention(self) -> Iterator[Metric]:
+        maint = getattr(self.hub, "storage_maintenance", None)
+        if maint is None:
+            return
+        st = maint.stats
+        for name, value, doc in (
+            ("storage_partitions_created", st.partitions_created, "Partitions created ahead of time."),
+            ("storage_partitions_dropped", st.partitions_dropped, "Expired partitions dropped (retention)."),
+            ("storage_retention_rows_deleted", st.rows_deleted, "Expired raw rows deleted (SQLite)."),
+            ("storage_rollup_rebuilds", st.rollup_rebuilds, "Rollups rebuilt from the raw reports."),
+            ("storage_maintenance_failures", st.failures, "Storage maintenance runs that failed."),
+        ):
+            c = CounterMetricFamily(f"meterhub_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        oldest = st.oldest_partition if st.oldest_partition is not None else st.oldest_report
+        for name, value, doc in (
+            ("storage_partitions", st.partitions, "Range partitions of the reports table (PostgreSQL)."),
+            ("storage_oldest_report_timestamp", oldest or 0, "Start of the oldest kept raw data (Unix s)."),
+            ("storage_retention_raw_days", maint.raw_days or 0, "Days raw reports are kept (0: forever)."),
+        ):
+            g = GaugeMetricFamily(f"meterhub_{name}", doc)
+            g.add_metric([], value)
+            yield g
+
     def _storage(self) -> Iterator[Metric]:
+        yield from self._retention()
         writer = getattr(self.hub, "writer", None)
         if writer is None:
             return

@@ -1,0 +1,243 @@
+"""Rollups: 5-minute, hourly and daily aggregates of the reports' numbers (PostgreSQL).
+
+Per (res, cid, dp_id, bucket) the table ``rollups`` holds ``n`` (count), ``total`` (sum), ``lo``/``hi``
+(min/max) and ``last`` (the number of the latest report by (t, id), with ``last_t``/``last_id``) of the
+``num`` of every stored report in ``[bucket, bucket_end)``. 5-minute and hourly buckets are UTC-aligned;
+daily buckets are the days of the configured time zone (23 or 25 hours on DST change days).
+
+Maintenance is incremental and in the same transaction as the reports (meterhub.storage.pg_bulk): the
+writer's INSERT returns only the rows it stored (a redelivery conflicts on the dedupe key and returns
+nothing), and those are folded into the rollup rows with an upsert (count and sum add, min/max combine,
+``last`` moves only to a later (t, id)), so late reports count where they belong and a redelivery never
+counts twice. Every aggregate is exact to combine, so a query may mix rollup rows of buckets that lie
+fully inside what it asks for with raw rows for the remainder (:func:`history_buckets`).
+
+:func:`rebuild` recomputes everything from the raw rows; :func:`ensure_zone` does so when the configured
+time zone differs from the one the daily rollups were computed in (and on the first start after the
+migration). SQLite has no rollups: its queries read the raw rows (docs/storage.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import math
+import time
+import weakref
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+
+#: Resolutions (seconds; 86400 = a day of the configured zone), coarsest first.
+RESOLUTIONS = (86400, 3600, 300)
+#: A query uses a resolution when its buckets are at least this many times as wide ...
+WIDTH_FACTOR = 10
+#: ... and it spans at least this long (shorter ranges have few raw rows: read them).
+MIN_SPAN = 6 * 3600.0
+
+_zones: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def set_zone(engine: Engine, zone: str) -> None:
+    """The IANA time zone of the daily rollups written through ``engine`` (setting ``timezone``)."""
+    _zones[engine] = zone
+
+
+def zone_of(engine: Engine) -> str:
+    return _zones.get(engine, "UTC")
+
+
+def _day_sql(t: str, zone: str, end: bool) -> str:
+    local = f"date_trunc('day', to_timestamp({t}) AT TIME ZONE {zone})"
+    if end:
+        local = f"({local} + interval '1 day')"
+    return f"extract(epoch from {local} AT TIME ZONE {zone})::float8"
+
+
+def points_sql(source: str, zone: str) -> str:
+    """SELECT of (id, cid, dp_id, num, t, res, bucket, bucket_end): every numeric row of ``source``
+    (a table or CTE with id, cid, dp_id, num, t) once per resolution. ``zone``: an SQL expression."""
+    return (
+        f"SELECT s.id, s.cid, s.dp_id, s.num, s.t, b.res, b.bucket, b.bucket_end FROM {source} s "
+        "CROSS JOIN LATERAL (VALUES "
+        "(300, floor(s.t / 300) * 300, floor(s.t / 300) * 300 + 300), "
+        "(3600, floor(s.t / 3600) * 3600, floor(s.t / 3600) * 3600 + 3600), "
+        f"(86400, {_day_sql('s.t', zone, False)}, {_day_sql('s.t', zone, True)})"
+        ") AS b(res, bucket, bucket_end) WHERE s.num IS NOT NULL"
+    )
+
+
+_AGGREGATE = (
+    "SELECT res, cid, dp_id, bucket, max(bucket_end), count(*), sum(num), min(num), max(num), "
+    "(array_agg(num ORDER BY t DESC, id DESC))[1], max(t), (array_agg(id ORDER BY t DESC, id DESC))[1] "
+    "FROM pts GROUP BY res, cid, dp_id, bucket ORDER BY res, cid, dp_id, bucket"
+)
+_COLUMNS = "(res, cid, dp_id, bucket, bucket_end, n, total, lo, hi, last, last_t, last_id)"
+
+#: Folds the rows of CTE ``pts`` (see :func:`points_sql`) into the rollups.
+UPSERT_SQL = (
+    f"INSERT INTO rollups AS r {_COLUMNS} {_AGGREGATE} "
+    "ON CONFLICT (res, cid, dp_id, bucket) DO UPDATE SET n = r.n + excluded.n, "
+    "total = r.total + excluded.total, lo = least(r.lo, excluded.lo), hi = greatest(r.hi, excluded.hi), "
+    "last = CASE WHEN (excluded.last_t, excluded.last_id) > (r.last_t, r.last_id) "
+    "THEN excluded.last ELSE r.last END, "
+    "last_id = CASE WHEN (excluded.last_t, excluded.last_id) > (r.last_t, r.last_id) "
+    "THEN excluded.last_id ELSE r.last_id END, "
+    "last_t = greatest(r.last_t, excluded.last_t)"
+)
+
+ZONE_KEY = "rollup_zone"
+
+
+def rebuild(conn: Connection, zone: str) -> int:
+    """Recompute every rollup from the raw rows (daily buckets in ``zone``); rows written. Writers
+    wait on the table lock meanwhile and add their batches afterwards (counted once: a batch committed
+    before the lock is in the raw rows read here, one committed after adds to the rebuilt rows)."""
+    from meterhub.storage import partitions
+
+    conn.exec_driver_sql("LOCK TABLE rollups IN EXCLUSIVE MODE")
+    low = conn.exec_driver_sql("SELECT min(t), max(t) FROM reports").first()
+    if low is not None and low[0] is not None:
+        partitions.ensure(conn, partitions.ROLLUPS, low[0] - partitions.DAY, low[1] + partitions.DAY)
+    conn.exec_driver_sql("DELETE FROM rollups")
+    result = conn.exec_driver_sql(
+        f"WITH pts AS ({points_sql('reports', '%(zone)s')}) INSERT INTO rollups {_COLUMNS} {_AGGREGATE}",
+        {"zone": zone},
+    )
+    _set_state(conn, ZONE_KEY, zone)
+    return int(result.rowcount or 0)
+
+
+def _set_state(conn: Connection, name: str, value: str) -> None:
+    conn.exec_driver_sql(
+        "INSERT INTO storage_state (name, value, updated_at) VALUES (%s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        (name, value, time.time()),
+    )
+
+
+def ensure_zone(conn: Connection, zone: str) -> bool:
+    """Rebuild the rollups if their daily buckets are not in ``zone``; whether it did."""
+    row = conn.exec_driver_sql("SELECT value FROM storage_state WHERE name = %s", (ZONE_KEY,)).first()
+    if row is not None and row[0] == zone:
+        return False
+    rebuild(conn, zone)
+    return True
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def uses_rollups(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def pick_resolution(span: float, width: float) -> int | None:
+    """The coarsest resolution worth reading for buckets of ``width`` over ``span``; None: raw rows."""
+    if span < MIN_SPAN:
+        return None
+    for res in RESOLUTIONS:
+        if res * WIDTH_FACTOR <= width:
+            return res
+    return None
+
+
+def boundaries(res: int, lo: float, hi: float, zone: ZoneInfo) -> list[float]:
+    """Bucket starts of resolution ``res`` in ``[lo, hi]``, ascending."""
+    if res != 86400:
+        first = math.ceil(lo / res) * res
+        return [float(b) for b in range(int(first), math.floor(hi) + 1, res) if lo <= b <= hi]
+    out = []
+    day = dt.datetime.fromtimestamp(lo, zone).date()
+    while True:
+        b = dt.datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+        if b > hi:
+            return out
+        if b >= lo:
+            out.append(b)
+        day += dt.timedelta(days=1)
+
+
+@dataclass(slots=True)
+class Agg:
+    """count / sum / min / max / last (with its time) of the numbers of one chart bucket."""
+
+    n: int = 0
+    total: float = 0.0
+    lo: float | None = None
+    hi: float | None = None
+    last: float | None = None
+    last_t: float = -math.inf
+
+    def add(self, n: int, total: float, lo: float, hi: float, last: float, last_t: float) -> None:
+        self.n += n
+        self.total += total
+        self.lo = lo if self.lo is None or lo < self.lo else self.lo
+        self.hi = hi if self.hi is None or hi > self.hi else self.hi
+        if last_t >= self.last_t:
+            self.last, self.last_t = last, last_t
+
+
+def history_buckets(
+    conn: Connection,
+    cid: str,
+    dp_id: str,
+    start: float,
+    end: float,
+    width: float,
+    count: int,
+    res: int,
+    zone: ZoneInfo,
+) -> list[Agg]:
+    """The chart buckets ``[start + i*width, start + (i+1)*width)`` (the last one also holds ``end``)
+    from rollups of resolution ``res`` for the part of each bucket they cover whole, and raw rows for
+    the rest: the same numbers as from the raw rows alone (sums up to float rounding)."""
+    edges = [start + i * width for i in range(count)] + [end]
+    grid = boundaries(res, start, end, zone)
+    raw_lo: list[float] = []
+    raw_hi: list[float] = []
+    covered: list[tuple[float, float, int]] = []
+    for i in range(count):
+        a, b = edges[i], edges[i + 1]
+        j = bisect.bisect_left(grid, a)
+        k = bisect.bisect_right(grid, b) - 1
+        if j < len(grid) and k >= j and grid[k] > grid[j]:
+            c, d = grid[j], grid[k]
+            covered.append((c, d, i))
+            raw_lo += [a, d]
+            raw_hi += [c, b]
+        else:
+            raw_lo.append(a)
+            raw_hi.append(b)
+    aggs = [Agg() for _ in range(count)]
+
+    def index(t: float) -> int:
+        return min(int((t - start) // width), count - 1)
+
+    if covered:
+        rows = conn.exec_driver_sql(
+            "SELECT bucket, n, total, lo, hi, last, last_t FROM rollups "
+            "WHERE res = %s AND cid = %s AND dp_id = %s AND bucket >= %s AND bucket < %s ORDER BY bucket",
+            (res, cid, dp_id, covered[0][0], covered[-1][1]),
+        ).all()
+        starts = [c for c, _, _ in covered]
+        for bucket, n, total, lo, hi, last, last_t in rows:
+            k = bisect.bisect_right(starts, bucket) - 1
+            if k >= 0 and bucket < covered[k][1]:
+                aggs[covered[k][2]].add(n, total, lo, hi, last, last_t)
+    # the raw remainder: half-open ranges, except the last bucket which holds ``end`` itself
+    raw_hi[-1] = math.nextafter(raw_hi[-1], math.inf) if raw_hi[-1] == end else raw_hi[-1]
+    pieces = [(a, b) for a, b in zip(raw_lo, raw_hi, strict=True) if b > a]
+    if pieces:
+        rows = conn.exec_driver_sql(
+            "SELECT r.t, r.num FROM unnest(%s::float8[], %s::float8[]) AS g(a, b) "
+            "JOIN reports r ON r.cid = %s AND r.dp_id = %s AND r.t >= g.a AND r.t < g.b "
+            "WHERE r.num IS NOT NULL ORDER BY r.t, r.id",
+            ([a for a, _ in pieces], [b for _, b in pieces], cid, dp_id),
+        ).all()
+        for t, num in rows:
+            if t >= start:
+                aggs[index(t)].add(1, num, num, num, num, t)
+    return aggs
