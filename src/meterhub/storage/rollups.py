@@ -19,7 +19,6 @@ migration). SQLite has no rollups: its queries read the raw rows (docs/storage.m
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import math
 import time
@@ -32,8 +31,9 @@ from sqlalchemy.engine import Connection
 
 #: Resolutions (seconds; 86400 = a day of the configured zone), coarsest first.
 RESOLUTIONS = (86400, 3600, 300)
-#: A query uses a resolution when its buckets are at least this many times as wide ...
-WIDTH_FACTOR = 10
+#: A query reads rollups of a resolution when its buckets are at least this many times as wide
+#: (finer rollups and raw rows fill the edges of each bucket, :func:`cover`) ...
+WIDTH_FACTOR = 2
 #: ... and it spans at least this long (shorter ranges have few raw rows: read them).
 MIN_SPAN = 6 * 3600.0
 
@@ -180,6 +180,24 @@ class Agg:
             self.last, self.last_t = last, last_t
 
 
+def cover(
+    a: float, b: float, resolutions: tuple[int, ...], zone: ZoneInfo
+) -> tuple[list[tuple[int, float, float]], list[tuple[float, float]]]:
+    """Split ``[a, b)`` into whole rollup buckets, coarsest first, and raw remainders: the middle in
+    buckets of ``resolutions[0]``, the two edges in the next finer resolution, and so on; what is
+    left below the finest is read raw (less than 5 minutes at each end)."""
+    if not resolutions:
+        return [], [(a, b)] if b > a else []
+    res, finer = resolutions[0], resolutions[1:]
+    grid = boundaries(res, a, b, zone)
+    if len(grid) < 2:
+        return cover(a, b, finer, zone)
+    c, d = grid[0], grid[-1]
+    left = cover(a, c, finer, zone)
+    right = cover(d, b, finer, zone)
+    return [*left[0], (res, c, d), *right[0]], left[1] + right[1]
+
+
 def history_buckets(
     conn: Connection,
     cid: str,
@@ -192,52 +210,42 @@ def history_buckets(
     zone: ZoneInfo,
 ) -> list[Agg]:
     """The chart buckets ``[start + i*width, start + (i+1)*width)`` (the last one also holds ``end``)
-    from rollups of resolution ``res`` for the part of each bucket they cover whole, and raw rows for
-    the rest: the same numbers as from the raw rows alone (sums up to float rounding)."""
-    edges = [start + i * width for i in range(count)] + [end]
-    grid = boundaries(res, start, end, zone)
+    from whole rollup buckets (resolution ``res`` and finer, :func:`cover`) and raw rows for the
+    rest: the same numbers as from the raw rows alone (sums up to float rounding)."""
+    edges = [start + i * width for i in range(count)] + [math.nextafter(end, math.inf)]
+    levels = tuple(r for r in RESOLUTIONS if r <= res)
+    ranges: dict[int, tuple[list[float], list[float], list[int]]] = {r: ([], [], []) for r in levels}
     raw_lo: list[float] = []
     raw_hi: list[float] = []
-    covered: list[tuple[float, float, int]] = []
     for i in range(count):
-        a, b = edges[i], edges[i + 1]
-        j = bisect.bisect_left(grid, a)
-        k = bisect.bisect_right(grid, b) - 1
-        if j < len(grid) and k >= j and grid[k] > grid[j]:
-            c, d = grid[j], grid[k]
-            covered.append((c, d, i))
-            raw_lo += [a, d]
-            raw_hi += [c, b]
-        else:
+        whole, raw = cover(edges[i], edges[i + 1], levels, zone)
+        for r, c, d in whole:
+            ranges[r][0].append(c)
+            ranges[r][1].append(d)
+            ranges[r][2].append(i)
+        for a, b in raw:
             raw_lo.append(a)
             raw_hi.append(b)
     aggs = [Agg() for _ in range(count)]
-
-    def index(t: float) -> int:
-        return min(int((t - start) // width), count - 1)
-
-    if covered:
+    for r, (lo, hi, idx) in ranges.items():
+        if not lo:
+            continue
         rows = conn.exec_driver_sql(
-            "SELECT bucket, n, total, lo, hi, last, last_t FROM rollups "
-            "WHERE res = %s AND cid = %s AND dp_id = %s AND bucket >= %s AND bucket < %s ORDER BY bucket",
-            (res, cid, dp_id, covered[0][0], covered[-1][1]),
+            "SELECT g.i, r.n, r.total, r.lo, r.hi, r.last, r.last_t "
+            "FROM unnest(%s::float8[], %s::float8[], %s::int[]) AS g(a, b, i) "
+            "JOIN rollups r ON r.res = %s AND r.cid = %s AND r.dp_id = %s "
+            "AND r.bucket >= g.a AND r.bucket < g.b",
+            (lo, hi, idx, r, cid, dp_id),
         ).all()
-        starts = [c for c, _, _ in covered]
-        for bucket, n, total, lo, hi, last, last_t in rows:
-            k = bisect.bisect_right(starts, bucket) - 1
-            if k >= 0 and bucket < covered[k][1]:
-                aggs[covered[k][2]].add(n, total, lo, hi, last, last_t)
-    # the raw remainder: half-open ranges, except the last bucket which holds ``end`` itself
-    raw_hi[-1] = math.nextafter(raw_hi[-1], math.inf) if raw_hi[-1] == end else raw_hi[-1]
-    pieces = [(a, b) for a, b in zip(raw_lo, raw_hi, strict=True) if b > a]
-    if pieces:
+        for i, n, total, lo_, hi_, last, last_t in rows:
+            aggs[i].add(n, total, lo_, hi_, last, last_t)
+    if raw_lo:
         rows = conn.exec_driver_sql(
             "SELECT r.t, r.num FROM unnest(%s::float8[], %s::float8[]) AS g(a, b) "
             "JOIN reports r ON r.cid = %s AND r.dp_id = %s AND r.t >= g.a AND r.t < g.b "
             "WHERE r.num IS NOT NULL ORDER BY r.t, r.id",
-            ([a for a, _ in pieces], [b for _, b in pieces], cid, dp_id),
+            (raw_lo, raw_hi, cid, dp_id),
         ).all()
         for t, num in rows:
-            if t >= start:
-                aggs[index(t)].add(1, num, num, num, num, t)
+            aggs[min(int((t - start) // width), count - 1)].add(1, num, num, num, num, t)
     return aggs
