@@ -120,7 +120,8 @@ def test_old_future_and_redelivered_reports_land_once_in_their_day_partitions(
     assert g2.ask("properties/report", old)["param"]["code"] == 0  # redelivery, answered 0
     got = rows(two.engine, "SELECT tableoid::regclass::text, request_id, t FROM reports ORDER BY t")
     assert got == [(day_name(old_t), "r-old", float(old_t)), (day_name(ahead_t), "r-ahead", float(ahead_t))]
-    # and its rollups counted it once
+    # late (below the rollup job's threshold): its bucket was marked dirty, the job counts it once
+    assert rollups.materialize(two.engine, "UTC")["dirty"] == 1
     assert rows(
         two.engine, "SELECT res, n FROM rollups WHERE bucket <= :t AND bucket_end > :t ORDER BY res", t=old_t
     ) == [
@@ -146,6 +147,7 @@ def test_a_report_beyond_the_partitions_waits_in_the_default_one_and_moves_when_
     assert rows(engine, "SELECT tableoid::regclass::text FROM reports") == [(day_name(far),)]
     write(engine, [("report", row)])  # the redelivery, after the partition boundary moved
     assert rows(engine, "SELECT count(*) FROM reports") == [(1,)]
+    job.run_rollups(now=far + 3600)
     assert rows(engine, "SELECT sum(n) FROM rollups WHERE res = 300") == [(1,)]
 
 
@@ -195,7 +197,7 @@ def test_migration_to_partitions_keeps_existing_reports_and_their_dedupe(db_url:
         assert after[-1][0] > before[-1][0]
         if TEST_DB == "postgresql":
             job = maintenance.StorageMaintenance(eng, zone="UTC", raw_days=None, rollup_days=None, interval=1)
-            job.run_once()
+            job.run_once(now=now + 3600)
             assert job.stats.rollup_rebuilds == 1
             assert rows(eng, "SELECT res, sum(n) FROM rollups GROUP BY res ORDER BY res") == [
                 (300, 4),
@@ -269,7 +271,6 @@ def pg_engine() -> Iterator[Engine]:
     url = fresh_postgres_url()
     eng = create_db_engine(url)
     migrate(eng)
-    rollups.set_zone(eng, "Europe/Berlin")
     with eng.begin() as conn:
         partitions.ensure(conn, partitions.REPORTS, SPAN_START - 2 * DAY, SPAN_START + SPAN + 2 * DAY)
         partitions.ensure(conn, partitions.ROLLUPS, SPAN_START - 2 * DAY, SPAN_START + SPAN + 2 * DAY)
@@ -296,25 +297,30 @@ readings = st.lists(
 @given(data=readings, seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 40))
 def test_rollups_equal_the_raw_aggregates(pg_engine: Engine, data: list[Any], seed: int, batch: int) -> None:
     """Random reports (two meters, a counter with resets, the DST-end day in Berlin), written in random
-    batches, out of order, a third of them redelivered (some in the same batch as the original):
-    every rollup row equals the aggregate of the stored raw rows of its bucket, and a rebuild from the
-    raw rows gives the same table."""
+    batches, out of order, a third of them redelivered (some in the same batch as the original), the
+    rollup job running in between (so many arrive late, below its threshold): every rollup row equals
+    the aggregate of the stored raw rows of its bucket, and a rebuild gives the same table."""
     eng = pg_engine
     with eng.begin() as conn:
-        conn.exec_driver_sql("TRUNCATE reports, rollups")
+        conn.exec_driver_sql("TRUNCATE reports, rollups, rollup_dirty, storage_state")
     rng = random.Random(seed)
     unique = [report_row(c, d, v, t, f"r-{i}") for i, (c, d, v, t) in enumerate(data)]
     sent = unique + [rng.choice(unique) for _ in range(len(unique) // 3)]
     rng.shuffle(sent)
-    for i in range(0, len(sent), batch):
+    # the job runs now and then, its clock moving forward: later batches hold late reports
+    clock = sorted(SPAN_START + rng.uniform(-3600, SPAN) for _ in range(len(sent) // batch + 1))
+    for k, i in enumerate(range(0, len(sent), batch)):
         with eng.begin() as conn:
             pg_bulk.apply_reports(conn, sent[i : i + batch])
+        if rng.random() < 0.5:
+            rollups.materialize(eng, "Europe/Berlin", now=clock[k])
+    rollups.materialize(eng, "Europe/Berlin", now=SPAN_START + SPAN + DAY)
     raw = rows(eng, "SELECT id, cid, dp_id, num, t FROM reports")
     assert len(raw) == len({(r[0], r[1], r[8], r[6]) for r in unique})  # redeliveries stored once
     want = expected_rollups(raw, BERLIN)
     assert_same(stored_rollups(eng), want)
-    with eng.begin() as conn:
-        rollups.rebuild(conn, "Europe/Berlin")
+    assert rows(eng, "SELECT count(*) FROM rollup_dirty") == [(0,)]
+    rollups.rebuild(eng, "Europe/Berlin", now=SPAN_START + SPAN + DAY)
     assert_same(stored_rollups(eng), want)
 
 
@@ -335,13 +341,16 @@ def test_history_buckets_from_rollups_equal_those_from_raw_rows(
     eng = pg_engine
     if not rows(eng, "SELECT 1 FROM reports WHERE cid = 'h-1' LIMIT 1"):
         with eng.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE reports, rollups")
+            conn.exec_driver_sql("TRUNCATE reports, rollups, rollup_dirty")
             rng = random.Random(7)
             data = [
                 report_row("h-1", "5", rng.randint(-500, 500), SPAN_START + rng.uniform(0, SPAN), f"h-{i}")
                 for i in range(3000)
             ]
             pg_bulk.apply_reports(conn, data)
+            conn.exec_driver_sql("DELETE FROM storage_state")
+        # rolled up to 70 % of the span: charts across that point read raw rows above it
+        rollups.rebuild(eng, "Europe/Berlin", now=SPAN_START + 0.7 * SPAN)
     lo = SPAN_START + start
     hi = min(lo + length, SPAN_START + SPAN)
     width = (hi - lo) / count
@@ -379,6 +388,8 @@ def test_the_history_api_over_a_month_answers_what_the_raw_rows_give(
             await asyncio.gather(*(writer.write([("report", r)]) for r in data))
 
         hub.call(put(), timeout=120)
+        if TEST_DB == "postgresql":  # the rollup job's next run (every rollup_interval s), now
+            assert hub.hub.storage_maintenance.run_rollups() is not None
         for params in ({"buckets": 30}, {"interval": 3600}, {"buckets": 7}):
             r = api.read.get("/api/v1/devices/h-api/history/5", params={"from": t0, "to": now, **params})
             assert r.status_code == 200, r.text
@@ -425,8 +436,7 @@ def test_retention_drops_exactly_the_expired_partitions(engine: Engine) -> None:
             "VALUES ('g', 'stray', 'm-r', '5', '1', 1, %s, %s, 'x')",
             (now - 200 * DAY, now),
         )
-    with engine.begin() as conn:  # the first run's rollup build (it may add partitions for the stray)
-        rollups.ensure_zone(conn, "UTC")
+    rollups.ensure_zone(engine, "UTC", now)  # the first run's build (it may add partitions for the stray)
     before = {spec: _parts(engine, spec) for spec in partitions.SPECS}
     job = maintenance.StorageMaintenance(engine, zone="UTC", raw_days=40, rollup_days=45, interval=3600)
     job.run_once(now=now)

@@ -117,6 +117,7 @@ class Hub:
             raw_days=settings.retention_raw_days,
             rollup_days=settings.retention_rollup_days,
             interval=settings.storage_maintenance_interval,
+            rollup_interval=settings.rollup_interval,
         )
         await self.storage_maintenance.start()
         loop = asyncio.get_running_loop()

@@ -197,6 +197,12 @@ class Settings(BaseSettings):
     storage_maintenance_interval: float = Field(
         3600.0, gt=0, description="Seconds between storage maintenance runs (partitions, retention)."
     )
+    rollup_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between runs of the rollup job (PostgreSQL; charts read raw rows "
+        "for what it has not rolled up yet).",
+    )
 
     log_level: str = "INFO"
     log_format: str = Field("console", description="console or json")

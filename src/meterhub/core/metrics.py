@@ -231,6 +231,13 @@ class HubCollector(Collector):
             ("storage_retention_rows_deleted", st.rows_deleted, "Expired raw rows deleted (SQLite)."),
             ("storage_rollup_rebuilds", st.rollup_rebuilds, "Rollups rebuilt from the raw reports."),
             ("storage_maintenance_failures", st.failures, "Storage maintenance runs that failed."),
+            ("storage_rollup_runs", st.rollup_runs, "Runs of the rollup job."),
+            ("storage_rollup_failures", st.rollup_failures, "Runs of the rollup job that failed."),
+            (
+                "storage_rollup_dirty_buckets",
+                st.rollup_dirty_buckets,
+                "5-minute buckets recomputed for late reports.",
+            ),
         ):
             c = CounterMetricFamily(f"meterhub_{name}", doc)
             c.add_metric([], value)
@@ -240,6 +247,7 @@ class HubCollector(Collector):
             ("storage_partitions", st.partitions, "Range partitions of the reports table (PostgreSQL)."),
             ("storage_oldest_report_timestamp", oldest or 0, "Start of the oldest kept raw data (Unix s)."),
             ("storage_retention_raw_days", maint.raw_days or 0, "Days raw reports are kept (0: forever)."),
+            ("storage_rollup_done_timestamp", st.rollup_done or 0, "Rollups hold every report before this."),
         ):
             g = GaugeMetricFamily(f"meterhub_{name}", doc)
             g.add_metric([], value)

@@ -4,12 +4,16 @@ Every ``storage_maintenance_interval`` seconds (and once at start, before report
 node of a cluster (PostgreSQL advisory lock :data:`LOCK_KEY`; the others skip the run) does:
 
 - PostgreSQL: rebuild the rollups if their daily buckets are not in the configured ``timezone``
-  (:func:`meterhub.storage.rollups.ensure_zone`), create the partitions of the window the protocol
+  (:func:`meterhub.storage.rollups.ensure_zone`; the first start after the migration), create the
+  partitions of the window the protocol
   accepts (:func:`meterhub.storage.partitions.ensure_window`), drop the ``reports`` partitions older
   than ``retention_raw_days`` and the ``rollups`` partitions older than ``retention_rollup_days``
   (whole partitions, never a mass DELETE; a partition goes once its whole range has expired).
 - SQLite: delete expired raw rows in chunks of :data:`SQLITE_CHUNK` (each its own short transaction,
   at most :data:`SQLITE_MAX_ROWS` per run), so the writer is never locked out for long.
+
+and every ``rollup_interval`` seconds the rollup job (PostgreSQL, its own advisory lock) folds the
+reports committed since into the rollups (:func:`meterhub.storage.rollups.materialize`).
 
 What it did is in :class:`MaintenanceStats` (``/healthz`` ``storage.retention`` and ``/metrics``).
 """
@@ -50,6 +54,12 @@ class MaintenanceStats:
     partitions_dropped: int = 0
     rows_deleted: int = 0
     rollup_rebuilds: int = 0
+    rollup_runs: int = 0
+    rollup_failures: int = 0
+    #: rollups hold every report with t below this (Unix s)
+    rollup_done: float | None = None
+    rollup_last_seconds: float | None = None
+    rollup_dirty_buckets: int = 0
 
 
 class StorageMaintenance:
@@ -63,15 +73,16 @@ class StorageMaintenance:
         raw_days: float | None,
         rollup_days: float | None,
         interval: float,
+        rollup_interval: float = 30.0,
     ) -> None:
         self.engine = engine
         self.zone = zone
         self.raw_days = raw_days
         self.rollup_days = rollup_days
         self.interval = interval
+        self.rollup_interval = rollup_interval
         self.stats = MaintenanceStats()
-        self._task: asyncio.Task[None] | None = None
-        rollups.set_zone(engine, zone)
+        self._tasks: list[asyncio.Task[None]] = []
 
     def info(self) -> dict[str, Any]:
         """For ``/healthz``: the settings and what the runs did."""
@@ -84,18 +95,38 @@ class StorageMaintenance:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.run_once)
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._loop(self.interval, self.run_once))]
+        if self.engine.dialect.name == "postgresql":
+            self._tasks.append(loop.create_task(self._loop(self.rollup_interval, self.run_rollups)))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
-    async def _loop(self) -> None:
+    async def _loop(self, interval: float, job: Any) -> None:
         while True:
-            await asyncio.sleep(self.interval)
-            await asyncio.to_thread(self.run_once)
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(job)
+
+    def run_rollups(self, now: float | None = None) -> dict[str, Any] | None:
+        """One run of the rollup job (errors counted and logged, never raised)."""
+        st = self.stats
+        started = time.perf_counter()
+        try:
+            done = rollups.materialize(self.engine, self.zone, now)
+        except Exception as exc:
+            st.rollup_failures += 1
+            log.warning("rollup job failed", error=str(exc).strip().splitlines()[0][:300] if str(exc) else "")
+            return None
+        st.rollup_runs += 1
+        st.rollup_last_seconds = time.perf_counter() - started
+        if done is not None:
+            st.rollup_done = done["done"]
+            st.rollup_dirty_buckets += done["dirty"]
+        return done
 
     def run_once(self, now: float | None = None) -> MaintenanceStats:
         """One run (any error is counted and logged, never raised: the next run tries again)."""
@@ -122,13 +153,13 @@ class StorageMaintenance:
         from meterhub.cluster.store import try_lock
 
         st = self.stats
+        if rollups.ensure_zone(self.engine, self.zone, now):
+            st.rollup_rebuilds += 1
+            log.info("rollups rebuilt from the raw reports", zone=self.zone)
         with self.engine.begin() as conn:
             if not try_lock(conn, LOCK_KEY):
                 st.skipped_locked += 1
                 return
-            if rollups.ensure_zone(conn, self.zone):
-                st.rollup_rebuilds += 1
-                log.info("rollups rebuilt from the raw reports", zone=self.zone)
             raw_cut = self.cutoff(self.raw_days, now)
             roll_cut = self.cutoff(self.rollup_days, now)
             window = now - partitions.BEHIND_DAYS * DAY

@@ -2,10 +2,11 @@
 
 Reports go in as nine ``unnest`` arrays in one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` (the
 dedupe key (gateway_id, request_id, digest, t) includes the partition key; a redelivery is skipped in
-any process), whose ``RETURNING`` feeds the rollup upsert in the same statement (only stored rows are
-rolled up). Measured against COPY into a temporary table followed by the same INSERT ... SELECT
-(docs/benchmarks.md, "storage"): unnest was as fast or faster at the writer's batch sizes and needs no
-temporary table, so it is the one used (docs/decisions.md). Latest values: one ``unnest`` upsert.
+any process). Its ``RETURNING`` (only the rows stored) feeds, in the same statement, the dirty marks of
+late reports: rows below the rollup job's threshold mark their 5-minute bucket in ``rollup_dirty``
+(meterhub.storage.rollups; reports on time are rolled up in bulk by the job). Measured against COPY
+into a temporary table followed by the same INSERT ... SELECT (docs/benchmarks.md, "storage"): see
+docs/decisions.md for the choice. Latest values: one ``unnest`` upsert.
 
 Errors stay SQLAlchemy's (statements run through ``exec_driver_sql``), so the writer still tells a
 refused row (split the batch) from a failing database.
@@ -29,8 +30,10 @@ _REPORT_COLUMNS = "(gateway_id, request_id, cid, dp_id, value, num, t, received_
 def _insert_reports(source: str) -> str:
     return (
         f"WITH ins AS (INSERT INTO reports {_REPORT_COLUMNS} SELECT * FROM {source} "
-        "ON CONFLICT (gateway_id, request_id, digest, t) DO NOTHING RETURNING id, cid, dp_id, num, t), "
-        f"pts AS ({rollups.points_sql('ins', '%s')}) {rollups.UPSERT_SQL}"
+        "ON CONFLICT (gateway_id, request_id, digest, t) DO NOTHING RETURNING cid, dp_id, num, t) "
+        "INSERT INTO rollup_dirty (cid, dp_id, bucket) SELECT DISTINCT cid, dp_id, floor(t / 300) * 300 "
+        "FROM ins WHERE num IS NOT NULL AND t < (SELECT value::float8 FROM storage_state "
+        f"WHERE name = '{rollups.THRESHOLD_KEY}') ON CONFLICT DO NOTHING"
     )
 
 
@@ -58,9 +61,8 @@ def report_arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
 
 
 def apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Store the reports and fold the stored ones into the rollups, in one statement."""
-    zone = rollups.zone_of(conn.engine)
-    conn.exec_driver_sql(REPORTS_UNNEST_SQL, (*report_arrays(rows), zone, zone, zone, zone))
+    """Store the reports and mark the late ones' rollup buckets dirty, in one statement."""
+    conn.exec_driver_sql(REPORTS_UNNEST_SQL, tuple(report_arrays(rows)))
 
 
 def apply_reports_copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -75,8 +77,7 @@ def apply_reports_copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     with cursor.copy(f"COPY reports_stage {_REPORT_COLUMNS} FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    zone = rollups.zone_of(conn.engine)
-    conn.exec_driver_sql(REPORTS_STAGED_SQL, (zone, zone, zone, zone))
+    conn.exec_driver_sql(REPORTS_STAGED_SQL)
 
 
 def apply_latest(conn: Connection, newest: list[tuple[Any, ...]]) -> None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-import weakref
 from dataclasses import dataclass
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine
@@ -36,17 +36,6 @@ RESOLUTIONS = (86400, 3600, 300)
 WIDTH_FACTOR = 2
 #: ... and it spans at least this long (shorter ranges have few raw rows: read them).
 MIN_SPAN = 6 * 3600.0
-
-_zones: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-
-
-def set_zone(engine: Engine, zone: str) -> None:
-    """The IANA time zone of the daily rollups written through ``engine`` (setting ``timezone``)."""
-    _zones[engine] = zone
-
-
-def zone_of(engine: Engine) -> str:
-    return _zones.get(engine, "UTC")
 
 
 def _day_sql(t: str, zone: str, end: bool) -> str:
@@ -89,25 +78,44 @@ UPSERT_SQL = (
 )
 
 ZONE_KEY = "rollup_zone"
+#: Reports with ``t`` below this are late: their writer marks their 5-minute buckets dirty.
+THRESHOLD_KEY = "rollup_threshold"
+#: Rollups hold every report with ``t`` below this (queries read raw rows above it).
+DONE_KEY = "rollup_done"
+#: The threshold trails the clock by this much (s): reports on time are rolled up in bulk once their
+#: 5-minute bucket is this far in the past, not one by one as they are written.
+LAG = 60.0
+#: PostgreSQL advisory lock key of the rollup job (``pg_try_advisory_xact_lock``).
+LOCK_KEY = 0x6D68_0003
+
+_FROM_RAW = (
+    "SELECT k.res, k.cid, k.dp_id, k.bucket, k.bucket_end, count(*), sum(r.num), min(r.num), max(r.num), "
+    "(array_agg(r.num ORDER BY r.t DESC, r.id DESC))[1], max(r.t), "
+    "(array_agg(r.id ORDER BY r.t DESC, r.id DESC))[1] "
+    "FROM unnest(%(res)s::int[], %(cid)s::varchar[], %(dp)s::varchar[], %(b)s::float8[], %(e)s::float8[]) "
+    "AS k(res, cid, dp_id, bucket, bucket_end) JOIN reports r ON r.cid = k.cid AND r.dp_id = k.dp_id "
+    "AND r.t >= k.bucket AND r.t < least(k.bucket_end, %(done)s) AND r.num IS NOT NULL "
+    "GROUP BY k.res, k.cid, k.dp_id, k.bucket, k.bucket_end"
+)
+_FROM_FINE = (
+    "SELECT k.res, k.cid, k.dp_id, k.bucket, k.bucket_end, sum(f.n), sum(f.total), min(f.lo), max(f.hi), "
+    "(array_agg(f.last ORDER BY f.last_t DESC, f.last_id DESC))[1], max(f.last_t), "
+    "(array_agg(f.last_id ORDER BY f.last_t DESC, f.last_id DESC))[1] "
+    "FROM unnest(%(res)s::int[], %(cid)s::varchar[], %(dp)s::varchar[], %(b)s::float8[], %(e)s::float8[]) "
+    "AS k(res, cid, dp_id, bucket, bucket_end) JOIN rollups f ON f.res = 300 AND f.cid = k.cid "
+    "AND f.dp_id = k.dp_id AND f.bucket >= k.bucket AND f.bucket < least(k.bucket_end, %(done)s) "
+    "GROUP BY k.res, k.cid, k.dp_id, k.bucket, k.bucket_end"
+)
+_DELETE_KEYS = (
+    "DELETE FROM rollups r USING unnest(%(res)s::int[], %(cid)s::varchar[], %(dp)s::varchar[], "
+    "%(b)s::float8[]) AS k(res, cid, dp_id, bucket) "
+    "WHERE r.res = k.res AND r.cid = k.cid AND r.dp_id = k.dp_id AND r.bucket = k.bucket"
+)
 
 
-def rebuild(conn: Connection, zone: str) -> int:
-    """Recompute every rollup from the raw rows (daily buckets in ``zone``); rows written. Writers
-    wait on the table lock meanwhile and add their batches afterwards (counted once: a batch committed
-    before the lock is in the raw rows read here, one committed after adds to the rebuilt rows)."""
-    from meterhub.storage import partitions
-
-    conn.exec_driver_sql("LOCK TABLE rollups IN EXCLUSIVE MODE")
-    low = conn.exec_driver_sql("SELECT min(t), max(t) FROM reports").first()
-    if low is not None and low[0] is not None:
-        partitions.ensure(conn, partitions.ROLLUPS, low[0] - partitions.DAY, low[1] + partitions.DAY)
-    conn.exec_driver_sql("DELETE FROM rollups")
-    result = conn.exec_driver_sql(
-        f"WITH pts AS ({points_sql('reports', '%(zone)s')}) INSERT INTO rollups {_COLUMNS} {_AGGREGATE}",
-        {"zone": zone},
-    )
-    _set_state(conn, ZONE_KEY, zone)
-    return int(result.rowcount or 0)
+def _get_state(conn: Connection, name: str) -> str | None:
+    row = conn.exec_driver_sql("SELECT value FROM storage_state WHERE name = %s", (name,)).first()
+    return None if row is None else row[0]
 
 
 def _set_state(conn: Connection, name: str, value: str) -> None:
@@ -118,12 +126,132 @@ def _set_state(conn: Connection, name: str, value: str) -> None:
     )
 
 
-def ensure_zone(conn: Connection, zone: str) -> bool:
-    """Rebuild the rollups if their daily buckets are not in ``zone``; whether it did."""
-    row = conn.exec_driver_sql("SELECT value FROM storage_state WHERE name = %s", (ZONE_KEY,)).first()
-    if row is not None and row[0] == zone:
-        return False
-    rebuild(conn, zone)
+def done_at(conn: Connection) -> float | None:
+    """Rollups hold every report with ``t`` below this; None: no rollups yet (read raw rows)."""
+    value = _get_state(conn, DONE_KEY)
+    return None if value is None else float(value)
+
+
+def _try_lock(conn: Connection) -> bool:
+    return bool(conn.exec_driver_sql("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)).scalar())
+
+
+def _move_threshold(engine: Engine, now: float) -> float | None:
+    """First transaction of a run: wait for the writers' transactions under way (they hold ROW
+    EXCLUSIVE on rollup_dirty until they commit), then raise the threshold and commit. A writer that
+    started before it committed has committed before the rows below the new threshold are read; one
+    that starts after sees the new threshold and marks its late rows dirty. None: another node runs."""
+    with engine.begin() as conn:
+        if not _try_lock(conn):
+            return None
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+        conn.exec_driver_sql("LOCK TABLE rollup_dirty IN SHARE MODE")
+        new = math.floor((now - LAG) / 300) * 300.0
+        old = _get_state(conn, THRESHOLD_KEY)
+        if old is None or float(old) < new:
+            _set_state(conn, THRESHOLD_KEY, repr(new))
+            return new
+        return float(old)
+
+
+def _keys(
+    dirty: list[tuple[str, str, float]], zone: ZoneInfo
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """The rollup rows a dirty 5-minute bucket changes: its own, its hour's and its day's."""
+    fine: dict[str, list[Any]] = {"res": [], "cid": [], "dp": [], "b": [], "e": []}
+    coarse: dict[str, list[Any]] = {"res": [], "cid": [], "dp": [], "b": [], "e": []}
+    seen: set[tuple[Any, ...]] = set()
+    for cid, dp, bucket in dirty:
+        day = dt.datetime.fromtimestamp(bucket, zone).date()
+        midnight = dt.datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+        nxt = day + dt.timedelta(days=1)
+        for res, b, e in (
+            (300, bucket, bucket + 300),
+            (3600, math.floor(bucket / 3600) * 3600.0, math.floor(bucket / 3600) * 3600.0 + 3600),
+            (86400, midnight, dt.datetime(nxt.year, nxt.month, nxt.day, tzinfo=zone).timestamp()),
+        ):
+            if (res, cid, dp, b) in seen:
+                continue
+            seen.add((res, cid, dp, b))
+            into = fine if res == 300 else coarse
+            for k, v in (("res", res), ("cid", cid), ("dp", dp), ("b", b), ("e", e)):
+                into[k].append(v)
+    return fine, coarse
+
+
+def materialize(engine: Engine, zone: str, now: float | None = None) -> dict[str, Any] | None:
+    """One run of the rollup job: fold the reports between the last run's threshold and the new one
+    into the rollups (one bulk statement), then recompute the buckets that late reports made dirty
+    (5-minute rows from the raw rows, their hours and days from the 5-minute rows). None when another
+    node holds the job's lock. Redeliveries are never rows (the dedupe key), so nothing counts twice."""
+    now = time.time() if now is None else now
+    threshold = _move_threshold(engine, now)
+    if threshold is None:
+        return None
+    tz = ZoneInfo(zone)
+    with engine.begin() as conn:
+        if not _try_lock(conn):
+            return None
+        done_text = _get_state(conn, DONE_KEY)
+        done = -math.inf if done_text is None else float(done_text)  # never built: everything below
+        folded = 0
+        if threshold > done:
+            lower = "" if done_text is None else f"t >= {done!r} AND "
+            window = f"(SELECT id, cid, dp_id, num, t FROM reports WHERE {lower}t < {threshold!r})"
+            folded = conn.exec_driver_sql(
+                f"WITH pts AS ({points_sql(window, '%s')}) {UPSERT_SQL}", (zone, zone, zone, zone)
+            ).rowcount
+            done = threshold
+        _set_state(conn, DONE_KEY, repr(done))
+        dirty = [
+            (c, d, b)
+            for c, d, b in conn.exec_driver_sql("DELETE FROM rollup_dirty RETURNING cid, dp_id, bucket").all()
+            if b < done
+        ]
+        if dirty:
+            fine, coarse = _keys(dirty, tz)
+            for keys, source in ((fine, _FROM_RAW), (coarse, _FROM_FINE)):
+                params = {**keys, "done": done}
+                conn.exec_driver_sql(_DELETE_KEYS, params)
+                conn.exec_driver_sql(f"INSERT INTO rollups {_COLUMNS} {source}", params)
+    return {"done": done, "folded": folded, "dirty": len(dirty)}
+
+
+def rebuild(engine: Engine, zone: str, now: float | None = None) -> int:
+    """Recompute every rollup from the raw rows (daily buckets in ``zone``) up to a new threshold;
+    rollup rows written. Writers are not held up: the threshold moves first (as in :func:`materialize`),
+    so what they write meanwhile is either above it or marked dirty for the next run."""
+    from meterhub.storage import partitions
+
+    now = time.time() if now is None else now
+    threshold = _move_threshold(engine, now)
+    if threshold is None:
+        return 0
+    with engine.begin() as conn:
+        if not _try_lock(conn):
+            return 0
+        conn.exec_driver_sql("LOCK TABLE rollups IN EXCLUSIVE MODE")  # no query reads a half-built table
+        low = conn.exec_driver_sql("SELECT min(t), max(t) FROM reports").first()
+        if low is not None and low[0] is not None:
+            partitions.ensure(conn, partitions.ROLLUPS, low[0] - partitions.DAY, low[1] + partitions.DAY)
+        conn.exec_driver_sql("DELETE FROM rollups")
+        conn.exec_driver_sql("DELETE FROM rollup_dirty")
+        window = f"(SELECT id, cid, dp_id, num, t FROM reports WHERE t < {threshold!r})"
+        result = conn.exec_driver_sql(
+            f"WITH pts AS ({points_sql(window, '%(zone)s')}) INSERT INTO rollups {_COLUMNS} {_AGGREGATE}",
+            {"zone": zone},
+        )
+        _set_state(conn, DONE_KEY, repr(threshold))
+        _set_state(conn, ZONE_KEY, zone)
+        return int(result.rowcount or 0)
+
+
+def ensure_zone(engine: Engine, zone: str, now: float | None = None) -> bool:
+    """Rebuild the rollups if their daily buckets are not in ``zone`` (or were never built)."""
+    with engine.connect() as conn:
+        if _get_state(conn, ZONE_KEY) == zone:
+            return False
+    rebuild(engine, zone, now)
     return True
 
 
@@ -217,8 +345,17 @@ def history_buckets(
     ranges: dict[int, tuple[list[float], list[float], list[int]]] = {r: ([], [], []) for r in levels}
     raw_lo: list[float] = []
     raw_hi: list[float] = []
+    done = done_at(conn)
+    done = -math.inf if done is None else done
     for i in range(count):
-        whole, raw = cover(edges[i], edges[i + 1], levels, zone)
+        a, b = edges[i], edges[i + 1]
+        if b > done:  # not rolled up yet: raw rows
+            raw_lo.append(max(a, done))
+            raw_hi.append(b)
+            b = min(b, done)
+        if b <= a:
+            continue
+        whole, raw = cover(a, b, levels, zone)
         for r, c, d in whole:
             ranges[r][0].append(c)
             ranges[r][1].append(d)
@@ -234,8 +371,8 @@ def history_buckets(
             "SELECT g.i, r.n, r.total, r.lo, r.hi, r.last, r.last_t "
             "FROM unnest(%s::float8[], %s::float8[], %s::int[]) AS g(a, b, i) "
             "JOIN rollups r ON r.res = %s AND r.cid = %s AND r.dp_id = %s "
-            "AND r.bucket >= g.a AND r.bucket < g.b",
-            (lo, hi, idx, r, cid, dp_id),
+            "AND r.bucket >= g.a AND r.bucket < g.b WHERE r.bucket >= %s AND r.bucket < %s",
+            (lo, hi, idx, r, cid, dp_id, min(lo), max(hi)),  # constant bounds: partition pruning
         ).all()
         for i, n, total, lo_, hi_, last, last_t in rows:
             aggs[i].add(n, total, lo_, hi_, last, last_t)
@@ -243,8 +380,8 @@ def history_buckets(
         rows = conn.exec_driver_sql(
             "SELECT r.t, r.num FROM unnest(%s::float8[], %s::float8[]) AS g(a, b) "
             "JOIN reports r ON r.cid = %s AND r.dp_id = %s AND r.t >= g.a AND r.t < g.b "
-            "WHERE r.num IS NOT NULL ORDER BY r.t, r.id",
-            (raw_lo, raw_hi, cid, dp_id),
+            "WHERE r.num IS NOT NULL AND r.t >= %s AND r.t < %s ORDER BY r.t, r.id",
+            (raw_lo, raw_hi, cid, dp_id, min(raw_lo), max(raw_hi)),
         ).all()
         for t, num in rows:
             aggs[min(int((t - start) // width), count - 1)].add(1, num, num, num, num, t)

@@ -190,12 +190,14 @@ reports = Table(
     # the partition key. The digest covers ``t`` already, so the same reports are redeliveries.
     UniqueConstraint("gateway_id", "request_id", "digest", "t", name="uq_reports_gateway_request_digest"),
     Index("ix_reports_cid_dp_t", "cid", "dp_id", "t"),
-    # SQLite only (its bounded retention delete); PostgreSQL drops whole partitions instead.
-    Index("ix_reports_t", "t"),
+    # Time ranges across all meters: SQLite's bounded retention delete; PostgreSQL (BRIN) the rollup
+    # job's windows (retention there drops whole partitions).
+    Index("ix_reports_t", "t", postgresql_using="brin"),
 )
 
 # 5-minute / hourly / daily aggregates of the reports' numbers (migration 0015; meterhub.storage.rollups).
 # On PostgreSQL partitioned by ``bucket`` (30-day ranges); SQLite has the table but does not fill it.
+# Filled by the rollup job from committed reports (late ones through ``rollup_dirty``).
 rollups = Table(
     "rollups",
     metadata,
@@ -211,6 +213,15 @@ rollups = Table(
     Column("last", Float, nullable=False),
     Column("last_t", Float, nullable=False),
     Column("last_id", BigInteger, nullable=False),
+)
+
+# 5-minute buckets late reports changed, for the rollup job to recompute (migration 0015).
+rollup_dirty = Table(
+    "rollup_dirty",
+    metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("dp_id", String(16), primary_key=True),
+    Column("bucket", Float, primary_key=True),
 )
 
 # Small facts about the storage itself (migration 0015), e.g. ``rollup_zone``.

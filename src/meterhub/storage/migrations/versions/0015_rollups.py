@@ -1,10 +1,11 @@
-"""rollups: 5-minute, hourly and daily aggregates per data point; storage_state
+"""rollups: 5-minute, hourly and daily aggregates per data point; rollup_dirty; storage_state
 
 ``rollups`` holds per (res, cid, dp_id, bucket) the count, sum, min, max and last of the reports'
 numbers (see meterhub.storage.rollups). On PostgreSQL it is partitioned by ``bucket`` (30-day ranges
-from the epoch, plus ``rollups_default``). It is filled by the writer as reports commit, and rebuilt
-from the raw rows when ``storage_state.rollup_zone`` differs from the configured time zone (the first
-start after this migration: existing reports get their rollups then).
+from the epoch, plus ``rollups_default``). The rollup job fills it from the committed reports;
+``rollup_dirty`` holds the 5-minute buckets late reports changed. It is rebuilt from the raw rows when
+``storage_state.rollup_zone`` differs from the configured time zone (the first start after this
+migration: existing reports get their rollups then).
 
 Revision ID: 0015
 Revises: 0014
@@ -56,6 +57,13 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_storage_state")),
     )
+    op.create_table(
+        "rollup_dirty",
+        sa.Column("cid", sa.String(length=128), nullable=False),
+        sa.Column("dp_id", sa.String(length=16), nullable=False),
+        sa.Column("bucket", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("cid", "dp_id", "bucket", name=op.f("pk_rollup_dirty")),
+    )
     conn = op.get_bind()
     if conn.dialect.name != "postgresql":
         op.create_table(
@@ -85,5 +93,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("rollup_dirty")
     op.drop_table("rollups")
     op.drop_table("storage_state")
