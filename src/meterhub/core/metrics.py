@@ -22,6 +22,12 @@ Metrics (all prefixed ``meterhub_``):
   ``storage_commit_seconds_max`` (the longest batch since start), ``storage_queue_depth``,
   ``storage_outstanding``, ``storage_healthy``; back-pressure: ``storage_pressure`` (1 while gateways
   are not read because too much waits for storage) and ``storage_pressure_episodes_total``.
+- Storage maintenance (meterhub.storage.maintenance): ``storage_partitions_created_total``,
+  ``storage_partitions_dropped_total``, ``storage_retention_rows_deleted_total``,
+  ``storage_rollup_rebuilds_total``, ``storage_rollup_runs_total``, ``storage_rollup_failures_total``,
+  ``storage_rollup_dirty_buckets_total``, ``storage_maintenance_failures_total``, gauges
+  ``storage_partitions``, ``storage_oldest_report_timestamp``, ``storage_retention_raw_days``,
+  ``storage_rollup_done_timestamp``.
 - Python: ``gc_collections_total{generation}``, ``gc_pause_seconds_total{generation}``, gauge
   ``gc_pause_seconds_max{generation}`` (the longest stop since start), from :mod:`meterhub.core.gcwatch`.
 - Commands: histogram ``command_duration_seconds{status}`` (commands sent through the API that reached
