@@ -13,4 +13,5 @@ timeout 300 "$py" bench/backpressure.py --smoke
 timeout 120 "$py" bench/login_flood.py --smoke
 timeout 120 "$py" bench/burst.py --smoke
 timeout 180 "$py" bench/cluster.py --smoke
+timeout 120 "$py" bench/storage.py --smoke
 echo "bench smoke: all scripts exited 0"

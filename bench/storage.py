@@ -17,7 +17,7 @@ reports are on time (as a live fleet's are); after each round the rollup job
 (meterhub.storage.rollups.materialize) folds the round into the rollups of the ``unnest`` database:
 its rows/s is reported too (it runs beside the writer, in its own transactions).
 
-``queries``: ``--rows`` (default 20 million) generated with SQL ``generate_series`` into a database
+``queries``: reports generated with SQL ``generate_series`` (default ~22 million) into a database
 of the newest schema (``--meters`` meters x 2 data points, voltage and the energy counter, every
 ``--step`` seconds back from now), rollups built from them, then p50/p95 over ``--repeat`` runs of
 what the API does for one meter's chart of 1 hour / 1 day / 30 days (100 buckets, the resolution the
