@@ -367,21 +367,21 @@ def history_buckets(
     for r, (lo, hi, idx) in ranges.items():
         if not lo:
             continue
-        rows = conn.exec_driver_sql(
-            "SELECT g.i, r.n, r.total, r.lo, r.hi, r.last, r.last_t "
-            "FROM unnest(%s::float8[], %s::float8[], %s::int[]) AS g(a, b, i) "
-            "JOIN rollups r ON r.res = %s AND r.cid = %s AND r.dp_id = %s "
-            "AND r.bucket >= g.a AND r.bucket < g.b WHERE r.bucket >= %s AND r.bucket < %s",
-            (lo, hi, idx, r, cid, dp_id, min(lo), max(hi)),  # constant bounds: partition pruning
+        rows = conn.exec_driver_sql(  # LATERAL + OFFSET 0 (not flattened): one index range scan per piece
+            "SELECT g.i, x.n, x.total, x.lo, x.hi, x.last, x.last_t "
+            "FROM unnest(%s::float8[], %s::float8[], %s::int[]) AS g(a, b, i) CROSS JOIN LATERAL "
+            "(SELECT n, total, lo, hi, last, last_t FROM rollups WHERE res = %s AND cid = %s "
+            "AND dp_id = %s AND bucket >= g.a AND bucket < g.b OFFSET 0) AS x",
+            (lo, hi, idx, r, cid, dp_id),
         ).all()
         for i, n, total, lo_, hi_, last, last_t in rows:
             aggs[i].add(n, total, lo_, hi_, last, last_t)
     if raw_lo:
         rows = conn.exec_driver_sql(
-            "SELECT r.t, r.num FROM unnest(%s::float8[], %s::float8[]) AS g(a, b) "
-            "JOIN reports r ON r.cid = %s AND r.dp_id = %s AND r.t >= g.a AND r.t < g.b "
-            "WHERE r.num IS NOT NULL AND r.t >= %s AND r.t < %s ORDER BY r.t, r.id",
-            (raw_lo, raw_hi, cid, dp_id, min(raw_lo), max(raw_hi)),
+            "SELECT x.t, x.num FROM unnest(%s::float8[], %s::float8[]) AS g(a, b) CROSS JOIN LATERAL "
+            "(SELECT t, num, id FROM reports WHERE cid = %s AND dp_id = %s AND t >= g.a AND t < g.b "
+            "AND num IS NOT NULL OFFSET 0) AS x ORDER BY x.t, x.id",
+            (raw_lo, raw_hi, cid, dp_id),
         ).all()
         for t, num in rows:
             aggs[min(int((t - start) // width), count - 1)].add(1, num, num, num, num, t)
