@@ -8,13 +8,14 @@ previous batch) applied in one transaction each, as the group-commit writer does
 
 - ``old``: today's path before #12 (schema at revision 0012, unpartitioned; executemany
   ``INSERT ... ON CONFLICT DO NOTHING`` and executemany latest upsert),
-- ``unnest``: the new path (partitioned table; one ``unnest`` insert whose RETURNING marks late
-  reports' rollup buckets dirty, one ``unnest`` latest upsert) = meterhub.storage.pg_bulk,
-- ``copy``: COPY into a temporary table, then the same INSERT ... SELECT,
+- ``unnest``: partitioned table; one ``unnest`` insert whose RETURNING marks late reports' rollup
+  buckets dirty, one ``unnest`` latest upsert (meterhub.storage.pg_bulk.apply_reports_unnest),
+- ``copy``: COPY into a temporary table, then the same INSERT ... SELECT (pg_bulk.apply_reports: what
+  the writer uses),
 
 in interleaved rounds (the order rotates); committed report rows/s per round, median and range. The
 reports are on time (as a live fleet's are); after each round the rollup job
-(meterhub.storage.rollups.materialize) folds the round into the rollups of the ``unnest`` database:
+(meterhub.storage.rollups.materialize) folds the round into the rollups of the ``copy`` database:
 its rows/s is reported too (it runs beside the writer, in its own transactions).
 
 ``queries``: reports generated with SQL ``generate_series`` (default ~22 million) into a database
@@ -109,12 +110,12 @@ def old_path(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 
 
 def unnest_path(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    pg_bulk.apply_reports(conn, rows)
+    pg_bulk.apply_reports_unnest(conn, rows)
     pg_bulk.apply_latest(conn, _newest(rows))
 
 
 def copy_path(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    pg_bulk.apply_reports_copy(conn, rows)
+    pg_bulk.apply_reports(conn, rows)  # what the writer uses
     pg_bulk.apply_latest(conn, _newest(rows))
 
 
@@ -189,7 +190,7 @@ def bench_writer(pg: str, rounds: int, batches: int, size: int, meters: int) -> 
                 rates[name].append(stored / (time.perf_counter() - started))
             started = time.perf_counter()
             newest = max(row[6] for rows in data for row in rows)
-            run = rollups.materialize(engines["unnest"], "UTC", now=newest + rollups.LAG + 300)
+            run = rollups.materialize(engines["copy"], "UTC", now=newest + rollups.LAG + 300)
             assert run is not None and run["dirty"] == 0, run
             rates["rollup job"].append(stored / (time.perf_counter() - started))
         counts = set()

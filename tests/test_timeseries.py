@@ -151,6 +151,36 @@ def test_a_report_beyond_the_partitions_waits_in_the_default_one_and_moves_when_
     assert rows(engine, "SELECT sum(n) FROM rollups WHERE res = 300") == [(1,)]
 
 
+@pg_only
+def test_a_report_postgresql_refuses_fails_alone_through_the_copy_path(engine: Engine) -> None:
+    """A report with a NUL in its request_id (PostgreSQL text cannot hold it) in a batch with others:
+    COPY's error is a refused row as SQLAlchemy classes it, so the batch is split, that group alone
+    fails (RowRefused), the others are stored, and storage stays healthy."""
+    from meterhub.storage.database import RowRefused
+
+    now = time.time()
+
+    async def main() -> list[Any]:
+        writer = GroupCommitWriter(engine, asyncio.get_running_loop())
+        groups = [[("report", report_row("m-n", "5", i, now + i, f"n-{i}"))] for i in range(6)]
+        groups.insert(2, [("report", report_row("m-n", "5", 99, now, "bad\x00id"))])
+        futures = [writer.write(g) for g in groups]  # queued before the thread starts: one batch
+        writer.start()
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
+            assert writer.stats.batches_split == 1 and writer.healthy
+        finally:
+            writer.stop()
+        return done
+
+    done = asyncio.run(main())
+    assert [i for i, r in enumerate(done) if r is not None] == [2]
+    assert isinstance(done[2], RowRefused)
+    assert sorted(r[0] for r in rows(engine, "SELECT request_id FROM reports")) == [
+        f"n-{i}" for i in range(6)
+    ]
+
+
 # --- migration of an existing database -------------------------------------------------------------
 
 

@@ -1,21 +1,26 @@
 """The PostgreSQL write path of the group-commit writer: one statement per batch and table.
 
-Reports go in as nine ``unnest`` arrays in one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` (the
-dedupe key (gateway_id, request_id, digest, t) includes the partition key; a redelivery is skipped in
-any process). Its ``RETURNING`` (only the rows stored) feeds, in the same statement, the dirty marks of
-late reports: rows below the rollup job's threshold mark their 5-minute bucket in ``rollup_dirty``
-(meterhub.storage.rollups; reports on time are rolled up in bulk by the job). Measured against COPY
-into a temporary table followed by the same INSERT ... SELECT (docs/benchmarks.md, "storage"): see
-docs/decisions.md for the choice. Latest values: one ``unnest`` upsert.
+Reports are COPYed into a temporary staging table (``reports_stage``, emptied at every commit) and
+moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` (COPY itself cannot skip conflicts;
+the dedupe key (gateway_id, request_id, digest, t) includes the partition key; a redelivery is skipped
+in any process). Its ``RETURNING`` (only the rows stored) feeds, in the same statement, the dirty
+marks of late reports: rows below the rollup job's threshold mark their 5-minute bucket in
+``rollup_dirty`` (meterhub.storage.rollups; reports on time are rolled up in bulk by the job).
+The alternative, the same INSERT from nine ``unnest`` arrays (:func:`apply_reports_unnest`), was
+measured on the same batches (bench/storage.py, docs/benchmarks.md E): COPY was as fast or faster in
+every run, so it is the one used. Latest values: one ``unnest`` upsert.
 
-Errors stay SQLAlchemy's (statements run through ``exec_driver_sql``), so the writer still tells a
-refused row (split the batch) from a failing database.
+Errors are SQLAlchemy's (statements run through ``exec_driver_sql``; COPY's psycopg errors are wrapped
+in the matching SQLAlchemy class), so the writer still tells a refused row (split the batch) from a
+failing database.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from meterhub.storage import rollups
@@ -60,24 +65,33 @@ def report_arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(g), list(r), list(c), list(d), list(v), _floats(num), _floats(t), _floats(rec), list(dig)]
 
 
+_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS reports_stage (gateway_id varchar, request_id varchar, "
+    "cid varchar, dp_id varchar, value text, num float8, t float8, received_at float8, digest varchar) "
+    "ON COMMIT DELETE ROWS"
+)
+_COPY_SQL = f"COPY reports_stage {_REPORT_COLUMNS} FROM STDIN"
+
+
 def apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Store the reports and mark the late ones' rollup buckets dirty, in one statement."""
-    conn.exec_driver_sql(REPORTS_UNNEST_SQL, tuple(report_arrays(rows)))
-
-
-def apply_reports_copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """The alternative measured by bench/storage.py: COPY into a temporary staging table, then the
-    same INSERT ... SELECT ON CONFLICT from it (COPY itself cannot skip conflicting rows)."""
-    conn.exec_driver_sql(
-        "CREATE TEMP TABLE IF NOT EXISTS reports_stage (gateway_id varchar, request_id varchar, "
-        "cid varchar, dp_id varchar, value text, num float8, t float8, received_at float8, digest varchar) "
-        "ON COMMIT DELETE ROWS"
-    )
+    """Store the reports (COPY into the staging table, then one INSERT ... SELECT) and mark the late
+    ones' rollup buckets dirty."""
+    conn.exec_driver_sql(_STAGE_DDL)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(f"COPY reports_stage {_REPORT_COLUMNS} FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
+    try:
+        with cursor.copy(_COPY_SQL) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.Error as exc:  # as SQLAlchemy would raise it: DataError etc. (a refused row)
+        raise sa_exc.DBAPIError.instance(_COPY_SQL, None, exc, psycopg.Error) from exc
+    finally:
+        cursor.close()
     conn.exec_driver_sql(REPORTS_STAGED_SQL)
+
+
+def apply_reports_unnest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """The alternative measured by bench/storage.py: the same INSERT from nine ``unnest`` arrays."""
+    conn.exec_driver_sql(REPORTS_UNNEST_SQL, tuple(report_arrays(rows)))
 
 
 def apply_latest(conn: Connection, newest: list[tuple[Any, ...]]) -> None:
