@@ -15,4 +15,5 @@ timeout 120 "$py" bench/burst.py --smoke
 timeout 180 "$py" bench/cluster.py --smoke
 timeout 300 "$py" bench/compare.py --smoke --storm 50
 timeout 120 "$py" bench/writer_cost.py --smoke
+timeout 120 "$py" bench/storage.py --smoke
 echo "bench smoke: all scripts exited 0"

@@ -21,6 +21,7 @@ from meterhub.logs import get_logger, set_repeat_interval
 from meterhub.mqtt.server import Limits, MQTTServer, fit_to_fd_limit
 from meterhub.storage.database import GroupCommitWriter, create_db_engine, migrate
 from meterhub.storage.lock import ServerLock
+from meterhub.storage.maintenance import StorageMaintenance
 from meterhub.tools.echo import EchoHandler
 
 log = get_logger(__name__)
@@ -82,6 +83,7 @@ class Hub:
             settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
         self.writer: GroupCommitWriter | None = None
+        self.storage_maintenance: StorageMaintenance | None = None
         self.mqtt: MQTTServer | None = None
         self.handler: Any = None
         self.mqtt_port: int | None = None
@@ -109,6 +111,16 @@ class Hub:
         set_repeat_interval(settings.log_repeat_interval)
         gcwatch.install()
         await asyncio.to_thread(migrate, self.engine)
+        # partitions, rollup zone and retention before the first report is written (then hourly)
+        self.storage_maintenance = StorageMaintenance(
+            self.engine,
+            zone=settings.timezone,
+            raw_days=settings.retention_raw_days,
+            rollup_days=settings.retention_rollup_days,
+            interval=settings.storage_maintenance_interval,
+            rollup_interval=settings.rollup_interval,
+        )
+        await self.storage_maintenance.start()
         loop = asyncio.get_running_loop()
         self.writer = GroupCommitWriter(
             self.engine,
@@ -241,6 +253,8 @@ class Hub:
             await self.handler.stop()
         if self.cluster is not None:
             await self.cluster.stop()
+        if self.storage_maintenance is not None:
+            await self.storage_maintenance.stop()
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
         self.engine.dispose()

@@ -200,6 +200,21 @@ class Settings(BaseSettings):
         description="Write groups (about one per report) waiting for storage above which no gateway is "
         "read from until half of them are committed (back-pressure instead of unbounded memory).",
     )
+    retention_raw_days: float | None = Field(
+        90.0, gt=0, description="Days raw reports are kept (None = forever); PostgreSQL drops whole days."
+    )
+    retention_rollup_days: float | None = Field(
+        None, gt=0, description="Days rollups (5 min, hourly, daily aggregates) are kept; None = forever."
+    )
+    storage_maintenance_interval: float = Field(
+        3600.0, gt=0, description="Seconds between storage maintenance runs (partitions, retention)."
+    )
+    rollup_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between runs of the rollup job (PostgreSQL; charts read raw rows "
+        "for what it has not rolled up yet).",
+    )
 
     log_level: str = "INFO"
     log_format: str = Field("console", description="console or json")

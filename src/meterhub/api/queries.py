@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, case, func, or_, select
 
-from meterhub.storage import schema
+from meterhub.storage import rollups, schema
 
 d = schema.devices
 g = schema.gateways
@@ -175,6 +175,24 @@ def history_points(
             .order_by(r.c.t, r.c.id)
         ).all()
     return [(t, x) for t, x in rows]
+
+
+def history_rollup_buckets(
+    engine: Engine,
+    cid: str,
+    dp_id: str,
+    start: float,
+    end: float,
+    width: float,
+    count: int,
+    res: int,
+    zone: Any,
+) -> list[rollups.Agg] | None:
+    """Chart buckets from rollups of resolution ``res`` plus raw rows (PostgreSQL); None elsewhere."""
+    with engine.connect() as conn:
+        if not rollups.uses_rollups(conn):
+            return None
+        return rollups.history_buckets(conn, cid, dp_id, start, end, width, count, res, zone)
 
 
 # --- commands ------------------------------------------------------------------------------------

@@ -402,6 +402,8 @@ class StorageHealth(_Model):
     writer_healthy: bool | None
     queue_depth: int | None
     error: str | None = None
+    #: storage maintenance: retention settings, partitions, what the last runs dropped or deleted
+    retention: dict[str, Any] | None = None
 
 
 class MqttHealth(_Model):

@@ -22,6 +22,12 @@ Metrics (all prefixed ``meterhub_``):
   ``storage_commit_seconds_max`` (the longest batch since start), ``storage_queue_depth``,
   ``storage_outstanding``, ``storage_healthy``; back-pressure: ``storage_pressure`` (1 while gateways
   are not read because too much waits for storage) and ``storage_pressure_episodes_total``.
+- Storage maintenance (meterhub.storage.maintenance): ``storage_partitions_created_total``,
+  ``storage_partitions_dropped_total``, ``storage_retention_rows_deleted_total``,
+  ``storage_rollup_rebuilds_total``, ``storage_rollup_runs_total``, ``storage_rollup_failures_total``,
+  ``storage_rollup_dirty_buckets_total``, ``storage_maintenance_failures_total``, gauges
+  ``storage_partitions``, ``storage_oldest_report_timestamp``, ``storage_retention_raw_days``,
+  ``storage_rollup_done_timestamp``.
 - Python: ``gc_collections_total{generation}``, ``gc_pause_seconds_total{generation}``, gauge
   ``gc_pause_seconds_max{generation}`` (the longest stop since start), from :mod:`meterhub.core.gcwatch`.
 - Commands: histogram ``command_duration_seconds{status}`` (commands sent through the API that reached
@@ -233,7 +239,41 @@ class HubCollector(Collector):
                 c.add_metric([event], getattr(alarms, event))
             yield c
 
+    def _retention(self) -> Iterator[Metric]:
+        maint = getattr(self.hub, "storage_maintenance", None)
+        if maint is None:
+            return
+        st = maint.stats
+        for name, value, doc in (
+            ("storage_partitions_created", st.partitions_created, "Partitions created ahead of time."),
+            ("storage_partitions_dropped", st.partitions_dropped, "Expired partitions dropped (retention)."),
+            ("storage_retention_rows_deleted", st.rows_deleted, "Expired raw rows deleted (SQLite)."),
+            ("storage_rollup_rebuilds", st.rollup_rebuilds, "Rollups rebuilt from the raw reports."),
+            ("storage_maintenance_failures", st.failures, "Storage maintenance runs that failed."),
+            ("storage_rollup_runs", st.rollup_runs, "Runs of the rollup job."),
+            ("storage_rollup_failures", st.rollup_failures, "Runs of the rollup job that failed."),
+            (
+                "storage_rollup_dirty_buckets",
+                st.rollup_dirty_buckets,
+                "5-minute buckets recomputed for late reports.",
+            ),
+        ):
+            c = CounterMetricFamily(f"meterhub_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        oldest = st.oldest_partition if st.oldest_partition is not None else st.oldest_report
+        for name, value, doc in (
+            ("storage_partitions", st.partitions, "Range partitions of the reports table (PostgreSQL)."),
+            ("storage_oldest_report_timestamp", oldest or 0, "Start of the oldest kept raw data (Unix s)."),
+            ("storage_retention_raw_days", maint.raw_days or 0, "Days raw reports are kept (0: forever)."),
+            ("storage_rollup_done_timestamp", st.rollup_done or 0, "Rollups hold every report before this."),
+        ):
+            g = GaugeMetricFamily(f"meterhub_{name}", doc)
+            g.add_metric([], value)
+            yield g
+
     def _storage(self) -> Iterator[Metric]:
+        yield from self._retention()
         writer = getattr(self.hub, "writer", None)
         if writer is None:
             return

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from meterhub.logs import RateLimitedLog, get_logger
-from meterhub.storage import conformance_rows, schema, sqlite_fast
+from meterhub.storage import conformance_rows, pg_bulk, schema, sqlite_fast
 
 log = get_logger(__name__)
 #: Failed writes are logged once per kind and interval, with a count (a full disk fails every batch).
@@ -194,7 +194,7 @@ def _apply_rebinds(conn: Connection, rows: list[dict[str, Any]]) -> None:
 # than the rest of the report's path (measured: docs/benchmarks.md).
 _REPORTS_SQL = (
     "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at, digest) "
-    "VALUES ({p}) ON CONFLICT (gateway_id, request_id, digest) DO NOTHING"
+    "VALUES ({p}) ON CONFLICT (gateway_id, request_id, digest, t) DO NOTHING"
 )
 _LATEST_SQL = (
     "INSERT INTO latest_values (cid, dp_id, value, num, t, received_at) VALUES ({p}) "
@@ -214,7 +214,11 @@ def _driver_sql(conn: Connection, template: str, columns: int) -> str:
 def _apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """History rows ``(gateway_id, request_id, cid, dp_id, value_json, num, t, received_at, digest)``;
     a redelivery (same gateway, request_id and content digest, ``schema.report_digest``) is skipped by
-    the unique index, in this process or any other on the same database."""
+    the unique index, in this process or any other on the same database. PostgreSQL: one ``unnest``
+    insert into the partitioned table that also updates the rollups (:mod:`meterhub.storage.pg_bulk`)."""
+    if conn.dialect.name == "postgresql":
+        pg_bulk.apply_reports(conn, rows)
+        return
     conn.exec_driver_sql(_driver_sql(conn, _REPORTS_SQL, 9), rows)
 
 
@@ -227,6 +231,9 @@ def _apply_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         seen = newest.get(key)
         if seen is None or seen[4] <= row[4]:
             newest[key] = row
+    if conn.dialect.name == "postgresql":
+        pg_bulk.apply_latest(conn, list(newest.values()))
+        return
     conn.exec_driver_sql(_driver_sql(conn, _LATEST_SQL, 6), list(newest.values()))
 
 

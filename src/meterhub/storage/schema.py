@@ -185,8 +185,52 @@ reports = Table(
     # report_digest() of the content (migration 0004): a redelivery (same gateway, request_id and
     # content) is stored once; a reused request_id with other content is another report.
     Column("digest", String(32), nullable=False),
-    UniqueConstraint("gateway_id", "request_id", "digest", name="uq_reports_gateway_request_digest"),
+    # The dedupe key includes ``t`` (migration 0014): on PostgreSQL the table is partitioned by ``t``
+    # (daily ranges, meterhub.storage.partitions; primary key (id, t)) and a unique index must hold
+    # the partition key. The digest covers ``t`` already, so the same reports are redeliveries.
+    UniqueConstraint("gateway_id", "request_id", "digest", "t", name="uq_reports_gateway_request_digest"),
     Index("ix_reports_cid_dp_t", "cid", "dp_id", "t"),
+    # Time ranges across all meters: SQLite's bounded retention delete; PostgreSQL (BRIN) the rollup
+    # job's windows (retention there drops whole partitions).
+    Index("ix_reports_t", "t", postgresql_using="brin"),
+)
+
+# 5-minute / hourly / daily aggregates of the reports' numbers (migration 0015; meterhub.storage.rollups).
+# On PostgreSQL partitioned by ``bucket`` (30-day ranges); SQLite has the table but does not fill it.
+# Filled by the rollup job from committed reports (late ones through ``rollup_dirty``).
+rollups = Table(
+    "rollups",
+    metadata,
+    Column("res", Integer, primary_key=True),  # 300, 3600 or 86400 (a day of the configured zone)
+    Column("cid", String(128), primary_key=True),
+    Column("dp_id", String(16), primary_key=True),
+    Column("bucket", Float, primary_key=True),
+    Column("bucket_end", Float, nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("total", Float, nullable=False),
+    Column("lo", Float, nullable=False),
+    Column("hi", Float, nullable=False),
+    Column("last", Float, nullable=False),
+    Column("last_t", Float, nullable=False),
+    Column("last_id", BigInteger, nullable=False),
+)
+
+# 5-minute buckets late reports changed, for the rollup job to recompute (migration 0015).
+rollup_dirty = Table(
+    "rollup_dirty",
+    metadata,
+    Column("cid", String(128), primary_key=True),
+    Column("dp_id", String(16), primary_key=True),
+    Column("bucket", Float, primary_key=True),
+)
+
+# Small facts about the storage itself (migration 0015), e.g. ``rollup_zone``.
+storage_state = Table(
+    "storage_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text),
+    Column("updated_at", Float, nullable=False),
 )
 
 

@@ -21,7 +21,7 @@ from meterhub.storage import schema
 
 REPORTS_SQL = (
     "INSERT INTO reports (gateway_id, request_id, cid, dp_id, value, num, t, received_at, digest) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id, request_id, digest) DO NOTHING"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id, request_id, digest, t) DO NOTHING"
 )
 LATEST_SQL = (
     "INSERT INTO latest_values (cid, dp_id, value, num, t, received_at) VALUES (?, ?, ?, ?, ?, ?) "

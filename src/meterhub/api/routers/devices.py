@@ -26,7 +26,7 @@ from meterhub.api.schemas import (
 )
 from meterhub.model.datapoint import DataPoint, ProductModel
 from meterhub.protocol.errors import ErrorCode
-from meterhub.storage import registry
+from meterhub.storage import registry, rollups
 from meterhub.storage.database import StorageError
 
 router = APIRouter(tags=["devices"])
@@ -292,11 +292,30 @@ async def history(
         assert buckets is not None
         count = buckets
         width = span / buckets
+    out["interval"] = width
+    out["mode"] = "buckets"
+    # PostgreSQL, long ranges: 5-minute / hourly / daily rollups where they cover a bucket whole
+    res = None if phase else rollups.pick_resolution(span, width)
+    aggs = None
+    if res is not None:
+        aggs = await run_in_threadpool(
+            queries.history_rollup_buckets,
+            hub.engine,
+            cid,
+            data_point.id_str,
+            start,
+            end,
+            width,
+            count,
+            res,
+            tz,
+        )
+    if aggs is not None:
+        out["buckets"] = format_buckets(aggs, start, end, width, tz)
+        return out
     points = await run_in_threadpool(
         queries.history_points, hub.engine, cid, data_point.id_str, start, end, phase
     )
-    out["interval"] = width
-    out["mode"] = "buckets"
     out["buckets"] = downsample(points, start, end, width, count, field, tz)
     return out
 
@@ -311,11 +330,7 @@ def downsample(
     tz: Any,
 ) -> list[dict[str, Any]]:
     """Buckets ``[start + i*width, start + (i+1)*width)`` (the last one also holds ``end``)."""
-    n = [0] * count
-    lo: list[float | None] = [None] * count
-    hi: list[float | None] = [None] * count
-    total = [0.0] * count
-    last: list[float | None] = [None] * count
+    aggs = [rollups.Agg() for _ in range(count)]
     for t, x in points:
         value = _field_of(x, field) if field is not None else x
         if value is None:
@@ -323,25 +338,26 @@ def downsample(
         i = min(int((t - start) // width), count - 1)
         if i < 0:
             continue
-        n[i] += 1
-        total[i] += value
-        cur_lo, cur_hi = lo[i], hi[i]
-        lo[i] = value if cur_lo is None or value < cur_lo else cur_lo
-        hi[i] = value if cur_hi is None or value > cur_hi else cur_hi
-        last[i] = value
+        aggs[i].add(1, value, value, value, value, t)
+    return format_buckets(aggs, start, end, width, tz)
+
+
+def format_buckets(
+    aggs: list[rollups.Agg], start: float, end: float, width: float, tz: Any
+) -> list[dict[str, Any]]:
     out = []
-    for i in range(count):
+    for i, a in enumerate(aggs):
         b_start = start + i * width
         out.append(
             {
                 "start": b_start,
                 "end": min(b_start + width, end),
                 "start_iso": iso_required(b_start, tz),
-                "count": n[i],
-                "min": lo[i],
-                "max": hi[i],
-                "avg": total[i] / n[i] if n[i] else None,
-                "last": last[i],
+                "count": a.n,
+                "min": a.lo,
+                "max": a.hi,
+                "avg": a.total / a.n if a.n else None,
+                "last": a.last,
             }
         )
     return out

@@ -32,6 +32,7 @@ async def healthz(hub: Hub) -> Any:
         "writer_healthy": writer.healthy if writer is not None else None,
         "queue_depth": writer.depth if writer is not None else None,
         "error": None,
+        "retention": hub.storage_maintenance.info() if hub.storage_maintenance is not None else None,
     }
     try:
         await asyncio.wait_for(run_in_threadpool(queries.ping, hub.engine), timeout=5)
