@@ -541,6 +541,14 @@ def test_alarms_raised_on_one_node_are_cleared_on_the_next(
     old = cluster.gateway(a, gw, clients)
     old.sync(m)
     old.report(m, "19", 9)  # two fault labels raised by node a's monitor
+    a_ = schema.alarms
+
+    def stored() -> list[Any]:
+        with cluster.engine.connect() as conn:
+            query = select(a_.c.label, a_.c.cleared_at).where(a_.c.cid == m).order_by(a_.c.id)
+            return list(conn.execute(query).all())
+
+    wait_for(lambda: len(stored()) == 2, timeout=10, interval=0.1)  # written after the report's answer
     old.client.c.loop_stop()  # this client stays quiet now (paho would reconnect and take it back)
     user = cluster.vendor.username
     new = Client(b.mqtt_port, gw, user, gateway_password(gw, user))
@@ -549,11 +557,8 @@ def test_alarms_raised_on_one_node_are_cleared_on_the_next(
     new.subscribe(f"gateway_id/{gw}/#", 1)
     wait_for(lambda: cluster.gateway_row(gw).owner_node == "b", timeout=5)
     GatewaySim(new).report(m, "19", 0)  # all clear, reported through node b
-    a_ = schema.alarms
-    with cluster.engine.connect() as conn:
-        rows = conn.execute(select(a_.c.label, a_.c.cleared_at).where(a_.c.cid == m).order_by(a_.c.id)).all()
-    assert [r.label for r in rows] == ["short_circuit_alarm", "overvoltage"]  # ov_vol: the overvoltage alarm
-    assert all(r.cleared_at is not None for r in rows), rows
+    wait_for(lambda: all(r.cleared_at is not None for r in stored()), timeout=10, interval=0.1)
+    assert [r.label for r in stored()] == ["short_circuit_alarm", "overvoltage"]  # ov_vol: overvoltage
 
 
 def test_two_connects_at_once_on_two_nodes_leave_exactly_one(
