@@ -27,6 +27,14 @@ from meterhub.core.auth import gateway_password
 from meterhub.storage import registry
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``METERHUB_TEST_LEAKS=1``: report the tests that leave descriptors or threads (leakcheck.py)."""
+    if os.environ.get("METERHUB_TEST_LEAKS"):
+        from leakcheck import LeakCheck
+
+        config.pluginmanager.register(LeakCheck(), "meterhub-leakcheck")
+
+
 def cli_add_vendor(data: Path, name: str) -> str:
     """Add a vendor with the real CLI (``meterhub vendor add``), as an operator would; its username."""
     return subprocess.run(
