@@ -66,8 +66,18 @@ class RunningHub:
         self._thread = threading.Thread(target=self.loop.run_forever, name="hub-loop", daemon=True)
 
     def start(self) -> RunningHub:
+        """Start the loop thread and the hub; a hub that fails to start is stopped again (as
+        ``meterhub serve`` does, app.start_or_explain) and leaves no loop behind."""
         self._thread.start()
-        self.call(self.hub.start())
+        try:
+            self.call(self.hub.start())
+        except BaseException:
+            try:
+                with contextlib.suppress(Exception):
+                    self.call(self.hub.stop())
+            finally:
+                self.close_loop()
+            raise
         return self
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
@@ -91,8 +101,18 @@ class RunningHub:
         try:
             self.call(self.hub.stop())
         finally:
+            self.close_loop()
+
+    def close_loop(self) -> None:
+        """Join the loop's executor threads, stop the loop thread and close the loop: a loop left
+        open keeps its descriptors (epoll, eventfd, io_uring, pipes) and its executor's threads."""
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.call(self.loop.shutdown_default_executor(), 10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
     @property
     def port(self) -> int:

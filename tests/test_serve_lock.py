@@ -216,8 +216,7 @@ def test_in_process_hubs_on_one_sqlite_database_are_refused(tmp_path: Path) -> N
     try:
         second = RunningHub(make_settings(tmp_path / "data"))
         with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
-            second.start()
-        second.loop.call_soon_threadsafe(second.loop.stop)
+            second.start()  # which closes its loop again
     finally:
         first.stop()
     third = RunningHub(make_settings(tmp_path / "data")).start()  # released by the first one's stop
