@@ -275,10 +275,18 @@ class Client:
         return self.messages.get(timeout=timeout)
 
     def close(self) -> None:
-        try:
-            self.c.disconnect()
-        finally:
-            self.c.loop_stop()
+        close_paho(self.c)
+
+
+def close_paho(c: mqtt.Client) -> None:
+    """Disconnect a paho client and stop its network thread, and close its wake-up socket pair:
+    paho (2.2) closes that pair (two loopback TCP sockets) only when the client is collected, and
+    the callbacks' reference cycles leave that to the cyclic collector, whenever it runs."""
+    try:
+        c.disconnect()
+    finally:
+        c.loop_stop()
+        c._reset_sockets()  # no public call closes the pair
 
 
 @pytest.fixture

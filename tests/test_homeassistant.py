@@ -39,7 +39,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import text
 
-from conftest import RunningHub, free_port, storage_held, wait_for
+from conftest import RunningHub, close_paho, free_port, storage_held, wait_for
 from meterhub.config import load_settings
 from meterhub.core.metrics import HubCollector
 from meterhub.storage import registry
@@ -273,8 +273,7 @@ class HomeAssistant:
         self.c.publish(topic, payload, 1, retain).wait_for_publish(5)
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        close_paho(self.c)
 
 
 class Gateway:
