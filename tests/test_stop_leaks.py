@@ -39,11 +39,12 @@ def _snapshot() -> tuple[Counter[str], Counter[str]]:
 
 
 def _assert_back(before: tuple[Counter[str], Counter[str]], cycles: int) -> None:
+    """Descriptors and threads are where they were ``before`` the last ``cycles`` runs."""
     fds, threads = _snapshot()
     extra_fds, extra_threads = fds - before[0], threads - before[1]
     # a descriptor or two may be in flight (a log file, the test's own reads), never one per cycle
-    assert extra_fds.total() < cycles, f"descriptors left after {cycles} hubs: {dict(extra_fds)}"
-    assert not extra_threads, f"threads left after {cycles} hubs: {dict(extra_threads)}"
+    assert extra_fds.total() < cycles, f"descriptors left after {cycles} runs: {dict(extra_fds)}"
+    assert not extra_threads, f"threads left after {cycles} runs: {dict(extra_threads)}"
 
 
 def test_hubs_served_one_after_another_leave_no_descriptors_or_threads(
@@ -96,4 +97,22 @@ def test_test_hubs_with_a_client_each_leave_no_descriptors_or_threads(
     before = _snapshot()
     for n in range(1, CYCLES + 1):
         cycle(n)
+    _assert_back(before, CYCLES)
+
+
+def test_cli_commands_run_in_process_leave_no_database_connections(tmp_path: Path) -> None:
+    """A command's engine is disposed when the command ends (click's context closes), not whenever
+    the collector gets to it: commands run in-process (``CliRunner``) as well as on their own."""
+    from click.testing import CliRunner
+
+    from meterhub.cli import main
+
+    def add(n: int) -> None:
+        out = CliRunner().invoke(main, ["vendor", "add", f"vendor-{n}", "--data-dir", str(tmp_path / "data")])
+        assert out.exit_code == 0, out.output
+
+    add(0)
+    before = _snapshot()
+    for n in range(1, CYCLES + 1):
+        add(n)
     _assert_back(before, CYCLES)
