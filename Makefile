@@ -23,8 +23,7 @@ PG_SUITES := tests/test_protocol_e2e.py tests/test_api.py tests/test_energy.py t
 	tests/test_ownership.py tests/test_mqtt_flow.py tests/test_login_throttle.py tests/test_openhub_devices.py \
 	tests/test_homeassistant.py tests/test_pm_api.py tests/test_prepaid.py tests/test_scoped_tokens.py \
 	tests/test_alarm_rules.py tests/test_notify.py tests/test_drain.py tests/test_mqtt_proxy.py \
-	tests/test_fleet_api.py \
-	tests/test_timeseries.py
+	tests/test_fleet_api.py tests/test_timeseries.py tests/test_stop_leaks.py
 
 test: system-deps $(BIN)/meterhub
 	$(BIN)/ruff check src tests bench scripts

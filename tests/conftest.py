@@ -27,6 +27,14 @@ from meterhub.core.auth import gateway_password
 from meterhub.storage import registry
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``METERHUB_TEST_LEAKS=1``: report the tests that leave descriptors or threads (leakcheck.py)."""
+    if os.environ.get("METERHUB_TEST_LEAKS"):
+        from leakcheck import LeakCheck
+
+        config.pluginmanager.register(LeakCheck(), "meterhub-leakcheck")
+
+
 def cli_add_vendor(data: Path, name: str) -> str:
     """Add a vendor with the real CLI (``meterhub vendor add``), as an operator would; its username."""
     return subprocess.run(
@@ -58,8 +66,18 @@ class RunningHub:
         self._thread = threading.Thread(target=self.loop.run_forever, name="hub-loop", daemon=True)
 
     def start(self) -> RunningHub:
+        """Start the loop thread and the hub; a hub that fails to start is stopped again (as
+        ``meterhub serve`` does, app.start_or_explain) and leaves no loop behind."""
         self._thread.start()
-        self.call(self.hub.start())
+        try:
+            self.call(self.hub.start())
+        except BaseException:
+            try:
+                with contextlib.suppress(Exception):
+                    self.call(self.hub.stop())
+            finally:
+                self.close_loop()
+            raise
         return self
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
@@ -83,8 +101,18 @@ class RunningHub:
         try:
             self.call(self.hub.stop())
         finally:
+            self.close_loop()
+
+    def close_loop(self) -> None:
+        """Join the loop's executor threads, stop the loop thread and close the loop: a loop left
+        open keeps its descriptors (epoll, eventfd, io_uring, pipes) and its executor's threads."""
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.call(self.loop.shutdown_default_executor(), 10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
     @property
     def port(self) -> int:
@@ -247,10 +275,18 @@ class Client:
         return self.messages.get(timeout=timeout)
 
     def close(self) -> None:
-        try:
-            self.c.disconnect()
-        finally:
-            self.c.loop_stop()
+        close_paho(self.c)
+
+
+def close_paho(c: mqtt.Client) -> None:
+    """Disconnect a paho client and stop its network thread, and close its wake-up socket pair:
+    paho (2.2) closes that pair (two loopback TCP sockets) only when the client is collected, and
+    the callbacks' reference cycles leave that to the cyclic collector, whenever it runs."""
+    try:
+        c.disconnect()
+    finally:
+        c.loop_stop()
+        c._reset_sockets()  # no public call closes the pair
 
 
 @pytest.fixture

@@ -333,8 +333,12 @@ class Fleet:
 
         with contextlib.suppress(Exception):
             self.call(_close(), 30)
+        with contextlib.suppress(Exception):
+            self.call(self.loop.shutdown_default_executor(), 10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 def _check_stored_once(cluster: Balanced, fleet: Fleet) -> int:

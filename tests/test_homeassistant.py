@@ -21,6 +21,7 @@ The schema checks below are written from Home Assistant's documentation (home-as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import text
 
-from conftest import RunningHub, free_port, storage_held, wait_for
+from conftest import RunningHub, close_paho, free_port, storage_held, wait_for
 from meterhub.config import load_settings
 from meterhub.core.metrics import HubCollector
 from meterhub.storage import registry
@@ -273,8 +274,7 @@ class HomeAssistant:
         self.c.publish(topic, payload, 1, retain).wait_for_publish(5)
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        close_paho(self.c)
 
 
 class Gateway:
@@ -284,6 +284,8 @@ class Gateway:
         from meterhub.core.auth import gateway_password
 
         self.gw_id = gw_id
+        self.closed = False
+        _gateways.append(self)
         self.answers: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.cond = threading.Condition()
@@ -328,11 +330,28 @@ class Gateway:
         assert self.send("properties/report", {"cid": cid, "id": dp, "value": value}) == 0
 
     def close(self, clean: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if clean:
-            self.c.disconnect()
-        else:
-            self.c.socket().close()
+            close_paho(self.c)
+            return
+        self.c.socket().close()  # the connection is lost: no DISCONNECT
         self.c.loop_stop()
+        self.c._reset_sockets()  # as close_paho does
+
+
+#: gateways made by the test running, closed after it (a paho thread and three sockets each)
+_gateways: list[Gateway] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_gateways(hub_factory: Callable[..., RunningHub]) -> Iterator[None]:
+    """After each test, before its hubs stop (the fixture it depends on is torn down after it)."""
+    yield
+    while _gateways:
+        with contextlib.suppress(Exception):
+            _gateways.pop().close()
 
 
 @pytest.fixture

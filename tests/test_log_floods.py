@@ -6,6 +6,7 @@ aborts every report insert, as a full disk would) and sends 1,000 reports from a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -125,7 +126,7 @@ def test_a_storage_failure_flood_is_a_handful_of_lines_with_counts(tmp_path: Pat
 
         # the database fails (not one row refused: storage.database.row_refused): every insert into
         # reports fails, in the running server's own database
-        with sqlite3.connect(data / "meterhub.db") as conn:
+        with contextlib.closing(sqlite3.connect(data / "meterhub.db")) as conn, conn:
             conn.execute("ALTER TABLE reports RENAME TO reports_away")
         before = len(log_path.read_text().splitlines())
         started = time.monotonic()

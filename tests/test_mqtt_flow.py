@@ -15,7 +15,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 import mqttraw
-from conftest import RunningHub, wait_for
+from conftest import RunningHub, close_paho, wait_for
 from meterhub.core.auth import gateway_password
 from meterhub.storage import registry
 
@@ -78,8 +78,7 @@ class Counting:
             return self.answers.get(f"gateway_id/{self.gw}/{kind}/response", 0)
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        close_paho(self.c)
 
 
 def test_a_10000_report_burst_gets_every_puback_and_every_answer(hub_factory) -> None:

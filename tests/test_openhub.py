@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 import mqttraw
-from conftest import RunningHub, refuse_marked_reports, wait_for
+from conftest import RunningHub, close_paho, refuse_marked_reports, wait_for
 from meterhub.config import load_settings
 from meterhub.model.loader import builtin_model
 from meterhub.openhub import crypto, http, store
@@ -160,8 +160,7 @@ def test_link_receives_encrypted_reports_and_presence(world: World, link_type: s
     status = data["status"][0]
     assert status["code"] == "voltage_current" and status["value"] == 2301234 and status["5"] == 2301234
     assert abs(status["t"] / 1000 - time.time()) < 10
-    c.disconnect()
-    c.loop_stop()
+    close_paho(c)
 
 
 def test_a_report_the_database_refuses_is_never_an_event(world: World) -> None:
@@ -184,8 +183,7 @@ def test_a_report_the_database_refuses_is_never_an_event(world: World) -> None:
     assert event["protocol"] == 4 and event["data"]["status"][0]["value"] == 2222
     time.sleep(0.3)
     assert got.empty()
-    c.disconnect()
-    c.loop_stop()
+    close_paho(c)
 
 
 def test_users_only_see_their_own_devices(world: World) -> None:
@@ -205,8 +203,7 @@ def test_users_only_see_their_own_devices(world: World) -> None:
     with pytest.raises(crypto.DecryptError):
         decode_message(msg.payload, crypto.key_from_password(cfg_b["password"]), "2.0")
     for c in (ca, cb):
-        c.disconnect()
-        c.loop_stop()
+        close_paho(c)
 
 
 def test_acl_other_topics_and_sink_refused(world: World) -> None:
@@ -220,8 +217,7 @@ def test_acl_other_topics_and_sink_refused(world: World) -> None:
     info = c.publish(cfg["sink_topic"]["device"], b'{"cmd": 1}', 1)
     info.wait_for_publish(5)
     wait_for(lambda: world.hub.stats["rejected.publish_acl"] >= 1)
-    c.disconnect()
-    c.loop_stop()
+    close_paho(c)
 
 
 def test_name_update_event(world: World) -> None:
@@ -230,8 +226,7 @@ def test_name_update_event(world: World) -> None:
     event = next_event(got, cfg)
     assert event["protocol"] == 20 and event["data"]["bizCode"] == "nameUpdate"
     assert event["data"]["bizData"]["name"] == "Kitchen"
-    c.disconnect()
-    c.loop_stop()
+    close_paho(c)
 
 
 # --- credentials ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Real ``meterhub serve`` processes, a real paho gateway, real HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,7 +90,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def presence_rows(data: Path) -> list[tuple[str, int, str]]:
-    with sqlite3.connect(data / "meterhub.db") as conn:
+    with contextlib.closing(sqlite3.connect(data / "meterhub.db")) as conn:
         return conn.execute("select cid, online, cause from presence order by id").fetchall()
 
 
@@ -132,7 +133,7 @@ def test_a_second_server_on_the_same_data_dir_exits_at_once_and_changes_nothing(
         # nothing changed: the first server's device is still online, in its API and in the database
         assert presence_rows(data) == before
         assert api.get("/api/v1/devices/m1").json()["presence"]["online"] is True
-        with sqlite3.connect(data / "meterhub.db") as conn:
+        with contextlib.closing(sqlite3.connect(data / "meterhub.db")) as conn:
             assert conn.execute("select online from devices where cid='m1'").fetchall() == [(1,)]
         # and it still serves its gateway
         report = {"t": int(time.time()), "request_id": "r3", "param": {"cid": "m1", "id": "1", "value": True}}
@@ -142,7 +143,7 @@ def test_a_second_server_on_the_same_data_dir_exits_at_once_and_changes_nothing(
         # demo on that data directory: refused the same way, and it adds no vendor or token
         demo = meterhub("demo", "--data-dir", str(data), "--mqtt-port", str(free_port()), "--duration", "1")
         assert "in use by another meterhub server" in one_line_error(demo)
-        with sqlite3.connect(data / "meterhub.db") as conn:
+        with contextlib.closing(sqlite3.connect(data / "meterhub.db")) as conn:
             assert conn.execute("select name from vendors").fetchall() == [("acme",)]
             assert conn.execute("select count(*) from api_tokens").fetchall() == [(1,)]
         api.close()
@@ -216,8 +217,7 @@ def test_in_process_hubs_on_one_sqlite_database_are_refused(tmp_path: Path) -> N
     try:
         second = RunningHub(make_settings(tmp_path / "data"))
         with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
-            second.start()
-        second.loop.call_soon_threadsafe(second.loop.stop)
+            second.start()  # which closes its loop again
     finally:
         first.stop()
     third = RunningHub(make_settings(tmp_path / "data")).start()  # released by the first one's stop

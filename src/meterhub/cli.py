@@ -33,8 +33,17 @@ class Context:
         engine = create_db_engine(
             settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
+        _dispose_at_exit(engine)
         migrate(engine)
         return engine
+
+
+def _dispose_at_exit(engine: Any) -> None:
+    """Close the engine's connections when the command ends (its click context closes), not when the
+    engine happens to be collected: commands run in-process too (tests, ``CliRunner``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(engine.dispose)
 
 
 pass_ctx = click.make_pass_decorator(Context)

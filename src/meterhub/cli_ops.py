@@ -41,6 +41,9 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # its connections closed at the command's end, not when collected
+            ctx.call_on_close(self.http.close)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         import httpx
@@ -519,6 +522,7 @@ def _engine(ctx: click.Context, config: Path | None, data_dir: Path | None) -> A
         raise click.ClickException(f"bad configuration: {exc}") from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_db_engine(settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    ctx.call_on_close(engine.dispose)  # at the command's end, not whenever it is collected
     migrate(engine)
     return engine
 
