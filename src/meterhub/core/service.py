@@ -144,6 +144,13 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
         # router that sends a command through the node holding the device's gateway.
         self.presence_scope: str | None = None
         self.command_router: Callable[..., Any] | None = None
+        #: Syncs started and not yet answered. Above ``sync_high_water`` ``on_pressure(True)`` is called
+        #: (the transport stops reading from gateways), back at half of it ``on_pressure(False)``: a
+        #: reconnect storm's syncs wait in TCP buffers instead of as tasks in this process.
+        self.syncs_in_flight = 0
+        self.sync_high_water = 2000
+        self.sync_pressed = False
+        self.on_pressure: Callable[[bool], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -271,7 +278,7 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
             if kind is Kind.STATUS:
                 return self._on_status(gw, payload)
             if kind is _SYNC:
-                return asyncio.ensure_future(self._on_sync(gw, payload, principal.extra.get("vendor_id")))
+                return self._start_sync(gw, payload, principal.extra.get("vendor_id"))
             return self._on_command_response(gw, payload)
         except Exception:
             self.stats["errors.unexpected"] += 1
@@ -285,6 +292,26 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
             if kind in (_REPORT, _SYNC):
                 self._reply(gw, kind, None, None, ErrorCode.SYSTEM)
             return None
+
+    def _start_sync(self, gw: str, payload: bytes, vendor_id: int | None) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(self._on_sync(gw, payload, vendor_id))
+        self.syncs_in_flight += 1
+        if self.syncs_in_flight > self.sync_high_water and not self.sync_pressed:
+            self._sync_pressure(True)
+        task.add_done_callback(self._sync_done)
+        return task
+
+    def _sync_done(self, _task: asyncio.Future[None]) -> None:
+        self.syncs_in_flight -= 1
+        if self.sync_pressed and self.syncs_in_flight <= self.sync_high_water // 2:
+            self._sync_pressure(False)
+
+    def _sync_pressure(self, on: bool) -> None:
+        self.sync_pressed = on
+        if on:
+            self.stats["flow.sync_pressure"] += 1
+        if self.on_pressure is not None:
+            self.on_pressure(on)
 
     # --- replies ---------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from meterhub.core.device_cache import read_owner
 from meterhub.core.devices import DeviceState, _may_take
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.datapoint import ProductModel
@@ -59,9 +58,13 @@ class SyncMixin:
         dev = self.devices.get(req.cid)
         owner: tuple[str, int | None] | None = None
         if dev is None:  # not in memory is not new: the device may be stored (and owned) already
-            dev = await self.cache.fetch(req.cid)
-            if dev is None:  # not stored, or of a model this node does not know
-                owner = await asyncio.to_thread(read_owner, self.engine, req.cid)
+            # One batched query for the syncs of a burst; a stored device of a model this node does
+            # not know comes back as its (gateway, vendor).
+            found = await self.cache.fetch_or_owner(req.cid)
+            if isinstance(found, tuple):
+                owner = found
+            else:
+                dev = found
         if owner is not None and owner[0] != gw and not _may_take(owner[1], vendor_id):
             dev_gateway: str | None = owner[0]
         elif dev is not None and dev.gateway_id != gw and not _may_take(dev.vendor_id, vendor_id):

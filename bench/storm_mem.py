@@ -1,0 +1,147 @@
+"""Where a reconnect storm's memory goes: tracemalloc in the meterhub server at its peak RSS.
+
+Starts the pipeline server with ``-X tracemalloc`` (through a ``sitecustomize`` that also runs a
+sampling thread: whenever RSS passes its previous peak by ``--step`` MB a snapshot is taken and the
+top allocation sites, grouped by file and line, are written out), runs the storm of ``compare.py``
+(new devices, then again), and prints the sites of the largest snapshot. tracemalloc slows the
+server several times: compare the sizes, not the seconds.
+
+    .venv/bin/python bench/storm_mem.py --storm 3000          # ~1-2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import common
+import compare
+import pipeline
+
+SITE = textwrap.dedent(
+    """
+    import json, os, threading, time, tracemalloc
+    _out = os.environ.get("STORM_MEM_OUT")
+    if _out and "meterhub" in os.path.basename(__import__("sys").argv[0]):
+        tracemalloc.start(int(os.environ.get("STORM_MEM_FRAMES", "1")))
+        _step = float(os.environ.get("STORM_MEM_STEP", "20")) * 2**20
+
+        def _rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        def _watch():
+            best = tracemalloc.get_traced_memory()[0]
+            while True:
+                time.sleep(0.2)
+                rss = _rss()
+                if tracemalloc.get_traced_memory()[0] < best + _step:
+                    continue
+                snap = tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(False, tracemalloc.__file__)]
+                )
+                stats = snap.statistics("lineno")
+                top = [
+                    {"where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}",
+                     "mb": s.size / 2**20, "count": s.count}
+                    for s in stats[:40]
+                ]
+                traced = sum(s.size for s in stats)
+                best = traced
+                peak = tracemalloc.get_traced_memory()[1]
+                with open(_out + ".tmp", "w") as f:
+                    json.dump({"rss_mb": rss / 2**20, "traced_mb": traced / 2**20,
+                               "traced_peak_mb": peak / 2**20, "top": top}, f)
+                os.replace(_out + ".tmp", _out)
+
+        threading.Thread(target=_watch, daemon=True, name="storm-mem").start()
+    _stats = os.environ.get("STORM_MEM_STATS")
+    if _stats and "meterhub" in os.path.basename(__import__("sys").argv[0]):
+        import collections, gc, io, sys as _sys
+        _step = float(os.environ.get("STORM_MEM_STEP", "20")) * 2**20
+
+        def _rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        def _stat():
+            best = _rss()
+            while True:
+                time.sleep(0.5)
+                rss = _rss()
+                if rss < best + _step:
+                    continue
+                best = rss
+                with open("/proc/self/smaps_rollup") as f:
+                    smaps = {l.split(":")[0]: l.split(":")[1].strip() for l in f if ":" in l and "kB" in l}
+                err = io.StringIO()
+                old, _sys.stderr = _sys.stderr, err
+                try:
+                    _sys._debugmallocstats()
+                finally:
+                    _sys.stderr = old
+                tail = [l for l in err.getvalue().splitlines() if l.startswith(("# arenas", "Total"))]
+                types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+                with open(_stats + ".tmp", "w") as f:
+                    json.dump({"rss_mb": rss / 2**20, "smaps": smaps, "pymalloc": tail,
+                               "threads": threading.active_count(),
+                               "types": types.most_common(25)}, f)
+                os.replace(_stats + ".tmp", _stats)
+                best = _rss()
+
+        threading.Thread(target=_stat, daemon=True, name="storm-stat").start()
+    """
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--storm", type=int, default=3000, help="gateways")
+    ap.add_argument("--meters", type=int, default=10)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--step", type=float, default=20.0, help="MB of RSS growth between snapshots")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--no-trace", action="store_true", help="no tracemalloc: peak RSS only")
+    ap.add_argument("--env", action="append", default=[], help="K=V for the server (repeatable)")
+    args = ap.parse_args(argv)
+    common.raise_nofile()
+    site = Path(tempfile.mkdtemp(prefix="storm-mem-"))
+    (site / "sitecustomize.py").write_text(SITE)
+    out = site / "peak.json"
+    stats = site / "stats.json"
+    env = {"PYTHONPATH": str(site)}
+    env.update({"STORM_MEM_STATS": str(stats)} if args.no_trace else {"STORM_MEM_OUT": str(out)})
+    env["STORM_MEM_STEP"] = str(args.step)
+    env.update(kv.split("=", 1) for kv in args.env)
+    server = pipeline.start_pipeline_server(env)
+    try:
+        for label in ("storm (new)", "storm (again)"):
+            r = compare.storm(server, "pipeline", label, args)
+            if r["failed"] or r["synced"] != args.storm * args.meters:
+                print(f"storm incomplete: {r}", file=sys.stderr)
+                return 1
+    finally:
+        server.stop()
+    if args.no_trace:
+        if stats.exists():
+            print(json.dumps(json.loads(stats.read_text()), indent=1))
+        return 0
+    if not out.exists():
+        print("no snapshot (RSS never grew by --step)", file=sys.stderr)
+        return 1
+    peak = json.loads(out.read_text())
+    print(
+        f"largest snapshot: RSS {peak['rss_mb']:.0f} MB, traced {peak['traced_mb']:.0f} MB "
+        f"(traced peak so far {peak['traced_peak_mb']:.0f} MB)"
+    )
+    for s in peak["top"][: args.top]:
+        print(f"{s['mb']:8.1f} MB {s['count']:9,}  {s['where']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
