@@ -16,10 +16,13 @@ import json
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import common
 import compare
+import loadgen
 import pipeline
 
 SITE = textwrap.dedent(
@@ -61,7 +64,7 @@ SITE = textwrap.dedent(
         threading.Thread(target=_watch, daemon=True, name="storm-mem").start()
     _stats = os.environ.get("STORM_MEM_STATS")
     if _stats and "meterhub" in os.path.basename(__import__("sys").argv[0]):
-        import collections, gc, io, sys as _sys
+        import collections, gc, sys as _sys
         _step = float(os.environ.get("STORM_MEM_STEP", "20")) * 2**20
 
         def _rss():
@@ -78,16 +81,29 @@ SITE = textwrap.dedent(
                 best = rss
                 with open("/proc/self/smaps_rollup") as f:
                     smaps = {l.split(":")[0]: l.split(":")[1].strip() for l in f if ":" in l and "kB" in l}
-                err = io.StringIO()
-                old, _sys.stderr = _sys.stderr, err
-                try:
-                    _sys._debugmallocstats()
-                finally:
-                    _sys.stderr = old
-                tail = [l for l in err.getvalue().splitlines() if l.startswith(("# arenas", "Total"))]
+                import ctypes, tempfile
+                with tempfile.TemporaryFile("w+") as tmp:  # _debugmallocstats writes to C's stderr
+                    saved = os.dup(2)
+                    os.dup2(tmp.fileno(), 2)
+                    try:
+                        _sys._debugmallocstats()
+                    finally:
+                        os.dup2(saved, 2)
+                        os.close(saved)
+                    tmp.seek(0)
+                    tail = [l.strip() for l in tmp if l.startswith(("# arenas", "Total", "# bytes in"))]
+
+                class _MI(ctypes.Structure):
+                    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallinfo2.restype = _MI
+                mi = libc.mallinfo2()
+                tail.append({k: getattr(mi, k) // 2**20 for k in ("arena", "hblkhd", "uordblks", "fordblks")})
                 types = collections.Counter(type(o).__name__ for o in gc.get_objects())
                 with open(_stats + ".tmp", "w") as f:
-                    json.dump({"rss_mb": rss / 2**20, "smaps": smaps, "pymalloc": tail,
+                    json.dump({"rss_mb": rss / 2**20, "anon": smaps.get("Anonymous"), "pymalloc": tail,
                                "threads": threading.active_count(),
                                "types": types.most_common(25)}, f)
                 os.replace(_stats + ".tmp", _stats)
@@ -98,6 +114,47 @@ SITE = textwrap.dedent(
 )
 
 
+class IdleDriver(pipeline.GatewayDriver):
+    """Connect (and subscribe, as gateways do), then nothing."""
+
+    async def prepare(self, conns: list[loadgen.Conn]) -> dict[str, Any]:
+        return {}
+
+    async def run(self, conns: list[loadgen.Conn], t_start: float, t0: float, t1: float) -> dict[str, Any]:
+        return {}
+
+
+def idle(server: common.Server, n: int, processes: int) -> None:
+    """``n`` idle gateway connections: the server's RSS before and after, per connection."""
+    spec = loadgen.FleetSpec(
+        port=server.port,
+        connections=n,
+        processes=processes,
+        driver=IdleDriver,
+        params={"meters": 1, "mode": "flat"},
+        username=server.username,
+        md5_password=server.username is not None,
+        prefix="idle",
+        warmup=0.0,
+        duration=0.0,
+        connect_concurrency=500,
+        connect_timeout=300.0,
+    )
+    fleet = loadgen.Fleet(spec)
+    time.sleep(1.0)
+    before = server.rss_all()
+    try:
+        fleet.start(timeout=600)
+        time.sleep(3.0)  # let the server settle (session stores, conformance flushes)
+        after = server.rss_all()
+        print(
+            f"idle: {fleet.connected:,} connected (failed {fleet.failed}), RSS {before / 2**20:.1f} -> "
+            f"{after / 2**20:.1f} MB: {(after - before) / max(1, fleet.connected):,.0f} bytes per connection",
+        )
+    finally:
+        fleet.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--storm", type=int, default=3000, help="gateways")
@@ -106,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=float, default=20.0, help="MB of RSS growth between snapshots")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-trace", action="store_true", help="no tracemalloc: peak RSS only")
+    ap.add_argument("--idle", type=int, default=0, help="measure N idle connections instead of a storm")
     ap.add_argument("--env", action="append", default=[], help="K=V for the server (repeatable)")
     args = ap.parse_args(argv)
     common.raise_nofile()
@@ -119,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     env.update(kv.split("=", 1) for kv in args.env)
     server = pipeline.start_pipeline_server(env)
     try:
+        if args.idle:
+            idle(server, args.idle, args.processes)
+            if stats.exists():
+                print(json.dumps(json.loads(stats.read_text())))
+            return 0
         for label in ("storm (new)", "storm (again)"):
             r = compare.storm(server, "pipeline", label, args)
             if r["failed"] or r["synced"] != args.storm * args.meters:

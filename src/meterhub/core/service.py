@@ -270,7 +270,10 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
                 topic=topic[:200],
             )
             return None
-        gw, kind = parsed
+        kind = parsed[1]
+        # The connection's own string (equal to the topic's): one object for all that the gateway's
+        # devices and answers keep, not one per message.
+        gw = principal.client_id
         self._dirty_gw_seen[gw] = self.clock()
         try:
             if kind is _REPORT:

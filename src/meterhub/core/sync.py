@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from meterhub.core.devices import DeviceState, _may_take
@@ -102,9 +103,9 @@ class SyncMixin:
         name_changed = False
         created = dev is None
         if dev is None:
-            dev = DeviceState(
-                req.cid, gw, req.product_id, model, False, now, req.fields.get("device_name"), vendor_id
-            )
+            product = sys.intern(req.product_id)  # a few products, 100,000s of devices
+            name = req.fields.get("device_name")
+            dev = DeviceState(req.cid, gw, product, model, False, now, name, vendor_id)
             self._remember(dev)
             self.stats["devices.created"] += 1
         else:
@@ -118,7 +119,8 @@ class SyncMixin:
                 )
                 self.cache.move(dev, gw)
                 self.stats["devices.rebound"] += 1
-            dev.product_id = req.product_id
+            if dev.product_id != req.product_id:
+                dev.product_id = sys.intern(req.product_id)  # a few products, 100,000s of devices
             dev.model = model
             if "device_name" in req.fields and req.fields["device_name"] != dev.name:
                 name_changed = dev.name is not None or req.fields["device_name"] is not None
