@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
+from meterhub.bounded import BoundedList
 from meterhub.cluster.store import reset_at_start
 from meterhub.config import Settings
 from meterhub.core.commands import CommandResult, CommandsMixin, _PendingCommand
@@ -89,11 +90,11 @@ class GatewayRecord:
         self.codes: dict[str, Counter[int]] = {"sync": Counter(), "report": Counter()}
         #: reports whose request_id was seen shortly before with other content
         self.request_id_reused = 0
-        self.status_times: deque[float] = deque(maxlen=64)
+        self.status_times: BoundedList[float] = BoundedList(64)
         self.status_rejected = 0
         self.unknown_topic = 0
         self.commands: Counter[str] = Counter()  # sent, ok, failed, timeout, late_answer
-        self.command_latencies: deque[float] = deque(maxlen=256)
+        self.command_latencies: BoundedList[float] = BoundedList(256)
 
 
 class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
