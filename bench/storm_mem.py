@@ -101,10 +101,28 @@ SITE = textwrap.dedent(
                 libc.mallinfo2.restype = _MI
                 mi = libc.mallinfo2()
                 tail.append({k: getattr(mi, k) // 2**20 for k in ("arena", "hblkhd", "uordblks", "fordblks")})
-                types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+                objs = gc.get_objects()
+                types = collections.Counter(type(o).__name__ for o in objs)
+                probe = os.environ.get("STORM_MEM_PROBE")  # a type name: who holds one of them
+                chain = []
+                if probe:
+                    obj = next((o for o in objs if type(o).__name__ == probe), None)
+                    for _ in range(4):
+                        if obj is None:
+                            break
+                        refs = [r for r in gc.get_referrers(obj)
+                                if r is not objs and type(r).__name__ != "frame"]
+                        chain.append([repr(r)[:160] for r in refs[:3]])
+                        obj = refs[0] if refs else None
+                del objs
+                if os.environ.get("STORM_MEM_COLLECT"):  # how much of it is cyclic garbage
+                    collected = gc.collect()
+                    columns = sum(type(o).__name__ == "Column" for o in gc.get_objects())
+                    chain.append({"gc_collected": collected, "rss_after_collect_mb": _rss() / 2**20,
+                                  "Column_after": columns})
                 with open(_stats + ".tmp", "w") as f:
                     json.dump({"rss_mb": rss / 2**20, "anon": smaps.get("Anonymous"), "pymalloc": tail,
-                               "threads": threading.active_count(),
+                               "threads": threading.active_count(), "probe": chain,
                                "types": types.most_common(25)}, f)
                 os.replace(_stats + ".tmp", _stats)
                 best = _rss()
@@ -124,7 +142,7 @@ class IdleDriver(pipeline.GatewayDriver):
         return {}
 
 
-def idle(server: common.Server, n: int, processes: int) -> None:
+def idle(server: common.Server, n: int, processes: int, concurrency: int) -> None:
     """``n`` idle gateway connections: the server's RSS before and after, per connection."""
     spec = loadgen.FleetSpec(
         port=server.port,
@@ -137,7 +155,7 @@ def idle(server: common.Server, n: int, processes: int) -> None:
         prefix="idle",
         warmup=0.0,
         duration=0.0,
-        connect_concurrency=500,
+        connect_concurrency=concurrency,
         connect_timeout=300.0,
     )
     fleet = loadgen.Fleet(spec)
@@ -164,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-trace", action="store_true", help="no tracemalloc: peak RSS only")
     ap.add_argument("--idle", type=int, default=0, help="measure N idle connections instead of a storm")
+    ap.add_argument("--concurrency", type=int, default=500, help="--idle: connects in flight per process")
     ap.add_argument("--env", action="append", default=[], help="K=V for the server (repeatable)")
     args = ap.parse_args(argv)
     common.raise_nofile()
@@ -178,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     server = pipeline.start_pipeline_server(env)
     try:
         if args.idle:
-            idle(server, args.idle, args.processes)
+            idle(server, args.idle, args.processes, args.concurrency)
             if stats.exists():
                 print(json.dumps(json.loads(stats.read_text())))
             return 0
