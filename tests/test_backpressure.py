@@ -133,3 +133,62 @@ def test_a_max_queued_writes_below_one_is_refused_with_a_clear_error(tmp_path) -
     assert done.returncode == 1
     assert "bad configuration" in done.stderr and "max_queued_writes" in done.stderr
     assert "greater than or equal to 1" in done.stderr
+
+
+def test_syncs_in_flight_are_bounded_by_pausing_intake_and_all_are_answered(hub_factory, clients) -> None:
+    """A reconnect storm's syncs wait in TCP buffers, not as tasks: over ``sync_high_water`` syncs in
+    flight (here held by a blocked storage, whose own bound is far away) the gateways are not read;
+    once the syncs are answered they are read again, and every sync is answered 0 and stored once."""
+    hub = hub_factory("protocol")
+    bound = 10
+    hub.run(lambda: setattr(hub.hub.handler, "sync_high_water", bound))
+    vendor = registry.add_vendor(hub.engine, "meters-inc")
+    gw: Client = clients(hub.port, "gw-st", vendor.username)
+    gw.c.max_inflight_messages_set(1000)
+    assert gw.connect()[0] == 0
+    gw.subscribe("gateway_id/gw-st/#", 1)
+
+    def sync(n: int) -> tuple[str, bytes]:
+        body = {"t": int(time.time()), "request_id": f"s-{n}", "param": {"cid": f"m-{n}", "product_id": "p"}}
+        return "gateway_id/gw-st/devices/sync", json.dumps(body).encode()
+
+    def flight() -> dict[str, Any]:
+        h, mqtt = hub.hub.handler, hub.hub.mqtt
+        return {
+            "in_flight": h.syncs_in_flight,
+            "paused": mqtt.intake_paused,
+            "received": mqtt.stats["publish.in"],
+        }
+
+    gw.publish(*sync(999))  # connected and claimed (PostgreSQL: no claim in progress when the tables lock)
+    assert json.loads(gw.get().payload)["param"]["code"] == 0
+    with storage_held(hub.engine):
+        for n in range(100):
+            gw.c.publish(*sync(n), qos=1)
+        wait_for(lambda: hub.run(flight)["paused"], timeout=10)
+        time.sleep(0.3)  # let what was read before the pause reach the application
+        before = hub.run(flight)
+        for n in range(100, 200):
+            gw.c.publish(*sync(n), qos=1)
+        time.sleep(1.0)
+        during = hub.run(flight)
+        # paused: not one more sync is read, so what waits in memory is the bound plus one read
+        assert during == before and bound < during["in_flight"] == during["received"] - 1 < 200
+        assert hub.run(lambda: hub.hub.handler.stats["flow.sync_pressure"]) == 1
+
+    answers: dict[str, int] = {}
+
+    def all_answered() -> bool:
+        while not gw.messages.empty():
+            body = json.loads(gw.get().payload)
+            answers[body["request_id"]] = body["param"]["code"]
+        return len(answers) == 200
+
+    wait_for(all_answered, timeout=60)
+    assert set(answers.values()) == {0}
+    from sqlalchemy import text
+
+    with hub.engine.connect() as conn:
+        assert conn.execute(text("select count(*) from devices where gateway_id='gw-st'")).scalar_one() == 201
+    assert hub.run(flight) == {"in_flight": 0, "paused": False, "received": 201}
+    assert gw.disconnects.empty()

@@ -191,3 +191,24 @@ def test_a_device_stored_after_start_is_not_new_to_a_sync(start, fleet_db) -> No
     refused = x.ask("devices/sync", envelope({"cid": cid_of(900, 0), "product_id": "pid-meter"}))
     assert refused["param"] == {"cid": cid_of(900, 0), "msg": VENDOR_REFUSED, "code": 400}
     assert count(hub, "select count(*) from devices where gateway_id='gw-xeno'") == 0
+
+
+def test_a_stored_device_of_a_model_this_node_does_not_know_still_refuses_another_vendor(
+    start, fleet_db
+) -> None:
+    """A stored device whose model name this node does not know: another vendor's gateway is still
+    refused and the row is left as it was (the sync's batched lookup answers with the owner when the
+    row cannot be loaded)."""
+    hub, connect = start(default_model=None)
+    acme = fleet_db[1]["acme"].id
+    registry.add_product(hub.engine, "pid-meter", "smart-meter")
+    with hub.engine.begin() as conn:
+        conn.execute(text("update devices set model='no-such-model' where cid=:c"), {"c": cid_of(7, 3)})
+    x = connect("gw-xeno", "xeno")
+    refused = x.ask("devices/sync", envelope({"cid": cid_of(7, 3), "product_id": "pid-meter"}))
+    assert refused["param"] == {"cid": cid_of(7, 3), "msg": VENDOR_REFUSED, "code": 400}
+    with hub.engine.connect() as conn:
+        row = conn.execute(
+            text("select gateway_id, vendor_id, model from devices where cid=:c"), {"c": cid_of(7, 3)}
+        ).one()
+    assert tuple(row) == (gw_name(7), acme, "no-such-model")

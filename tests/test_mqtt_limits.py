@@ -145,3 +145,30 @@ def test_offline_persistent_sessions_expire_and_free_their_slot(hub_factory) -> 
     wait_for(lambda: hub.stats["sessions.expired"] == 1)
     assert hub.run(lambda: (sorted(mqtt_server.sessions), mqtt_server.persistent_total)) == (["gw-live"], 1)
     live.close()
+
+
+def test_a_clients_connect_history_is_bounded_and_an_idle_session_keeps_no_ack_queue(hub_factory) -> None:
+    """Per-connection memory: the connect history keeps the last 64 connects (a list, not a 630-byte
+    deque), and once its acknowledgements are written a session keeps no acknowledgement queue."""
+    hub = hub_factory("protocol")
+    user = registry.add_vendor(hub.engine, "meters-inc").username
+    for _ in range(70):
+        raw, body = connected(hub, "gw-hist", user)
+        assert body == b"\x00\x00"
+        raw.close()
+    raw, _ = connected(hub, "gw-hist", user)
+    sync = b'{"t": 1700000000, "request_id": "s-1", "param": {"cid": "m-1", "product_id": "p"}}'
+    raw.send(mqttraw.publish("gateway_id/gw-hist/devices/sync", sync, qos=1, pid=7))
+    assert raw.read_packet() == (0x40, b"\x00\x07")  # not subscribed: the PUBACK only
+
+    def state() -> tuple[int, list[int], object]:
+        rec = hub.hub.mqtt.client_record("gw-hist")
+        return (
+            len(rec.connects),
+            sorted({code for _, code in rec.connects}),
+            hub.hub.mqtt.sessions["gw-hist"].acks,
+        )
+
+    wait_for(lambda: hub.run(state)[2] is None, timeout=5)
+    assert hub.run(state) == (64, [0], None)
+    raw.close()

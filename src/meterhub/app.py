@@ -16,6 +16,7 @@ from typing import Any
 from meterhub.config import Settings
 from meterhub.core import gcwatch
 from meterhub.core.auth import GatewayAuthenticator, ThrottledAuthenticator
+from meterhub.core.intake import IntakeGate
 from meterhub.core.throttle import LoginThrottle
 from meterhub.logs import get_logger, set_repeat_interval
 from meterhub.mqtt.server import Limits, MQTTServer, fit_to_fd_limit
@@ -165,7 +166,11 @@ class Hub:
             self.mqtt = MQTTServer(authenticator, gateways, limits)
             await self.handler.start(self.mqtt)
             await self.cluster.start(self)
-        writer.on_pressure = self.mqtt.set_intake_paused
+        # Reading from gateways pauses while storage is behind or too many syncs are in flight.
+        gate = IntakeGate(self.mqtt.set_intake_paused)
+        writer.on_pressure = gate.setter("storage")
+        if self.handler_name != "echo":
+            self.handler.on_pressure = gate.setter("syncs")
         self.conformance = self._conformance_store(writer)
         self.mqtt.store = self._session_store(writer, limits)
         self.login_throttle.stats = self.mqtt.stats  # counted with the server's events (metrics)

@@ -56,14 +56,6 @@ def read_devices(engine: Engine, gateways: Sequence[str], cids: Sequence[str]) -
     return rows
 
 
-def read_owner(engine: Engine, cid: str) -> tuple[str, int | None] | None:
-    """The stored device's gateway and vendor (None: not stored). Blocking."""
-    d = schema.devices
-    with engine.connect() as conn:
-        row = conn.execute(select(d.c.gateway_id, d.c.vendor_id).where(d.c.cid == cid)).first()
-    return None if row is None else (row.gateway_id, row.vendor_id)
-
-
 class DeviceCache:
     """Devices in memory, bounded, filled from the database on connect and on a miss."""
 
@@ -78,7 +70,7 @@ class DeviceCache:
         self.devices: OrderedDict[str, Any] = OrderedDict()
         self.by_gateway: dict[str, set[str]] = {}
         self._gateways: list[str] = []  # gateways to load
-        self._cids: dict[str, list[asyncio.Future[Any]]] = {}  # cids to fetch, and who waits
+        self._cids: dict[str, list[tuple[asyncio.Future[Any], bool]]] = {}  # to fetch; (waiter, owner?)
         self._drainer: asyncio.Task[None] | None = None
         self.lookups = 0  # lookup jobs run
         self.misses = 0  # cids fetched from the database
@@ -143,12 +135,21 @@ class DeviceCache:
 
     def fetch(self, cid: str) -> asyncio.Future[Any]:
         """The device (None: not in the database or of an unknown model), from memory or the database."""
+        return self._lookup(cid, False)
+
+    def fetch_or_owner(self, cid: str) -> asyncio.Future[Any]:
+        """Like :meth:`fetch`, but a device stored with a model this node does not know gives its
+        ``(gateway_id, vendor_id)`` instead of None (None: not stored). From the same batched query:
+        a sync of a new device costs no lookup of its own."""
+        return self._lookup(cid, True)
+
+    def _lookup(self, cid: str, owner: bool) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         dev = self.devices.get(cid)
         if dev is not None:
             fut.set_result(dev)
             return fut
-        self._cids.setdefault(cid, []).append(fut)
+        self._cids.setdefault(cid, []).append((fut, owner))
         self._wake()
         return fut
 
@@ -167,14 +168,16 @@ class DeviceCache:
             except Exception as exc:
                 _repeats.error("device_lookup", "device lookup failed", error=str(exc)[:200])
                 for futs in waiters.values():
-                    for fut in futs:
+                    for fut, _ in futs:
                         if not fut.done():
                             fut.set_exception(exc)
                 continue
             self.lookups += 1
             self.misses += len(cids)
             found: dict[str, Any] = {}
+            owners: dict[str, tuple[str, int | None]] = {}
             for row in rows:
+                owners[row.cid] = (row.gateway_id, row.vendor_id)
                 dev = self.devices.get(row.cid)
                 # What is in memory is at least as new as the row, unless it is an offline device
                 # left with another gateway (moved through another node meanwhile).
@@ -186,6 +189,6 @@ class DeviceCache:
                 found[row.cid] = dev
             for cid, futs in waiters.items():
                 dev = self.devices.get(cid) or found.get(cid)
-                for fut in futs:
+                for fut, owner in futs:
                     if not fut.done():
-                        fut.set_result(dev)
+                        fut.set_result(dev if dev is not None or not owner else owners.get(cid))

@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
+from meterhub.bounded import BoundedList
 from meterhub.cluster.store import reset_at_start
 from meterhub.config import Settings
 from meterhub.core.commands import CommandResult, CommandsMixin, _PendingCommand
@@ -89,11 +90,11 @@ class GatewayRecord:
         self.codes: dict[str, Counter[int]] = {"sync": Counter(), "report": Counter()}
         #: reports whose request_id was seen shortly before with other content
         self.request_id_reused = 0
-        self.status_times: deque[float] = deque(maxlen=64)
+        self.status_times: BoundedList[float] = BoundedList(64)
         self.status_rejected = 0
         self.unknown_topic = 0
         self.commands: Counter[str] = Counter()  # sent, ok, failed, timeout, late_answer
-        self.command_latencies: deque[float] = deque(maxlen=256)
+        self.command_latencies: BoundedList[float] = BoundedList(256)
 
 
 class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
@@ -144,6 +145,13 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
         # router that sends a command through the node holding the device's gateway.
         self.presence_scope: str | None = None
         self.command_router: Callable[..., Any] | None = None
+        #: Syncs started and not yet answered. Above ``sync_high_water`` ``on_pressure(True)`` is called
+        #: (the transport stops reading from gateways), back at half of it ``on_pressure(False)``: a
+        #: reconnect storm's syncs wait in TCP buffers instead of as tasks in this process.
+        self.syncs_in_flight = 0
+        self.sync_high_water = 2000
+        self.sync_pressed = False
+        self.on_pressure: Callable[[bool], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -263,7 +271,10 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
                 topic=topic[:200],
             )
             return None
-        gw, kind = parsed
+        kind = parsed[1]
+        # The connection's own string (equal to the topic's): one object for all that the gateway's
+        # devices and answers keep, not one per message.
+        gw = principal.client_id
         self._dirty_gw_seen[gw] = self.clock()
         try:
             if kind is _REPORT:
@@ -271,7 +282,7 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
             if kind is Kind.STATUS:
                 return self._on_status(gw, payload)
             if kind is _SYNC:
-                return asyncio.ensure_future(self._on_sync(gw, payload, principal.extra.get("vendor_id")))
+                return self._start_sync(gw, payload, principal.extra.get("vendor_id"))
             return self._on_command_response(gw, payload)
         except Exception:
             self.stats["errors.unexpected"] += 1
@@ -285,6 +296,26 @@ class ProtocolService(ReportsMixin, SyncMixin, PresenceMixin, CommandsMixin):
             if kind in (_REPORT, _SYNC):
                 self._reply(gw, kind, None, None, ErrorCode.SYSTEM)
             return None
+
+    def _start_sync(self, gw: str, payload: bytes, vendor_id: int | None) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(self._on_sync(gw, payload, vendor_id))
+        self.syncs_in_flight += 1
+        if self.syncs_in_flight > self.sync_high_water and not self.sync_pressed:
+            self._sync_pressure(True)
+        task.add_done_callback(self._sync_done)
+        return task
+
+    def _sync_done(self, _task: asyncio.Future[None]) -> None:
+        self.syncs_in_flight -= 1
+        if self.sync_pressed and self.syncs_in_flight <= self.sync_high_water // 2:
+            self._sync_pressure(False)
+
+    def _sync_pressure(self, on: bool) -> None:
+        self.sync_pressed = on
+        if on:
+            self.stats["flow.sync_pressure"] += 1
+        if self.on_pressure is not None:
+            self.on_pressure(on)
 
     # --- replies ---------------------------------------------------------------------------------
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
-from meterhub.core.device_cache import read_owner
 from meterhub.core.devices import DeviceState, _may_take
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.model.datapoint import ProductModel
@@ -59,9 +59,13 @@ class SyncMixin:
         dev = self.devices.get(req.cid)
         owner: tuple[str, int | None] | None = None
         if dev is None:  # not in memory is not new: the device may be stored (and owned) already
-            dev = await self.cache.fetch(req.cid)
-            if dev is None:  # not stored, or of a model this node does not know
-                owner = await asyncio.to_thread(read_owner, self.engine, req.cid)
+            # One batched query for the syncs of a burst; a stored device of a model this node does
+            # not know comes back as its (gateway, vendor).
+            found = await self.cache.fetch_or_owner(req.cid)
+            if isinstance(found, tuple):
+                owner = found
+            else:
+                dev = found
         if owner is not None and owner[0] != gw and not _may_take(owner[1], vendor_id):
             dev_gateway: str | None = owner[0]
         elif dev is not None and dev.gateway_id != gw and not _may_take(dev.vendor_id, vendor_id):
@@ -99,9 +103,9 @@ class SyncMixin:
         name_changed = False
         created = dev is None
         if dev is None:
-            dev = DeviceState(
-                req.cid, gw, req.product_id, model, False, now, req.fields.get("device_name"), vendor_id
-            )
+            product = sys.intern(req.product_id)  # a few products, 100,000s of devices
+            name = req.fields.get("device_name")
+            dev = DeviceState(req.cid, gw, product, model, False, now, name, vendor_id)
             self._remember(dev)
             self.stats["devices.created"] += 1
         else:
@@ -115,7 +119,8 @@ class SyncMixin:
                 )
                 self.cache.move(dev, gw)
                 self.stats["devices.rebound"] += 1
-            dev.product_id = req.product_id
+            if dev.product_id != req.product_id:
+                dev.product_id = sys.intern(req.product_id)  # a few products, 100,000s of devices
             dev.model = model
             if "device_name" in req.fields and req.fields["device_name"] != dev.name:
                 name_changed = dev.name is not None or req.fields["device_name"] is not None

@@ -34,6 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
+from meterhub.bounded import BoundedList
 from meterhub.logs import RateLimitedLog, get_logger
 from meterhub.mqtt import codec
 from meterhub.mqtt.topics import matches, valid_filter
@@ -101,7 +102,7 @@ class ClientRecord:
     __slots__ = ("acl_rejected", "clean_session", "connects", "keepalive", "keepalive_expired", "qos")
 
     def __init__(self) -> None:
-        self.connects: deque[tuple[float, int]] = deque(maxlen=64)  # (wall time, CONNACK code)
+        self.connects: BoundedList[tuple[float, int]] = BoundedList(64)  # (wall time, CONNACK code)
         self.keepalive = 0
         self.clean_session = True
         self.qos = [0, 0, 0]  # inbound PUBLISH count per QoS
@@ -421,6 +422,8 @@ class Session:
             self._write(data)
         if self.wants_pause & PAUSE_INBOUND and len(acks) <= self.limits.max_pending_inbound // 2:
             self.wants_pause &= ~PAUSE_INBOUND
+        if not acks:  # an empty deque is ~630 bytes: none kept per idle connection
+            self.acks = None
         return wait
 
     # --- holding back (per-client back-pressure) -------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -128,7 +129,18 @@ def upsert(
     """
     if not rows:
         return
-    if conn.dialect.name == "postgresql":
+    stmt = _upsert_statement(conn.dialect.name, table, tuple(keys), tuple(update_cols), where_newer)
+    conn.execute(stmt, rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_statement(
+    dialect: str, table: Any, keys: tuple[str, ...], update_cols: tuple[str, ...], where_newer: str | None
+) -> Any:
+    """The statement of :func:`upsert`, built once per shape. Building it makes an ``excluded``
+    alias of the table (a copy of every column, in reference cycles): per commit, that was ~60
+    objects of garbage only a full collection frees (a 10,000-gateway connect burst left 180,000)."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
@@ -137,8 +149,7 @@ def upsert(
     where = None
     if where_newer is not None:
         where = table.c[where_newer] <= stmt.excluded[where_newer]
-    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=set_, where=where)
-    conn.execute(stmt, rows)
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_=set_, where=where)
 
 
 # --- operations the writer understands -------------------------------------------------------------
