@@ -236,16 +236,11 @@ def _apply_reports(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 def _apply_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """Latest values ``(cid, dp_id, value_json, num, t, received_at)``: only the newest per data point
     in the batch is written, and never over a newer stored one (buffered reports arrive late)."""
-    newest: dict[tuple[str, str], tuple[Any, ...]] = {}
-    for row in rows:
-        key = (row[0], row[1])
-        seen = newest.get(key)
-        if seen is None or seen[4] <= row[4]:
-            newest[key] = row
+    newest = sqlite_fast.newest_per_data_point(rows)
     if conn.dialect.name == "postgresql":
-        pg_bulk.apply_latest(conn, list(newest.values()))
+        pg_bulk.apply_latest(conn, newest)
         return
-    conn.exec_driver_sql(_driver_sql(conn, _LATEST_SQL, 6), list(newest.values()))
+    conn.exec_driver_sql(_driver_sql(conn, _LATEST_SQL, 6), newest)
 
 
 def _apply_presence(conn: Connection, rows: list[dict[str, Any]]) -> None:

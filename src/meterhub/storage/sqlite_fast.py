@@ -45,15 +45,21 @@ def apply_reports(dbapi: Any, rows: list[tuple[Any, ...]]) -> None:
     _executemany(dbapi, REPORTS_SQL, rows)
 
 
-def apply_latest(dbapi: Any, rows: list[tuple[Any, ...]]) -> None:
-    """Latest values: the newest per data point of the batch, never over a newer stored one."""
+def newest_per_data_point(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Of latest-value rows ``(cid, dp_id, value_json, num, t, received_at)``, the newest (by ``t``)
+    per data point: what a batch writes (on every database)."""
     newest: dict[tuple[str, str], tuple[Any, ...]] = {}
     for row in rows:
         key = (row[0], row[1])
         seen = newest.get(key)
         if seen is None or seen[4] <= row[4]:
             newest[key] = row
-    _executemany(dbapi, LATEST_SQL, newest.values())
+    return list(newest.values())
+
+
+def apply_latest(dbapi: Any, rows: list[tuple[Any, ...]]) -> None:
+    """Latest values: the newest per data point of the batch, never over a newer stored one."""
+    _executemany(dbapi, LATEST_SQL, newest_per_data_point(rows))
 
 
 def apply_seen(dbapi: Any, rows: list[dict[str, Any]]) -> None:
