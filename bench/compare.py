@@ -325,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--payload", type=int, default=100, help="echo/relay request bytes")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--duration", type=float, default=8.0)
-    ap.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated subset of {','.join(LOADS)}")
+    ap.add_argument(
+        "--loads",
+        default=",".join(LOADS),
+        help="comma-separated subset of " + ",".join(LOADS).replace("%", "%%"),
+    )
     ap.add_argument("--storm", type=int, default=0, help="reconnect storm of N gateways (0: none)")
     ap.add_argument("--json", action="store_true", help="also write bench/results/compare-*.json")
     args = ap.parse_args(argv)
