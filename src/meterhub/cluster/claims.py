@@ -13,11 +13,13 @@ gateway twice in a batch gets two, in order.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from sqlalchemy import Engine
 
 from meterhub.cluster import store
+from meterhub.storage.database import TRANSIENT_RETRIES, transient
 
 
 class ClaimBatcher:
@@ -30,6 +32,7 @@ class ClaimBatcher:
         self._queued: list[tuple[str, asyncio.Future[tuple[str | None, int]]]] = []
         self._running = False
         self.batches = 0
+        self.retries = 0  # batches tried again after a deadlock
 
     async def claim(self, gateway_id: str) -> tuple[str | None, int]:
         fut: asyncio.Future[tuple[str | None, int]] = asyncio.get_running_loop().create_future()
@@ -45,9 +48,7 @@ class ClaimBatcher:
                 batch, self._queued = self._queued[: self.batch_max], self._queued[self.batch_max :]
                 batch.sort(key=lambda item: item[0])  # stable: one gateway's claims keep their order
                 try:
-                    results = await asyncio.to_thread(
-                        store.claim_gateways, self.engine, [gw for gw, _ in batch], self.node_id, time.time()
-                    )
+                    results = await self._store([gw for gw, _ in batch])
                 except Exception as exc:
                     for _, fut in batch:
                         if not fut.done():
@@ -59,3 +60,19 @@ class ClaimBatcher:
                         fut.set_result(result)
         finally:
             self._running = False
+
+    async def _store(self, gateway_ids: list[str]) -> list[tuple[str | None, int]]:
+        """One transaction for the batch, tried again (a few times, after a short pause) when the
+        database aborts it for another transaction's sake: a deadlock with the writer's batch or a
+        draining node's release must not fail every CONNECT of the batch."""
+        for attempt in range(TRANSIENT_RETRIES):
+            try:
+                return await asyncio.to_thread(
+                    store.claim_gateways, self.engine, gateway_ids, self.node_id, time.time()
+                )
+            except Exception as exc:
+                if not transient(exc) or attempt == TRANSIENT_RETRIES - 1:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(0.01 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")

@@ -18,6 +18,7 @@ Metrics (all prefixed ``meterhub_``):
   ``pending_commands``, ``alarms_active``, ``alarm_cache_devices``, ``alarm_cache_total{event}``.
 - Storage: ``storage_batches_total``, ``storage_operations_total``, ``storage_failures_total``,
   ``storage_rows_refused_total`` (groups whose data the database refused, answered 500),
+  ``storage_transient_retries_total`` (batches tried again after a deadlock or serialization failure),
   ``storage_commit_seconds_total``, gauges ``storage_last_batch_size``, ``storage_last_commit_seconds``,
   ``storage_commit_seconds_max`` (the longest batch since start), ``storage_queue_depth``,
   ``storage_outstanding``, ``storage_healthy``; back-pressure: ``storage_pressure`` (1 while gateways
@@ -290,6 +291,11 @@ class HubCollector(Collector):
                 "storage_rows_refused",
                 st.rows_refused,
                 "Write groups the database refused (their batch-mates were stored; storage stays healthy).",
+            ),
+            (
+                "storage_transient_retries",
+                st.transient_retries,
+                "Batches tried again after the database aborted them for another transaction (a deadlock).",
             ),
             (
                 "storage_pressure_episodes",

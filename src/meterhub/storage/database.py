@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +70,19 @@ def row_refused(error: BaseException) -> bool:
     if isinstance(error, sa_exc.SQLAlchemyError):
         return False
     return isinstance(error, (TypeError, ValueError, OverflowError))
+
+
+#: SQLSTATEs of a transaction the database aborted so that another could go on (deadlock detected,
+#: serialization failure): the same transaction tried again is expected to succeed.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+#: How often the writer tries a batch again after such an abort (other failures: once).
+TRANSIENT_RETRIES = 5
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` is the database aborting the transaction for another's sake (PostgreSQL's
+    deadlock detector, a serialization failure): worth trying again, not a failing database."""
+    return getattr(getattr(error, "orig", None), "sqlstate", None) in TRANSIENT_SQLSTATES
 
 
 def create_db_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
@@ -174,7 +188,8 @@ def _merged_upserts(
         else:
             seen.update({k: v for k, v in row.items() if k not in insert_only})
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for row in merged.values():
+    # by key: row locks taken in one order (as gateway claims take theirs), fewer deadlocks
+    for _, row in sorted(merged.items()):
         groups.setdefault(tuple(sorted(row)), []).append(row)
     for columns, group in groups.items():
         upsert(conn, table, [key], group, [c for c in columns if c != key and c not in insert_only])
@@ -374,6 +389,8 @@ class WriterStats:
     rows_refused: int = 0
     #: Batches that failed on refused data and were split to find the refused groups.
     batches_split: int = 0
+    #: Tries again of a batch the database aborted for another transaction's sake (a deadlock).
+    transient_retries: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -558,20 +575,18 @@ class GroupCommitWriter:
             else:
                 _repeats.warning(
                     "batch_failed",
-                    "storage batch failed, trying once more",
+                    "storage batch failed, trying again",
                     error=brief_error(exc),
                     size=len(batch),
                 )
-                try:
-                    self._apply(batch)
-                except Exception as again:
-                    if row_refused(again):
-                        failing = self._isolate(batch, again, results)
-                    else:
-                        failing = True
-                        self._fail(batch, again, results)
-                else:
+                again = self._retry(batch, exc)
+                if again is None:
                     results = [(cb, None) for _, cb in batch if cb is not None]
+                elif row_refused(again):
+                    failing = self._isolate(batch, again, results)
+                else:
+                    failing = True
+                    self._fail(batch, again, results)
         else:
             results = [(cb, None) for _, cb in batch if cb is not None]
         self.healthy = not failing
@@ -587,6 +602,27 @@ class GroupCommitWriter:
         st.commit_seconds_total += elapsed
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(self._finished, len(batch), results)
+
+    def _retry(
+        self, batch: list[tuple[list[tuple[str, Any]], DoneCallback | None]], error: BaseException
+    ) -> BaseException | None:
+        """Apply ``batch`` again after ``error`` (the database failing, not refusing data): once, or up
+        to :data:`TRANSIENT_RETRIES` times with a short, growing pause while the database keeps aborting
+        it for another transaction's sake (a deadlock with a node's gateway claims, say). Returns the
+        last error, or None once it is committed."""
+        attempt = 0
+        while True:
+            if attempt:
+                time.sleep(min(0.2, 0.01 * 2**attempt) * (0.5 + random.random()))
+            attempt += 1
+            try:
+                self._apply(batch)
+            except Exception as exc:
+                if row_refused(exc) or not transient(exc) or attempt >= TRANSIENT_RETRIES:
+                    return exc
+                self.stats.transient_retries += 1
+            else:
+                return None
 
     def _isolate(
         self,
