@@ -795,7 +795,7 @@ def test_backfilled_demo_history_fills_the_pages(dash: Dashboard) -> None:
     dash.go("/alarms")
     page.click("label[for=alarm-state-past]")
     rows = page.locator("table.alarm-table tbody tr")
-    expect(rows).to_have_count(6)
+    expect(rows).to_have_count(6, timeout=15_000)  # a loaded CI machine: the list is one API call
     expect(page.locator("table.alarm-table .badge", has_text="simulated")).to_have_count(6)
     sag = rows.filter(has_text="Undervoltage").first
     expect(sag).to_contain_text(re.compile(r"Voltage current 20\d\.\d V < limit 207\.0 V"))
