@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import math
 import random
 import time
@@ -249,7 +250,7 @@ def expected_rollups(
     raw: list[tuple[int, str, str, float, float]], zone: ZoneInfo
 ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     """From raw rows (id, cid, dp_id, num, t): per (res, cid, dp_id, bucket) (bucket_end, n, min, max,
-    last by (t, id), sum)."""
+    last by (t, id), sum, first by (t, id), its t, "never decreases in (t, id) order")."""
     groups: dict[tuple[Any, ...], list[tuple[float, int, float]]] = {}
     ends: dict[tuple[Any, ...], float] = {}
     for id_, cid, dp, num, t in raw:
@@ -267,12 +268,29 @@ def expected_rollups(
     out = {}
     for key, pts in groups.items():
         nums = [p[2] for p in pts]
-        out[key] = (ends[key], len(pts), min(nums), max(nums), max(pts)[2], sum(nums))
+        ordered = [p[2] for p in sorted(pts)]
+        mono = all(b >= a for a, b in itertools.pairwise(ordered))
+        first = min(pts)
+        out[key] = (
+            ends[key],
+            len(pts),
+            min(nums),
+            max(nums),
+            max(pts)[2],
+            sum(nums),
+            first[2],
+            first[0],
+            mono,
+        )
     return out
 
 
 def stored_rollups(engine: Engine) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    got = rows(engine, "SELECT res, cid, dp_id, bucket, bucket_end, n, lo, hi, last, total FROM rollups")
+    got = rows(
+        engine,
+        "SELECT res, cid, dp_id, bucket, bucket_end, n, lo, hi, last, total, first, first_t, mono "
+        "FROM rollups",
+    )
     return {r[:4]: r[4:] for r in got}
 
 
@@ -284,6 +302,7 @@ def assert_same(
         g = got[key]
         assert g[:5] == w[:5], key
         assert g[5] == pytest.approx(w[5], rel=1e-12, abs=1e-9), key
+        assert g[6:] == w[6:], key
 
 
 def assert_avg(got: float | None, want: float | None) -> None:
