@@ -148,6 +148,11 @@ def _set_state(conn: Connection, name: str, value: str) -> None:
     )
 
 
+def zone_at(conn: Connection) -> str | None:
+    """The time zone of the daily rollups (None: never built)."""
+    return _get_state(conn, ZONE_KEY)
+
+
 def done_at(conn: Connection) -> float | None:
     """Rollups hold every report with ``t`` below this; None: no rollups yet (read raw rows)."""
     value = _get_state(conn, DONE_KEY)
