@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.engine import Connection
 
 from meterhub.storage import rollups, schema
@@ -347,7 +347,8 @@ def _neighbour(conn: Connection, cid: str, dp_id: str, t: float, before: bool) -
 # bucket of a device's range is monotonic and the sequence baseline, first_1, last_1, first_2, ... never
 # decreases either (no drop at a bucket's edge, whose verdict would depend on the readings next to it),
 # :func:`attribute` over those readings plus the raw rows above the rollups gives the answer of the raw
-# rows alone; otherwise (or with a dirty bucket, or a rollup row from before migration 0016) the
+# rows alone; otherwise (or with a dirty bucket, a rollup row from before migration 0016, or a count
+# of raw rows in the covered range that differs from the rollups') the
 # device's range is read from the raw rows. The first/last values are read by report id (exact raw
 # integers, whatever the data point's scale). ``spread`` reads raw rows (float sums in another order).
 
@@ -420,6 +421,17 @@ def _rollup_rows(conn: Connection, cid: str, dp_id: str, cover: Cover) -> list[A
         .order_by(u.c.bucket)
     ).all()
     if any(row.bucket not in cover.starts for row in rows):  # rebuilt in another zone meanwhile
+        return None
+    # Every raw row must be in the rollups and no more: rows written past the writer (an import, a
+    # restore), expired by retention or committed since the rollups were read make the counts differ.
+    # An index-only count on (cid, dp_id, t).
+    r = schema.reports
+    raw = conn.execute(
+        select(func.count())
+        .select_from(r)
+        .where(r.c.cid == cid, r.c.dp_id == dp_id, r.c.t >= cover.start, r.c.t < cover.end)
+    ).scalar_one()
+    if raw != sum(row.n for row in rows):
         return None
     return list(rows)
 
