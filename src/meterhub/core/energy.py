@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from meterhub.storage import rollups, schema
@@ -440,9 +440,15 @@ def _raw_by_id(conn: Connection, cid: str, dp_id: str, keys: set[tuple[int, floa
     if not keys:
         return {}
     r = schema.reports
-    rows = conn.execute(
+    times = sorted({t for _, t in keys})
+    rows = conn.execute(  # through the (cid, dp_id, t) index, the partitions of [first, last] only
         select(r.c.id, r.c.value).where(
-            r.c.cid == cid, r.c.dp_id == dp_id, tuple_(r.c.id, r.c.t).in_(sorted(keys))
+            r.c.cid == cid,
+            r.c.dp_id == dp_id,
+            r.c.t >= times[0],
+            r.c.t <= times[-1],
+            r.c.t.in_(times),
+            r.c.id.in_(sorted({id_ for id_, _ in keys})),
         )
     ).all()
     return {id_: _raw(v) for id_, v in rows}
