@@ -2,7 +2,9 @@
 
 Per (res, cid, dp_id, bucket) the table ``rollups`` holds ``n`` (count), ``total`` (sum), ``lo``/``hi``
 (min/max) and ``last`` (the number of the latest report by (t, id), with ``last_t``/``last_id``) of the
-``num`` of every stored report in ``[bucket, bucket_end)``. 5-minute and hourly buckets are UTC-aligned;
+``num`` of every stored report in ``[bucket, bucket_end)``, and (migration 0016) ``first`` (with
+``first_t``/``first_id``) and ``mono`` (the numbers never decrease in (t, id) order), for energy
+(meterhub.core.energy). 5-minute and hourly buckets are UTC-aligned;
 daily buckets are the days of the configured time zone (23 or 25 hours on DST change days).
 
 Maintenance is incremental and in the same transaction as the reports (meterhub.storage.pg_bulk): the
