@@ -23,7 +23,8 @@ of the newest schema (``--meters`` meters x 2 data points, voltage and the energ
 ``--step`` seconds back from now), rollups built from them, then p50/p95 over ``--repeat`` runs of
 what the API does for one meter's chart of 1 hour / 1 day / 30 days (100 buckets, the resolution the
 router picks) and for a fleet-wide daily energy over 7 days of ``--energy-meters`` meters
-(meterhub.core.energy, raw counter rows), plus disk bytes per stored report
+(meterhub.core.energy: from rollups with the raw tail, and from raw counter rows only; both must give
+the same answer), plus disk bytes per stored report
 (pg_total_relation_size of every partition of ``reports``, and of ``rollups``).
 
     .venv/bin/python bench/storage.py                 # both parts, ~20 min
@@ -265,13 +266,15 @@ def chart(engine: Engine, cid: str, start: float, end: float, count: int, zone: 
     )
 
 
-def fleet_energy(engine: Engine, cids: list[str], days: int, zone: ZoneInfo, now: float) -> Any:
+def fleet_energy(
+    engine: Engine, cids: list[str], days: int, zone: ZoneInfo, now: float, use_rollups: bool = True
+) -> Any:
     import datetime as dt
 
     last = dt.datetime.fromtimestamp(now, zone).date()
     buckets = energy.buckets_for("day", last - dt.timedelta(days=days - 1), last, zone)
     with engine.connect() as conn:
-        return energy.group_energy(conn, cids, "day", buckets)
+        return energy.group_energy(conn, cids, "day", buckets, use_rollups=use_rollups)
 
 
 def bench_queries(
@@ -311,8 +314,14 @@ def bench_queries(
             out[f"chart {label}"] = timed(one, repeat)
         cids = [f"meter-{m}" for m in range(min(energy_meters, meters))]
         e_days = int(min(7, days))
-        out[f"energy {len(cids)} meters x {e_days} days"] = timed(
+        label = f"energy {len(cids)} meters x {e_days} days"
+        got = fleet_energy(eng, cids, e_days, zone, now)
+        assert got == fleet_energy(eng, cids, e_days, zone, now, use_rollups=False)  # the same answer
+        out[f"{label} (rollups + raw tail)"] = timed(
             lambda: fleet_energy(eng, cids, e_days, zone, now), max(3, repeat // 10)
+        )
+        out[f"{label} (raw rows only)"] = timed(
+            lambda: fleet_energy(eng, cids, e_days, zone, now, use_rollups=False), max(3, repeat // 10)
         )
         return out
     finally:

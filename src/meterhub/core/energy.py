@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from meterhub.storage import schema
+from meterhub.storage import rollups, schema
 
 __all__ = [
     "DAILY_DP",
@@ -338,33 +339,230 @@ def _neighbour(conn: Connection, cid: str, dp_id: str, t: float, before: bool) -
     return None
 
 
+# --- from rollups (PostgreSQL) ---------------------------------------------------------------------
+#
+# A rollup bucket that lies inside one asked-for bucket and whose numbers never decrease (``mono``)
+# contributes exactly what its first and last readings contribute: the deltas inside it are all >= 0,
+# all go to the same asked-for bucket, and no reset/rebase/glitch rule fires. So, when every rollup
+# bucket of a device's range is monotonic and the sequence baseline, first_1, last_1, first_2, ... never
+# decreases either (no drop at a bucket's edge, whose verdict would depend on the readings next to it),
+# :func:`attribute` over those readings plus the raw rows above the rollups gives the answer of the raw
+# rows alone; otherwise (or with a dirty bucket, a rollup row from before migration 0016, or a count
+# of raw rows in the covered range that differs from the rollups') the
+# device's range is read from the raw rows. The first/last values are read by report id (exact raw
+# integers, whatever the data point's scale). ``spread`` reads raw rows (float sums in another order).
+
+
+@dataclass(slots=True, frozen=True)
+class Cover:
+    """Rollups of resolution ``res`` answer ``[start, end)``; every asked-for bound in it is a bound of
+    a rollup bucket (``starts``)."""
+
+    res: int
+    start: float
+    end: float
+    starts: frozenset[float]
+
+
+def rollup_cover(conn: Connection, bounds: Sequence[float]) -> Cover | None:
+    """The coarsest rollups that tile a non-empty start of ``[bounds[0], bounds[-1])`` below the rollup
+    job's watermark without crossing an asked-for bound; None: read raw rows (SQLite, no rollups)."""
+    if not rollups.uses_rollups(conn):
+        return None
+    done, zone_name = rollups.done_at(conn), rollups.zone_at(conn)
+    if done is None or zone_name is None:
+        return None
+    start, hi = bounds[0], min(bounds[-1], done)
+    if hi <= start:
+        return None
+    zone = ZoneInfo(zone_name)
+    for res in rollups.RESOLUTIONS:
+        starts = rollups.boundaries(res, start, hi, zone)
+        if not starts or starts[0] != start or starts[-1] == start:
+            continue
+        have = frozenset(starts)
+        if all(b in have for b in bounds if b <= starts[-1]):
+            return Cover(res, start, starts[-1], have)
+    return None
+
+
+def _dirty(conn: Connection, cid: str, dp_id: str, cover: Cover) -> bool:
+    d = schema.rollup_dirty
+    q = select(d.c.bucket).where(
+        d.c.cid == cid, d.c.dp_id == dp_id, d.c.bucket > cover.start - 300, d.c.bucket < cover.end
+    )
+    return conn.execute(q.limit(1)).first() is not None
+
+
+def _rollup_rows(conn: Connection, cid: str, dp_id: str, cover: Cover) -> list[Any] | None:
+    """The device's rollup rows in the cover, by bucket; None when a late report made one stale."""
+    if _dirty(conn, cid, dp_id, cover):  # read before the rollups: a mark seen means they may be stale
+        return None
+    u = schema.rollups
+    rows = conn.execute(
+        select(
+            u.c.bucket,
+            u.c.n,
+            u.c.first,
+            u.c.first_t,
+            u.c.first_id,
+            u.c.last,
+            u.c.last_t,
+            u.c.last_id,
+            u.c.mono,
+        )
+        .where(
+            u.c.res == cover.res,
+            u.c.cid == cid,
+            u.c.dp_id == dp_id,
+            u.c.bucket >= cover.start,
+            u.c.bucket < cover.end,
+        )
+        .order_by(u.c.bucket)
+    ).all()
+    if any(row.bucket not in cover.starts for row in rows):  # rebuilt in another zone meanwhile
+        return None
+    # Every raw row must be in the rollups and no more: rows written past the writer (an import, a
+    # restore), expired by retention or committed since the rollups were read make the counts differ.
+    # An index-only count on (cid, dp_id, t).
+    r = schema.reports
+    raw = conn.execute(
+        select(func.count())
+        .select_from(r)
+        .where(r.c.cid == cid, r.c.dp_id == dp_id, r.c.t >= cover.start, r.c.t < cover.end)
+    ).scalar_one()
+    if raw != sum(row.n for row in rows):
+        return None
+    return list(rows)
+
+
+def _raw_by_id(conn: Connection, cid: str, dp_id: str, keys: set[tuple[int, float]]) -> dict[int, int | None]:
+    if not keys:
+        return {}
+    r = schema.reports
+    times = sorted({t for _, t in keys})
+    rows = conn.execute(  # through the (cid, dp_id, t) index, the partitions of [first, last] only
+        select(r.c.id, r.c.value).where(
+            r.c.cid == cid,
+            r.c.dp_id == dp_id,
+            r.c.t >= times[0],
+            r.c.t <= times[-1],
+            r.c.t.in_(times),
+            r.c.id.in_(sorted({id_ for id_, _ in keys})),
+        )
+    ).all()
+    return {id_: _raw(v) for id_, v in rows}
+
+
+def _series_from_rollups(
+    conn: Connection, cid: str, dp_id: str, bounds: Sequence[float], baseline: Reading | None, cover: Cover
+) -> tuple[list[Reading], list[int]] | None:
+    """Readings standing for the rollup buckets (first and last of each) plus the raw rows above the
+    cover, and per asked-for bucket the readings the stand-ins replace; None: read the raw rows."""
+    rows = _rollup_rows(conn, cid, dp_id, cover)
+    if rows is None:
+        return None
+    prev_num: float | None = None
+    for row in rows:
+        if row.mono is not True or (prev_num is not None and row.first < prev_num):
+            return None
+        prev_num = row.last
+    values = _raw_by_id(
+        conn,
+        cid,
+        dp_id,
+        {(row.first_id, row.first_t) for row in rows} | {(row.last_id, row.last_t) for row in rows},
+    )
+    out: list[Reading] = []
+    extra = [0] * (len(bounds) - 1)
+    for row in rows:
+        first, last = values.get(row.first_id), values.get(row.last_id)
+        if first is None or last is None:  # raw rows expired (or not an integer): no exact answer here
+            return None
+        stand_ins = [Reading(row.first_t, first)]
+        if row.last_id != row.first_id:
+            stand_ins.append(Reading(row.last_t, last))
+        out.extend(stand_ins)
+        extra[bisect.bisect_right(bounds, row.bucket) - 1] += row.n - len(stand_ins)
+    seq = ([baseline] if baseline is not None else []) + out
+    if any(b.raw < a.raw for a, b in itertools.pairwise(seq)):
+        return None
+    return out + _readings(conn, cid, dp_id, cover.end, bounds[-1]), extra
+
+
+def _series(
+    conn: Connection,
+    cid: str,
+    dp_id: str,
+    bounds: Sequence[float],
+    baseline: Reading | None,
+    cover: Cover | None,
+) -> tuple[list[Reading], list[int] | None]:
+    if cover is not None and (got := _series_from_rollups(conn, cid, dp_id, bounds, baseline, cover)):
+        return got
+    return _readings(conn, cid, dp_id, bounds[0], bounds[-1]), None
+
+
+def _own(
+    conn: Connection, cid: str, dp_id: str, bounds: Sequence[float], cover: Cover | None
+) -> list[Reading | None]:
+    """The last reading of ``dp_id`` per asked-for bucket (rollups' ``last`` where they answer)."""
+    rows = _rollup_rows(conn, cid, dp_id, cover) if cover is not None else None
+    if rows is None:
+        return _last_per_bucket(_readings(conn, cid, dp_id, bounds[0], bounds[-1]), bounds)
+    latest: dict[int, Any] = {}
+    for row in rows:
+        i = bisect.bisect_right(bounds, row.bucket) - 1
+        if i not in latest or (row.last_t, row.last_id) > (latest[i].last_t, latest[i].last_id):
+            latest[i] = row
+    values = _raw_by_id(conn, cid, dp_id, {(row.last_id, row.last_t) for row in latest.values()})
+    if any(values.get(row.last_id) is None for row in latest.values()):
+        return _last_per_bucket(_readings(conn, cid, dp_id, bounds[0], bounds[-1]), bounds)
+    out: list[Reading | None] = [None] * (len(bounds) - 1)
+    for i, row in latest.items():
+        out[i] = Reading(row.last_t, values[row.last_id])  # type: ignore[arg-type]
+    assert cover is not None  # rows came from it
+    tail = _last_per_bucket(_readings(conn, cid, dp_id, cover.end, bounds[-1]), bounds)
+    return [t if t is not None else o for t, o in zip(tail, out, strict=True)]
+
+
 def device_energy(
-    conn: Connection, cid: str, period: str, buckets: list[Bucket], *, spread: bool = False
+    conn: Connection,
+    cid: str,
+    period: str,
+    buckets: list[Bucket],
+    *,
+    spread: bool = False,
+    cover: Cover | bool = True,
 ) -> DeviceEnergy:
-    """Consumption of one device over ``buckets`` (consecutive days or months)."""
+    """Consumption of one device over ``buckets`` (consecutive days, months or hours): from rollups
+    where they give the raw rows' answer (PostgreSQL, see :class:`Cover`), else from the raw rows.
+    ``cover``: True = find it, False = raw rows only, or one :func:`rollup_cover` for several devices."""
     bounds = [b.start for b in buckets] + [buckets[-1].end]
     start, end = bounds[0], bounds[-1]
+    if cover is True:
+        cover = rollup_cover(conn, bounds)
+    use: Cover | None = cover if isinstance(cover, Cover) else None
     divisor = 10**SCALE
     source: tuple[str, str] | None = None
     readings: list[Reading] = []
+    extra: list[int] | None = None
     baseline: Reading | None = None
     for dp_id, code in SOURCE_DPS:
-        readings = _readings(conn, cid, dp_id, start, end)
         baseline = _neighbour(conn, cid, dp_id, start, before=True)
+        readings, extra = _series(conn, cid, dp_id, bounds, baseline, None if spread else use)
         if readings or baseline is not None:
             source = (dp_id, code)
             break
     if source is not None:
         lookahead = _neighbour(conn, cid, source[0], end, before=False)
         att = attribute(readings, bounds, baseline=baseline, lookahead=lookahead, spread=spread)
+        if extra is not None:
+            att.readings = [c + e for c, e in zip(att.readings, extra, strict=True)]
     else:
         att = Attribution([None] * len(buckets), [0] * len(buckets))
     own_dp = {"day": DAILY_DP, "month": MONTHLY_DP}.get(period)  # hours: the meter keeps no register
-    own = (
-        _last_per_bucket(_readings(conn, cid, own_dp, start, end), bounds)
-        if own_dp
-        else [None] * len(buckets)
-    )
+    own = _own(conn, cid, own_dp, bounds, use) if own_dp else [None] * len(buckets)
     return DeviceEnergy(
         cid=cid,
         source=source,
@@ -377,10 +575,20 @@ def device_energy(
 
 
 def group_energy(
-    conn: Connection, cids: Sequence[str], period: str, buckets: list[Bucket], *, spread: bool = False
+    conn: Connection,
+    cids: Sequence[str],
+    period: str,
+    buckets: list[Bucket],
+    *,
+    spread: bool = False,
+    use_rollups: bool = True,
 ) -> tuple[list[float | None], list[DeviceEnergy]]:
     """Per-bucket sums over several devices (None where no device has data), and each device's part."""
-    parts = [device_energy(conn, cid, period, buckets, spread=spread) for cid in cids]
+    bounds = [b.start for b in buckets] + [buckets[-1].end]
+    cover: Cover | bool = False
+    if use_rollups and not spread:
+        cover = rollup_cover(conn, bounds) or False
+    parts = [device_energy(conn, cid, period, buckets, spread=spread, cover=cover) for cid in cids]
     sums: list[float | None] = []
     for i in range(len(buckets)):
         known = [p.consumption[i] for p in parts if p.consumption[i] is not None]

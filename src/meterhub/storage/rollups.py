@@ -2,7 +2,9 @@
 
 Per (res, cid, dp_id, bucket) the table ``rollups`` holds ``n`` (count), ``total`` (sum), ``lo``/``hi``
 (min/max) and ``last`` (the number of the latest report by (t, id), with ``last_t``/``last_id``) of the
-``num`` of every stored report in ``[bucket, bucket_end)``. 5-minute and hourly buckets are UTC-aligned;
+``num`` of every stored report in ``[bucket, bucket_end)``, and (migration 0016) ``first`` (with
+``first_t``/``first_id``) and ``mono`` (the numbers never decrease in (t, id) order), for energy
+(meterhub.core.energy). 5-minute and hourly buckets are UTC-aligned;
 daily buckets are the days of the configured time zone (23 or 25 hours on DST change days).
 
 Maintenance is incremental and in the same transaction as the reports (meterhub.storage.pg_bulk): the
@@ -58,23 +60,38 @@ def points_sql(source: str, zone: str) -> str:
     )
 
 
+_FIRST = "(array_agg({v} ORDER BY {t}, {i}))[1], min({t}), (array_agg({i} ORDER BY {t}, {i}))[1]"
 _AGGREGATE = (
     "SELECT res, cid, dp_id, bucket, max(bucket_end), count(*), sum(num), min(num), max(num), "
-    "(array_agg(num ORDER BY t DESC, id DESC))[1], max(t), (array_agg(id ORDER BY t DESC, id DESC))[1] "
-    "FROM pts GROUP BY res, cid, dp_id, bucket ORDER BY res, cid, dp_id, bucket"
+    "(array_agg(num ORDER BY t DESC, id DESC))[1], max(t), (array_agg(id ORDER BY t DESC, id DESC))[1], "
+    f"{_FIRST.format(v='num', t='t', i='id')}, bool_and(prev IS NULL OR num >= prev) "
+    "FROM (SELECT *, lag(num) OVER (PARTITION BY res, cid, dp_id, bucket ORDER BY t, id) AS prev FROM pts) p "
+    "GROUP BY res, cid, dp_id, bucket ORDER BY res, cid, dp_id, bucket"
 )
-_COLUMNS = "(res, cid, dp_id, bucket, bucket_end, n, total, lo, hi, last, last_t, last_id)"
+_COLUMNS = (
+    "(res, cid, dp_id, bucket, bucket_end, n, total, lo, hi, last, last_t, last_id, "
+    + "first, first_t, first_id, mono)"
+)
+_LATER = "(excluded.last_t, excluded.last_id) > (r.last_t, r.last_id)"
+_EARLIER = "(excluded.first_t, excluded.first_id) < (r.first_t, r.first_id)"
 
-#: Folds the rows of CTE ``pts`` (see :func:`points_sql`) into the rollups.
+#: Folds the rows of CTE ``pts`` (see :func:`points_sql`) into the rollups. The job folds windows of
+#: later ``t`` than what a row holds, so ``mono`` stays true when the new part starts at or above the
+#: old ``last`` (any overlap in (t, id), or a row from before migration 0016 (NULL), makes it false/NULL).
 UPSERT_SQL = (
     f"INSERT INTO rollups AS r {_COLUMNS} {_AGGREGATE} "
     "ON CONFLICT (res, cid, dp_id, bucket) DO UPDATE SET n = r.n + excluded.n, "
     "total = r.total + excluded.total, lo = least(r.lo, excluded.lo), hi = greatest(r.hi, excluded.hi), "
-    "last = CASE WHEN (excluded.last_t, excluded.last_id) > (r.last_t, r.last_id) "
-    "THEN excluded.last ELSE r.last END, "
-    "last_id = CASE WHEN (excluded.last_t, excluded.last_id) > (r.last_t, r.last_id) "
-    "THEN excluded.last_id ELSE r.last_id END, "
-    "last_t = greatest(r.last_t, excluded.last_t)"
+    f"last = CASE WHEN {_LATER} THEN excluded.last ELSE r.last END, "
+    f"last_id = CASE WHEN {_LATER} THEN excluded.last_id ELSE r.last_id END, "
+    "last_t = greatest(r.last_t, excluded.last_t), "
+    f"first = CASE WHEN {_EARLIER} THEN excluded.first ELSE r.first END, "
+    f"first_id = CASE WHEN {_EARLIER} THEN excluded.first_id ELSE r.first_id END, "
+    "first_t = least(r.first_t, excluded.first_t), "
+    "mono = r.mono AND excluded.mono AND CASE "
+    "WHEN (excluded.first_t, excluded.first_id) > (r.last_t, r.last_id) THEN excluded.first >= r.last "
+    "WHEN (r.first_t, r.first_id) > (excluded.last_t, excluded.last_id) THEN r.first >= excluded.last "
+    "ELSE false END"
 )
 
 ZONE_KEY = "rollup_zone"
@@ -89,22 +106,29 @@ LAG = 60.0
 LOCK_KEY = 0x6D68_0003
 
 _FROM_RAW = (
-    "SELECT k.res, k.cid, k.dp_id, k.bucket, k.bucket_end, count(*), sum(r.num), min(r.num), max(r.num), "
-    "(array_agg(r.num ORDER BY r.t DESC, r.id DESC))[1], max(r.t), "
-    "(array_agg(r.id ORDER BY r.t DESC, r.id DESC))[1] "
+    "SELECT res, cid, dp_id, bucket, bucket_end, count(*), sum(num), min(num), max(num), "
+    "(array_agg(num ORDER BY t DESC, id DESC))[1], max(t), (array_agg(id ORDER BY t DESC, id DESC))[1], "
+    f"{_FIRST.format(v='num', t='t', i='id')}, bool_and(prev IS NULL OR num >= prev) FROM ("
+    "SELECT k.res, k.cid, k.dp_id, k.bucket, k.bucket_end, r.num, r.t, r.id, "
+    "lag(r.num) OVER (PARTITION BY k.res, k.cid, k.dp_id, k.bucket ORDER BY r.t, r.id) AS prev "
     "FROM unnest(%(res)s::int[], %(cid)s::varchar[], %(dp)s::varchar[], %(b)s::float8[], %(e)s::float8[]) "
     "AS k(res, cid, dp_id, bucket, bucket_end) JOIN reports r ON r.cid = k.cid AND r.dp_id = k.dp_id "
-    "AND r.t >= k.bucket AND r.t < least(k.bucket_end, %(done)s) AND r.num IS NOT NULL "
-    "GROUP BY k.res, k.cid, k.dp_id, k.bucket, k.bucket_end"
+    "AND r.t >= k.bucket AND r.t < least(k.bucket_end, %(done)s) AND r.num IS NOT NULL) p "
+    "GROUP BY res, cid, dp_id, bucket, bucket_end"
 )
 _FROM_FINE = (
-    "SELECT k.res, k.cid, k.dp_id, k.bucket, k.bucket_end, sum(f.n), sum(f.total), min(f.lo), max(f.hi), "
-    "(array_agg(f.last ORDER BY f.last_t DESC, f.last_id DESC))[1], max(f.last_t), "
-    "(array_agg(f.last_id ORDER BY f.last_t DESC, f.last_id DESC))[1] "
+    "SELECT res, cid, dp_id, bucket, bucket_end, sum(n), sum(total), min(lo), max(hi), "
+    "(array_agg(last ORDER BY last_t DESC, last_id DESC))[1], max(last_t), "
+    "(array_agg(last_id ORDER BY last_t DESC, last_id DESC))[1], "
+    f"{_FIRST.format(v='first', t='first_t', i='first_id')}, "
+    "bool_and(coalesce(mono, false) AND (prev IS NULL OR first >= prev)) FROM ("
+    "SELECT k.res, k.cid, k.dp_id, k.bucket, k.bucket_end, f.n, f.total, f.lo, f.hi, f.last, f.last_t, "
+    "f.last_id, f.first, f.first_t, f.first_id, f.mono, "
+    "lag(f.last) OVER (PARTITION BY k.res, k.cid, k.dp_id, k.bucket ORDER BY f.bucket) AS prev "
     "FROM unnest(%(res)s::int[], %(cid)s::varchar[], %(dp)s::varchar[], %(b)s::float8[], %(e)s::float8[]) "
     "AS k(res, cid, dp_id, bucket, bucket_end) JOIN rollups f ON f.res = 300 AND f.cid = k.cid "
-    "AND f.dp_id = k.dp_id AND f.bucket >= k.bucket AND f.bucket < least(k.bucket_end, %(done)s) "
-    "GROUP BY k.res, k.cid, k.dp_id, k.bucket, k.bucket_end"
+    "AND f.dp_id = k.dp_id AND f.bucket >= k.bucket AND f.bucket < least(k.bucket_end, %(done)s)) p "
+    "GROUP BY res, cid, dp_id, bucket, bucket_end"
 )
 _DELETE_KEYS = (
     "DELETE FROM rollups r USING unnest(%(res)s::int[], %(cid)s::varchar[], %(dp)s::varchar[], "
@@ -124,6 +148,11 @@ def _set_state(conn: Connection, name: str, value: str) -> None:
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
         (name, value, time.time()),
     )
+
+
+def zone_at(conn: Connection) -> str | None:
+    """The time zone of the daily rollups (None: never built)."""
+    return _get_state(conn, ZONE_KEY)
 
 
 def done_at(conn: Connection) -> float | None:

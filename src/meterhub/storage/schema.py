@@ -213,6 +213,12 @@ rollups = Table(
     Column("last", Float, nullable=False),
     Column("last_t", Float, nullable=False),
     Column("last_id", BigInteger, nullable=False),
+    # migration 0016: the earliest report's number by (t, id), and "never decreases in the bucket"
+    # (NULL in rows from before it: energy then reads raw rows)
+    Column("first", Float),
+    Column("first_t", Float),
+    Column("first_id", BigInteger),
+    Column("mono", Boolean),
 )
 
 # 5-minute buckets late reports changed, for the rollup job to recompute (migration 0015).
