@@ -155,7 +155,7 @@ def test_a_storage_failure_flood_is_a_handful_of_lines_with_counts(tmp_path: Pat
         assert 2 <= len(mine) <= most, mine
         assert mine[0].get("repeated") is None and all(m["repeated"] >= 1 for m in mine[1:])
         assert _count(lines, "report not stored") == REPORTS
-        for event in ("storage write failed", "storage batch failed, trying once more"):  # one a batch
+        for event in ("storage write failed", "storage batch failed, trying again"):  # one a batch
             mine = [line for line in lines if line["event"] == event]
             assert 1 <= len(mine) <= most, mine
         # and short: the driver's message, not SQLAlchemy's statement with a batch of parameters
